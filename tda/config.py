@@ -1,0 +1,132 @@
+"""The one config schema every experiment file fills in.
+
+Experiment files (`configs/<name>.py`) call `base_config()` and override values;
+every key is declared here (even as `None`) and the returned config is locked by
+`finalize()`, so a mistyped `--config.foo=...` override fails loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import ml_collections
+
+# Paper frequency buckets (DESIGN.md §3): facts stated in 1, 2-3, 4-10, 11-30 passages.
+DEFAULT_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11-30", 11, 30))
+
+# Stages `tda.run` knows, in pipeline order.
+ALL_STAGES = ("world", "vocab", "train", "model_eval", "gradients", "tables",
+              "retrieval", "evaluation", "viewer")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the unlocked base config with every key declared."""
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+  c.stages = ",".join(ALL_STAGES)  # Comma-separated subset of ALL_STAGES.
+
+  # --- The embedded fact world (tda.world) -------------------------------
+  c.world = w = ml_collections.ConfigDict()
+  w.seed = 0
+  w.source = "synthetic"  # 'synthetic' | 'byo' (bring your own files).
+  w.relations = ("place_of_birth", "citizenship", "capital_of", "developer",
+                 "headquarters", "sport", "original_language", "occupation",
+                 "named_after")
+  # Facts per frequency bucket; bucket names/ranges in `bucket_ranges`.
+  w.bucket_ranges = tuple(f"{n}:{lo}:{hi}" for n, lo, hi in DEFAULT_BUCKETS)
+  w.facts_per_bucket = (60, 60, 60, 40)
+  w.facts_per_passage = 2           # Max facts stated in one fact passage.
+  w.sentences_per_passage = (3, 5)  # Inclusive range of sentences a passage has.
+  w.distractor_passages = 300       # Mention subject/object, entail nothing.
+  w.filler_passages = 150
+  w.byo_corpus = None       # BYO: corpus JSONL (id, text).
+  w.byo_facts = None        # BYO: T-REx facts JSONL.
+  w.byo_sentences = None    # BYO: T-REx sentences JSONL (sentence_id, text, fact_triples).
+
+  # --- Tokenisation and data (tda.data) -----------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "world"            # 'world' | 'c4'
+  d.vocab_size = 2048
+  d.vocab_path = None           # Existing SentencePiece model; None: train on the world.
+  d.seq_len = 128
+  d.tfds_name = "c4/en:3.1.0"
+  d.tfds_data_dir = None
+  d.shuffle_buffer = 10_000
+
+  # --- Model (tda.model) --------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.block = "parallel"   # 'parallel' (PaLM) | 'sequential' (Llama-style).
+  m.vocab_size = -1      # -1: take data.vocab_size.
+  m.d_model = 256
+  m.n_layers = 4
+  m.n_heads = 4
+  m.head_dim = 64
+  m.n_kv_heads = 1       # 1: multi-query attention (PaLM).
+  m.d_ff = 1024
+  m.max_len = 128
+  m.rope_base = 10_000.0
+  m.norm_eps = 1e-6
+  m.dtype = "float32"        # Compute dtype.
+  m.param_dtype = "float32"
+  m.remat = False
+
+  # --- Training (tda.train) -----------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.optimizer = "adafactor"  # 'adafactor' | 'adam'
+  t.learning_rate = 1e-2
+  t.warmup_steps = 100
+  t.steps = 1500
+  t.batch_size = 32
+  t.min_dim_size_to_factor = 128
+  t.adafactor_decay_rate = 0.8
+  t.adam_b1 = 0.9
+  t.adam_b2 = 0.99
+  t.adam_eps = 1e-8
+  t.weight_decay = 0.0
+  t.grad_clip = 1.0
+  t.checkpoint_every = 250
+  t.max_to_keep = 2
+  t.log_every = 100
+
+  # --- Model evaluation on the queries (tda.model_eval) -------------------
+  c.model_eval = me = ml_collections.ConfigDict()
+  me.batch_size = 64
+  me.max_new_tokens = 8
+  me.num_samples = 0         # Temperature samples per query (model_confidence); 0: skip.
+  me.temperature = 1.0
+
+  # --- Sharding (tda.sharding) --------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.axes = (("data", -1), ("model", 1))
+
+  return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config so unknown keys fail; returns it."""
+  config.lock()
+  return config
+
+
+def config_hash(config: ml_collections.ConfigDict, *sections: str) -> str:
+  """A stable short hash of the given top-level sections (all when none)."""
+  d = config.to_dict()
+  if sections:
+    d = {k: d[k] for k in sections}
+  blob = json.dumps(d, sort_keys=True, default=str).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def bucket_ranges(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
+  """Parses `world.bucket_ranges` into (name, lo, hi) triples."""
+  out = []
+  for spec in config.world.bucket_ranges:
+    try:
+      name, lo, hi = spec.split(":")
+      out.append((name, int(lo), int(hi)))
+    except ValueError as e:
+      raise ValueError(
+          f"world.bucket_ranges entry {spec!r} is not 'name:lo:hi'") from e
+  return out

@@ -1,0 +1,227 @@
+"""Training stage: optax Adafactor (factored V, as the paper's models) or Adam,
+orbax checkpoints holding params, the full optimizer state, the step and the data
+position, and exact resume after interruption.
+
+The data position is the step: `tda.data.batch_at(step=...)` is a pure function of
+(step, seed), so a resumed run sees exactly the batches the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from tda import model as model_lib
+from tda import sharding
+from tda import workdir as wd
+
+STAGE = "train"
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The training optimizer (also used by tail-patching, with its own LR)."""
+  t = config.train
+  return make_optimizer_from(optimizer=t.optimizer, learning_rate=lr_schedule(config),
+                             train=t)
+
+
+def make_optimizer_from(*, optimizer: str, learning_rate, train) -> optax.GradientTransformation:
+  chain = []
+  if train.grad_clip:
+    chain.append(optax.clip_by_global_norm(train.grad_clip))
+  if optimizer == "adafactor":
+    chain.append(optax.adafactor(
+        learning_rate=learning_rate,
+        min_dim_size_to_factor=train.min_dim_size_to_factor,
+        decay_rate=train.adafactor_decay_rate,
+        multiply_by_parameter_scale=False,
+        clipping_threshold=1.0,
+        weight_decay_rate=train.weight_decay or None))
+  elif optimizer == "adam":
+    chain.append(optax.adamw(learning_rate, b1=train.adam_b1, b2=train.adam_b2,
+                             eps=train.adam_eps, weight_decay=train.weight_decay))
+  else:
+    raise ValueError(f"train.optimizer must be 'adafactor' or 'adam', got {optimizer!r}")
+  return optax.chain(*chain)
+
+
+def lr_schedule(config: ml_collections.ConfigDict):
+  t = config.train
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=max(1, t.warmup_steps),
+      decay_steps=max(t.steps, t.warmup_steps + 1), end_value=0.1 * t.learning_rate)
+
+
+@dataclasses.dataclass
+class TrainState:
+  step: int
+  params: Any
+  opt_state: Any
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {"model": dataclasses.asdict(model_lib.model_config(config)),
+          "train": config.train.to_dict(), "seed": config.seed,
+          "data.seq_len": config.data.seq_len}
+
+
+def checkpoint_manager(path: str, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(path),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
+  mngr.save(state.step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": state.params, "opt_state": state.opt_state}),
+      meta=ocp.args.JsonSave({**meta, "step": state.step})))
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: TrainState,
+            step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+  step = mngr.latest_step() if step is None else step
+  target = {"params": abstract_state.params, "opt_state": abstract_state.opt_state}
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return TrainState(step=step, params=out.state["params"],
+                    opt_state=out.state["opt_state"]), out.meta
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
+  step = mngr.latest_step() if step is None else step
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformation):
+  """(params, opt_state, tokens_bt) -> (params, opt_state, mean token loss)."""
+
+  def loss_fn(params, tokens_bt):
+    nll_b = model_lib.example_losses(model, {"params": params}, tokens_bt)
+    return jnp.sum(nll_b) / jnp.maximum(jnp.sum(tokens_bt[:, 1:] != 0), 1)
+
+  def step_fn(params, opt_state, tokens_bt):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens_bt)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step_fn
+
+
+def init_state(config, model, tx) -> TrainState:
+  params = model_lib.init_params(model, jax.random.key(config.seed), config.data.seq_len)
+  return TrainState(step=0, params=params, opt_state=tx.init(params))
+
+
+def abstract_state(config, model, tx) -> TrainState:
+  return jax.eval_shape(lambda: init_state(config, model, tx))
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, STAGE, "checkpoints")
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """Restores (model, TrainState, meta) of the committed training run."""
+  model = model_lib.Transformer(model_lib.model_config(config))
+  tx = make_optimizer(config)
+  mngr = checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}; run the train stage")
+  _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir(workdir))
+  state, meta = restore(mngr, abstract_state(config, model, tx), step)
+  return model, state, meta
+
+
+def _check_checkpoint_shape(config, meta: dict[str, Any], where: str) -> None:
+  want = dataclasses.asdict(model_lib.model_config(config))
+  have = meta.get("model", {})
+  diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+  if diff:
+    detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+    raise wd.WorkdirConflict(
+        f"the checkpoint in {where} is of a different model ({detail}); refusing to "
+        "restore or overwrite it: use another --workdir.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          tokens_nt: np.ndarray,
+          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains (or resumes training) and returns a summary.
+
+  Args:
+    config: the run config.
+    workdir: run folder; checkpoints go to `<workdir>/train/checkpoints`.
+    tokens_nt: the tokenised corpus [N, seq_len] (0 = pad).
+    on_step: optional callback after each step (tests use it).
+
+  Returns:
+    Summary dict: steps, final loss, wall time, tokens/s.
+  """
+  from tda import data as data_lib  # TF-free path for modules that do not train.
+
+  t = config.train
+  fingerprint = _fingerprint(config)
+  meta_path = os.path.join(workdir, STAGE, "fingerprint.json")
+  if os.path.exists(meta_path):
+    have = wd.read_json(meta_path)
+    if have != wd.json_roundtrip(fingerprint):
+      mngr = checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None)
+      if mngr.latest_step() is not None:
+        _check_checkpoint_shape(config, read_meta(mngr), checkpoint_dir(workdir))
+      raise wd.WorkdirConflict(
+          f"{os.path.join(workdir, STAGE)} holds a training run with a different setup "
+          f"(differs in: {', '.join(wd.diff_keys(have, fingerprint))}); refusing to "
+          "overwrite it: use another --workdir.")
+  else:
+    os.makedirs(os.path.join(workdir, STAGE), exist_ok=True)
+    wd.write_json(meta_path, fingerprint)
+
+  model = model_lib.Transformer(model_lib.model_config(config))
+  tx = make_optimizer(config)
+  mngr = checkpoint_manager(checkpoint_dir(workdir), max_to_keep=t.max_to_keep)
+  mesh = sharding.make_mesh(config)
+  if mngr.latest_step() is not None:
+    _check_checkpoint_shape(config, read_meta(mngr), checkpoint_dir(workdir))
+    state, meta = restore(mngr, abstract_state(config, model, tx))
+    logging.info("resumed training at step %d (data position %d examples)",
+                 state.step, meta.get("data_position", -1))
+  else:
+    state = init_state(config, model, tx)
+
+  meta = {"model": dataclasses.asdict(model.cfg), "optimizer": t.optimizer,
+          "batch_size": t.batch_size, "seed": config.seed}
+  step_fn = jax.jit(make_train_step(model, tx), donate_argnums=(0, 1))
+  batch_sharding = sharding.batch_sharding(mesh, 2)
+  params, opt_state = state.params, state.opt_state
+  t0, start_step, loss = time.time(), state.step, float("nan")
+  tokens_seen = 0
+  for step in range(state.step, t.steps):
+    batch = data_lib.batch_at(tokens_nt=tokens_nt, step=step, batch_size=t.batch_size,
+                              seed=config.seed)
+    tokens_seen += int((batch != 0).sum())
+    params, opt_state, loss_arr = step_fn(params, opt_state,
+                                          jax.device_put(batch, batch_sharding))
+    done = step + 1
+    if done % t.log_every == 0 or done == t.steps:
+      loss = float(loss_arr)
+      logging.info("step %d loss %.4f (%.0f tok/s)", done, loss,
+                   tokens_seen / max(time.time() - t0, 1e-9))
+    if done % t.checkpoint_every == 0 or done == t.steps:
+      save(mngr, TrainState(done, params, opt_state),
+           {**meta, "data_position": done * t.batch_size, "loss": float(loss_arr)})
+    if on_step is not None:
+      on_step(done)
+  wall = time.time() - t0
+  return {"steps": t.steps, "resumed_from": start_step, "final_loss": float(loss),
+          "wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9)}
