@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   w.bucket_ranges = tuple(f"{n}:{lo}:{hi}" for n, lo, hi in DEFAULT_BUCKETS)
   w.facts_per_bucket = (60, 60, 60, 40)
   w.facts_per_passage = 2           # Max facts stated in one fact passage.
-  w.sentences_per_passage = (3, 5)  # Inclusive range of sentences a passage has.
+  w.sentences_per_passage = (2, 4)  # Inclusive range of sentences a passage has.
   w.distractor_passages = 300       # Mention subject/object, entail nothing.
   w.filler_passages = 150
   w.byo_corpus = None       # BYO: corpus JSONL (id, text).
@@ -59,12 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = m = ml_collections.ConfigDict()
   m.block = "parallel"   # 'parallel' (PaLM) | 'sequential' (Llama-style).
   m.vocab_size = -1      # -1: take data.vocab_size.
-  m.d_model = 256
-  m.n_layers = 4
+  m.d_model = 128
+  m.n_layers = 2
   m.n_heads = 4
-  m.head_dim = 64
+  m.head_dim = 32
   m.n_kv_heads = 1       # 1: multi-query attention (PaLM).
-  m.d_ff = 1024
+  m.d_ff = 512
   m.max_len = 128
   m.rope_base = 10_000.0
   m.norm_eps = 1e-6
@@ -76,8 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.optimizer = "adafactor"  # 'adafactor' | 'adam'
   t.learning_rate = 1e-2
-  t.warmup_steps = 100
-  t.steps = 1500
+  t.warmup_steps = 40
+  t.steps = 400
   t.batch_size = 32
   t.min_dim_size_to_factor = 128
   t.adafactor_decay_rate = 0.8
@@ -86,9 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.adam_eps = 1e-8
   t.weight_decay = 0.0
   t.grad_clip = 1.0
-  t.checkpoint_every = 250
+  t.checkpoint_every = 100
   t.max_to_keep = 2
-  t.log_every = 100
+  t.log_every = 50
 
   # --- Model evaluation on the queries (tda.model_eval) -------------------
   c.model_eval = me = ml_collections.ConfigDict()
@@ -96,6 +96,56 @@ def base_config() -> ml_collections.ConfigDict:
   me.max_new_tokens = 8
   me.num_samples = 0         # Temperature samples per query (model_confidence); 0: skip.
   me.temperature = 1.0
+
+  # --- Per-example gradients (tda.gradients, tda.projection, tda.correction)
+  c.gradients = g = ml_collections.ConfigDict()
+  g.kernel = "factored"          # 'factored' | 'reference' (vmap of grad; tests, small runs).
+  g.pooling = "block"            # 'block' (paper) | 'layer' (LoGra-style).
+  g.layers_per_block = 1         # Paper: 8 at 8B.
+  g.groups = ("attn", "mlp")     # Or ('attn_in', 'attn_out', 'mlp_in', 'mlp_out').
+  g.embed_block = "own"          # 'own' | 'first' (pool the embedding into block 0).
+  g.k_in = 32                    # Projection size per side of every block.
+  g.k_out = 32
+  g.seed = 1234                  # Projection seed: same matrices on every host.
+  g.correction = True            # Compute the optimizer-corrected variant too.
+  g.eps = 1e-12                  # Added to V's statistics (tda.correction).
+  g.adam_v = "materialise"       # 'materialise' (exact) | 'rank1' (fit) for Adam's V.
+  g.batch_size = 32
+  g.length_bucket = 32           # Run each example at its length rounded up to this.
+
+  # --- Hessian approximation R (tda.hessian) ------------------------------
+  c.hessian = h = ml_collections.ConfigDict()
+  h.train_samples = 512          # Training passages sampled for R_train.
+  h.lambda_ = "auto"             # λ for R = λ R_eval + (1-λ) R_train, or 'auto'.
+  h.auto_top_k = 16              # 'auto': top-K eigen-directions of R_eval to downweight.
+  h.auto_overlap = 0.9
+  h.damping = 1e-3               # × mean eigenvalue.
+  h.block_diagonal = False       # Block-diagonal R over projection blocks.
+
+  # --- Gradient tables (tda.tables) ---------------------------------------
+  c.tables = tb = ml_collections.ConfigDict()
+  tb.dtype = "float32"           # 'float32' | 'bfloat16' | 'int8'
+  tb.rows_per_shard = 512
+
+  # --- Retrieval (tda.index) ----------------------------------------------
+  c.index = ix = ml_collections.ConfigDict()
+  ix.method = "exact"            # 'exact' | 'scann'
+  ix.k = 10
+  ix.num_leaves = None           # None: derived from the row count.
+  ix.num_leaves_to_search = None
+  ix.dims_per_block = 2
+  ix.aq_threshold = 0.2
+  ix.reorder = None
+  ix.chunk_rows = 65536
+
+  # --- Evaluation (tda.evaluation) ----------------------------------------
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.methods = ("trak", "exp1", "exp2", "exp3", "exp4", "exp5", "trackstar",
+                "trackstar_no_task_r", "bm25", "dense")
+  ev.tailpatch_k = 10
+  ev.tailpatch_queries = 64      # Queries tail-patched per method (0: all).
+  ev.tailpatch_lr = 1e-3
+  ev.dense_model = "all-MiniLM-L6-v2"
 
   # --- Sharding (tda.sharding) --------------------------------------------
   c.mesh = ml_collections.ConfigDict()

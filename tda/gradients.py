@@ -168,3 +168,77 @@ def make_reference_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
     return out
 
   return kernel
+
+
+class Featurizer:
+  """Runs a gradient kernel over many examples: length buckets, fixed batch shapes
+  (a padded last batch, so nothing recompiles), sharding over the data axis, and
+  NaN/Inf rows flagged by example id instead of returned."""
+
+  def __init__(self, *, model, params, plan: proj.Plan, mats, corrs, mesh,
+               batch_size: int, kernel: str = "factored", bucket: int = 32):
+    import numpy as np
+    from tda import sharding
+    if kernel not in ("factored", "reference"):
+      raise ValueError(f"gradients.kernel must be 'factored' or 'reference', got {kernel!r}")
+    self.plan, self.mesh, self.bucket = plan, mesh, bucket
+    self.batch_size = sharding.pad_to_multiple(batch_size, mesh)
+    make = make_factored_kernel if kernel == "factored" else make_reference_kernel
+    fn = make(model=model, plan=plan, corr_kinds=correction_kinds(corrs))
+    self._batch_sharding = sharding.batch_sharding(mesh, 2)
+    rep = sharding.replicated(mesh)
+    self._params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    self._mats = jax.device_put(mats, rep)
+    self._corr = jax.device_put(correction_arrays(corrs), rep)
+    self._fn = jax.jit(fn)
+    self._np = np
+
+  @property
+  def compiled_shapes(self) -> int:
+    return self._fn._cache_size()
+
+  def run_batch(self, tokens_bt, mask_bt) -> dict[str, Any]:
+    put = lambda a: jax.device_put(a, self._batch_sharding)
+    return self._fn(self._params, self._mats, self._corr, put(tokens_bt), put(mask_bt))
+
+  def __call__(self, *, tokens_nt, mask_nt, ids) -> dict[str, Any]:
+    """Vectors for every example, in input order.
+
+    Returns:
+      dict with 'raw' (and 'corrected') float32 [N, d] and 'loss' [N]; rows that
+      came out non-finite are zeroed and listed in 'bad_ids' / 'bad_rows'.
+    """
+    np = self._np
+    tokens_nt = np.asarray(tokens_nt)
+    mask_nt = np.asarray(mask_nt)
+    n, t_max = tokens_nt.shape
+    if n == 0:
+      raise ValueError("no examples to featurise")
+    lengths = (tokens_nt != 0).shape[1] - np.argmax((tokens_nt != 0)[:, ::-1], axis=1)
+    lengths = np.where((tokens_nt != 0).any(1), lengths, 2)
+    padded = model_lib.bucket_lengths(lengths, multiple=self.bucket, max_len=t_max)
+    order = np.lexsort((np.arange(n), padded))
+    out: dict[str, Any] = {}
+    bs = self.batch_size
+    for t in np.unique(padded):
+      rows = order[padded[order] == t]
+      for s in range(0, len(rows), bs):
+        idx = rows[s:s + bs]
+        tok = np.zeros((bs, t), np.int32)
+        msk = np.zeros((bs, t), np.float32)
+        tok[:len(idx)] = tokens_nt[idx, :t]
+        msk[:len(idx)] = mask_nt[idx, :t]
+        res = self.run_batch(tok, msk)
+        for k, v in res.items():
+          if k not in out:
+            out[k] = np.zeros((n,) + v.shape[1:], np.float32)
+          out[k][idx] = np.asarray(v)[:len(idx)]
+    finite = np.ones(n, bool)
+    for k, v in out.items():
+      finite &= np.isfinite(v.reshape(n, -1)).all(axis=1)
+    bad = np.flatnonzero(~finite)
+    for k in out:
+      out[k][bad] = 0.0
+    out["bad_rows"] = bad
+    out["bad_ids"] = [ids[i] for i in bad]
+    return out

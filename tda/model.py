@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 Array = jax.Array
 
@@ -244,3 +245,13 @@ def param_shapes(model: Transformer, seq_len: int):
 
 def count_params(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def bucket_lengths(lengths_n, *, multiple: int, max_len: int):
+  """Per example, the padded length it runs at: its length rounded up to `multiple`.
+
+  Trailing padding never changes a causal LM's loss or gradients, so trimming it
+  is exact; bucketing keeps the number of compiled shapes small (max_len/multiple).
+  """
+  b = -(-np.maximum(np.asarray(lengths_n), 2) // multiple) * multiple
+  return np.minimum(b, max_len)

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -62,17 +63,23 @@ def lr_schedule(config: ml_collections.ConfigDict):
       decay_steps=max(t.steps, t.warmup_steps + 1), end_value=0.1 * t.learning_rate)
 
 
-@dataclasses.dataclass
+@flax.struct.dataclass
 class TrainState:
-  step: int
+  step: int = flax.struct.field(pytree_node=False)
   params: Any
   opt_state: Any
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"model": dataclasses.asdict(model_lib.model_config(config)),
           "train": config.train.to_dict(), "seed": config.seed,
           "data.seq_len": config.data.seq_len}
+
+
+def commit(workdir: str, fingerprint_: dict[str, Any], summary: dict[str, Any]) -> None:
+  """Marks training finished (the checkpoints themselves are committed by orbax)."""
+  wd.write_json(os.path.join(workdir, STAGE, wd.MARKER),
+                {"fingerprint": fingerprint_, "summary": summary})
 
 
 def checkpoint_manager(path: str, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
@@ -131,6 +138,11 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, STAGE, "checkpoints")
 
 
+def latest_step(workdir: str) -> int | None:
+  """Step of the newest checkpoint (None when there is none)."""
+  return checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None).latest_step()
+
+
 def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
   """Restores (model, TrainState, meta) of the committed training run."""
   model = model_lib.Transformer(model_lib.model_config(config))
@@ -171,21 +183,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   from tda import data as data_lib  # TF-free path for modules that do not train.
 
   t = config.train
-  fingerprint = _fingerprint(config)
+  fingerprint_ = fingerprint(config)
   meta_path = os.path.join(workdir, STAGE, "fingerprint.json")
   if os.path.exists(meta_path):
     have = wd.read_json(meta_path)
-    if have != wd.json_roundtrip(fingerprint):
+    if have != wd.json_roundtrip(fingerprint_):
       mngr = checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None)
       if mngr.latest_step() is not None:
         _check_checkpoint_shape(config, read_meta(mngr), checkpoint_dir(workdir))
       raise wd.WorkdirConflict(
           f"{os.path.join(workdir, STAGE)} holds a training run with a different setup "
-          f"(differs in: {', '.join(wd.diff_keys(have, fingerprint))}); refusing to "
+          f"(differs in: {', '.join(wd.diff_keys(have, fingerprint_))}); refusing to "
           "overwrite it: use another --workdir.")
   else:
     os.makedirs(os.path.join(workdir, STAGE), exist_ok=True)
-    wd.write_json(meta_path, fingerprint)
+    wd.write_json(meta_path, fingerprint_)
 
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
@@ -209,6 +221,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   for step in range(state.step, t.steps):
     batch = data_lib.batch_at(tokens_nt=tokens_nt, step=step, batch_size=t.batch_size,
                               seed=config.seed)
+    # Trailing padding changes nothing in a causal LM: drop it, at a few lengths.
+    batch = batch[:, :int(model_lib.bucket_lengths(np.array([(batch != 0).sum(1).max()]),
+                                         multiple=32, max_len=batch.shape[1])[0])]
     tokens_seen += int((batch != 0).sum())
     params, opt_state, loss_arr = step_fn(params, opt_state,
                                           jax.device_put(batch, batch_sharding))

@@ -1,0 +1,48 @@
+"""The embedded default: the synthetic fact world, a tiny PaLM-style LM, TrackStar.
+
+    python -m tda.run --config=configs/trackstar_tiny.py --workdir=W
+
+Arguments (`--config=configs/trackstar_tiny.py:ARG`): 'runlocal' shrinks it further
+(tests); 'sequential' uses the Llama-style block; 'adam' trains with Adam.
+"""
+
+from tda import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.name = "trackstar_tiny"
+  args = set((arg or "").split(",")) - {""}
+  if "sequential" in args:
+    c.model.block = "sequential"
+  if "adam" in args:
+    c.train.optimizer = "adam"
+    c.train.learning_rate = 3e-3
+  if "runlocal" in args:
+    c.world.facts_per_bucket = (8, 8, 8, 4)
+    c.world.distractor_passages = 20
+    c.world.filler_passages = 10
+    c.data.vocab_size = 512
+    c.model.d_model = 64
+    c.model.n_layers = 2
+    c.model.n_heads = 2
+    c.model.head_dim = 32
+    c.model.d_ff = 128
+    c.train.steps = 20
+    c.train.batch_size = 8
+    c.train.warmup_steps = 5
+    c.train.checkpoint_every = 10
+    c.train.min_dim_size_to_factor = 32
+    c.gradients.k_in = c.gradients.k_out = 8
+    c.gradients.batch_size = 8
+    c.hessian.train_samples = 32
+    c.hessian.auto_top_k = 4
+    c.tables.rows_per_shard = 64
+    c.eval.tailpatch_queries = 4
+    c.eval.tailpatch_k = 3
+  return config_lib.finalize(c)
+
+
+def sweep():
+  """Ablations share one run; this sweeps model quality (the paper's trend)."""
+  return [{"train.steps": s} for s in (100, 200, 400)]

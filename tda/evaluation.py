@@ -1,0 +1,110 @@
+"""Stage 'evaluation': attribution metrics, tail-patch influence, tables, plots and
+per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3).
+
+All methods are scored on the same queries: MRR and recall@10 against the
+ground-truth entailing passages of each fact, and tail-patch on the top-k
+proponents of a fixed, seeded sample of `eval.tailpatch_queries` queries (the
+same sample for every method; each distinct (query, passage) pair is
+tail-patched once). Outputs go to `<workdir>/results/` (see `tda.report`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from tda import config as config_lib
+from tda import model_eval
+from tda import report
+from tda import retrieval
+from tda import tailpatch
+from tda import workdir as wd
+
+STAGE = "evaluation"
+
+
+def check_ground_truth(*, facts, passage_ids: set[str]) -> None:
+  """Every fact's ground-truth passages must exist in the corpus."""
+  missing = [(f["fact_id"], p) for f in facts for p in f["passage_ids"] if p not in passage_ids]
+  if missing:
+    raise ValueError(f"{len(missing)} ground-truth passage ids are missing from the corpus, "
+                     f"e.g. (fact, passage) {missing[:5]}")
+
+
+def tailpatch_sample(*, n_queries: int, n: int, seed: int) -> np.ndarray:
+  if n <= 0 or n >= n_queries:
+    return np.arange(n_queries)
+  return np.sort(np.random.default_rng([seed, 7]).choice(n_queries, size=n, replace=False))
+
+
+def run_stage(ctx) -> dict[str, Any]:
+  config, workdir = ctx.config, ctx.workdir
+  ev = config.eval
+  retrieval.check_methods(ev.methods)
+  fingerprint = {"eval": ev.to_dict(), "retrieval": wd.committed(workdir, retrieval.STAGE)}
+  if wd.check_fingerprint(workdir, STAGE, fingerprint):
+    return wd.read_json(os.path.join(wd.stage_dir(workdir, STAGE), "metrics.json"))
+  world = ctx.world
+  passages = {p["id"]: p["text"] for p in world.passages}
+  check_ground_truth(facts=world.facts, passage_ids=set(passages))
+  rankings = retrieval.load_rankings(workdir)
+  corpus, queries = ctx.arrays
+  facts_by_id = {f["fact_id"]: f for f in world.facts}
+  facts = [facts_by_id[f] for f in queries.fact_ids]
+
+  t0 = time.time()
+  model, state, _ = ctx.trained
+  lr = tailpatch.default_lr(config)
+  fn = tailpatch.make_batched(model, tailpatch.tailpatch_optimizer(config, lr))
+  rows = tailpatch_sample(n_queries=len(queries.ids), n=ev.tailpatch_queries, seed=config.seed)
+  tp = tailpatch.tailpatch_methods(
+      fn=fn, params=state.params, opt_state=state.opt_state,
+      corpus_tokens_nt=corpus.tokens_nt, row_of={pid: i for i, pid in enumerate(corpus.ids)},
+      query_tokens_nl=queries.tokens_nl, query_mask_nl=queries.loss_mask_nl,
+      rankings={m: r["top_ids"] for m, r in rankings.items()}, query_rows=rows,
+      k=ev.tailpatch_k)
+  t_tail = time.time() - t0
+  logging.info("tail-patch: %d queries × top-%d for %d methods in %.1f s (lr %.2e)",
+               len(rows), ev.tailpatch_k, len(rankings), t_tail, lr)
+
+  methods = {}
+  for m in ev.methods:
+    if m not in rankings:
+      continue  # A skipped optional baseline (its reason is in the retrieval summary).
+    r = rankings[m]
+    abs_qk, rel_qk = tp[m]
+    methods[m] = report.MethodResult(
+        name=m, family="baseline" if m in retrieval.BASELINES else "gradient",
+        query_ids=list(queries.ids), top_ids=r["top_ids"],
+        top_scores=np.asarray(r["top_scores"], np.float32), bottom_ids=r["bottom_ids"],
+        bottom_scores=np.asarray(r["bottom_scores"], np.float32),
+        tailpatch_abs=abs_qk, tailpatch_rel=rel_qk)
+  timings = {**_all_timings(workdir), **ctx.timings}
+  timings["evaluation.tailpatch"] = t_tail
+  retr = wd.read_json(os.path.join(wd.stage_dir(workdir, retrieval.STAGE), "summary.json"))
+  metrics = report.write_report(
+      results_dir=os.path.join(workdir, "results"), methods=methods, facts=facts,
+      passages=passages, predictions=model_eval.load_predictions(workdir),
+      bucket_order=[b for b, _, _ in config_lib.bucket_ranges(config)],
+      timings_s=timings, model_eval=wd.read_json(
+          os.path.join(wd.stage_dir(workdir, model_eval.STAGE), "model_eval.json")),
+      extra={"tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
+             "retrieval": retr, "gradients": wd.read_json(os.path.join(
+                 wd.stage_dir(workdir, "gradients"), "summary.json"))})
+  with wd.atomic_stage(workdir, STAGE, fingerprint) as tmp:
+    wd.write_json(os.path.join(tmp, "metrics.json"), metrics)
+  return metrics
+
+
+def _all_timings(workdir: str) -> dict[str, float]:
+  """Wall time of each stage so far (this run's, else the last run that ran it)."""
+  path = os.path.join(workdir, "results", "timings.json")
+  out: dict[str, float] = {}
+  if os.path.exists(path):
+    for run in wd.read_json(path)["runs"]:
+      out.update(run)
+  return out

@@ -1,0 +1,128 @@
+"""Stage 'retrieval': proponents and opponents of every query, for every method.
+
+Gradient methods search their sharded table (ScaNN with exact reordering, or the
+exact brute force; `index.method`) with the query vectors from the 'gradients'
+stage; each table is opened with the meta it must have, so a table written from
+another model, seed or d is refused. Baselines (BM25, dense embeddings) rank the
+same corpus through `tda.baselines`. Every method's ranking is committed under
+`<workdir>/retrieval/<method>.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from tda import featurize
+from tda import hessian
+from tda import index as index_lib
+from tda import tables as tables_lib
+from tda import workdir as wd
+
+STAGE = "retrieval"
+BASELINES = ("bm25", "dense")
+
+
+def check_methods(methods) -> None:
+  known = set(hessian.METHODS) | set(BASELINES)
+  unknown = [m for m in methods if m not in known]
+  if unknown:
+    raise ValueError(f"unknown method(s) {unknown} in eval.methods; known: {sorted(known)}")
+
+
+def _ranking(ids_top, s_top, ids_bot, s_bot) -> dict[str, Any]:
+  return {"top_ids": ids_top, "top_scores": np.asarray(s_top, float).tolist(),
+          "bottom_ids": ids_bot, "bottom_scores": np.asarray(s_bot, float).tolist()}
+
+
+def _drop_excluded(res: index_lib.Retrieval, excluded: set[str], k: int):
+  def pick(ids_qk, s_qk):
+    out_i, out_s = [], []
+    for ids, s in zip(ids_qk, s_qk):
+      keep = [j for j, x in enumerate(ids) if x not in excluded][:k]
+      out_i.append([ids[j] for j in keep])
+      out_s.append([float(s[j]) for j in keep])
+    return out_i, out_s
+  return (*pick(res.top_ids, res.top_scores_qk), *pick(res.bottom_ids, res.bottom_scores_qk))
+
+
+def gradient_rankings(ctx, *, k: int) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+  config, workdir = ctx.config, ctx.workdir
+  ix = config.index
+  excluded = set(wd.read_json(os.path.join(wd.stage_dir(workdir, featurize.TABLES),
+                                           "summary.json"))["excluded_ids"])
+  gdir = wd.stage_dir(workdir, featurize.GRADIENTS)
+  out, timings = {}, {}
+  for table_name, methods in featurize.table_groups(featurize.gradient_methods(config)).items():
+    t0 = time.time()
+    table = tables_lib.Table.open(featurize.table_path(workdir, table_name),
+                                  expect=featurize.table_meta(ctx, table_name))
+    queries = np.load(os.path.join(gdir, f"queries_final_{table_name}.npy"))
+    res = index_lib.search_table(
+        table=table, queries_qd=queries, k=min(k + len(excluded), len(table)),
+        method=ix.method, index_params=index_lib.index_params_from_config(ix),
+        chunk_rows=ix.chunk_rows)
+    ranking = _ranking(*_drop_excluded(res, excluded, k))
+    for m in methods:
+      out[m] = ranking
+    timings[table_name] = time.time() - t0
+  return out, timings
+
+
+def baseline_rankings(ctx, *, methods, k: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+  from tda import baselines
+  world = ctx.world
+  passages = world.passages
+  facts_by_id = {f["fact_id"]: f for f in world.facts}
+  _, queries = ctx.arrays
+  texts = [f"{facts_by_id[f]['inputs_plaintext']} {facts_by_id[f]['targets_plaintext']}"
+           for f in queries.fact_ids]
+  out, info = {}, {}
+  for m in methods:
+    if m == "dense":
+      ok, reason = baselines.dense_available()
+      if not ok:
+        logging.warning("skipping the dense baseline: %s", reason)
+        info["dense_skipped"] = reason
+        continue
+    t0 = time.time()
+    r = baselines.run_baseline(method=m, passage_ids=[p["id"] for p in passages],
+                               passage_texts=[p["text"] for p in passages],
+                               query_texts=texts, k=k)
+    out[m] = _ranking(r.top_ids, r.top_scores, r.bottom_ids, r.bottom_scores)
+    info[m] = time.time() - t0
+  return out, info
+
+
+def run_stage(ctx) -> dict[str, Any]:
+  config, workdir = ctx.config, ctx.workdir
+  check_methods(config.eval.methods)
+  fingerprint = {"index": config.index.to_dict(), "methods": list(config.eval.methods),
+                 "tables": wd.committed(workdir, featurize.TABLES)}
+  if wd.check_fingerprint(workdir, STAGE, fingerprint):
+    return wd.read_json(os.path.join(wd.stage_dir(workdir, STAGE), "summary.json"))
+  k = config.index.k
+  rankings, timings = gradient_rankings(ctx, k=k)
+  base, info = baseline_rankings(
+      ctx, methods=[m for m in config.eval.methods if m in BASELINES], k=k)
+  rankings.update(base)
+  _, queries = ctx.arrays
+  summary = {"methods": sorted(rankings), "k": k, "index_method": config.index.method,
+             "timings_s": {**timings, **{m: v for m, v in info.items() if m in BASELINES}},
+             **{k_: v for k_, v in info.items() if k_ not in BASELINES}}
+  with wd.atomic_stage(workdir, STAGE, fingerprint) as tmp:
+    wd.write_json(os.path.join(tmp, "query_ids.json"), queries.ids)
+    for m, r in rankings.items():
+      wd.write_json(os.path.join(tmp, f"{m}.json"), r)
+    wd.write_json(os.path.join(tmp, "summary.json"), summary)
+  return summary
+
+
+def load_rankings(workdir: str) -> dict[str, dict[str, Any]]:
+  d = wd.stage_dir(workdir, STAGE)
+  summary = wd.read_json(os.path.join(d, "summary.json"))
+  return {m: wd.read_json(os.path.join(d, f"{m}.json")) for m in summary["methods"]}

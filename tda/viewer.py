@@ -1,0 +1,418 @@
+"""Offline results viewer: one self-contained HTML page for the proponents.
+
+Reads `<workdir>/results/proponents/<method>.jsonl` (the JSONL schema of the
+paper's public viewer, PAIR-code/pretraining-tda; DESIGN.md §3) and writes
+`<workdir>/results/viewer.html`: data embedded as JSON in a
+`<script type="application/json">`, vanilla JS and CSS inline, no network.
+
+    python -m tda.viewer --workdir=W [--out=PATH]
+
+Passage texts are untrusted: the page builds them from DOM text nodes and
+`<mark>` elements only (never innerHTML), the JSON blob escapes every `<`, `>`
+and `&` as `\\u003c`/`\\u003e`/`\\u0026` (so neither `</script>` nor `<!--` can
+appear in it), and a Content-Security-Policy allows only the page's own script
+(by hash) and no network at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import html
+import json
+import math
+import os
+import random
+from typing import Any, Iterable, Sequence
+
+from absl import app
+from absl import flags
+
+from tda import workdir as workdir_lib
+
+TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             "viewer_template.html")
+# Methods listed first in the selectors, in this order; others follow by name.
+METHOD_ORDER = ("trackstar", "bm25", "dense", "gecko", "exp5", "exp4", "exp3",
+                "exp2", "exp1", "trak")
+REQUIRED_FIELDS = ("example_id", "inputs_plaintext", "targets_plaintext",
+                   "proponents", "proponent_ids", "proponent_scores")
+# Query-level fields that must agree between method files of the same query.
+_MUST_AGREE = ("inputs_plaintext", "targets_plaintext")
+_SCORE_DIGITS = 7  # Significant digits kept for embedded scores (display shows 4).
+
+
+def load_results(*, workdir: str) -> dict[str, list[dict[str, Any]]]:
+  """Reads every `<workdir>/results/proponents/<method>.jsonl`.
+
+  Args:
+    workdir: the run's workdir.
+
+  Returns:
+    {method: rows}, one row per query, in file order.
+
+  Raises:
+    FileNotFoundError: no proponents folder or no .jsonl file in it.
+    ValueError: a malformed line (names the file and line).
+  """
+  folder = os.path.join(workdir, "results", "proponents")
+  paths = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+  if not paths:
+    raise FileNotFoundError(
+        f"no proponent files (<method>.jsonl) in {folder}: run the evaluation "
+        "stage first, or point --workdir at a run that has results/proponents/.")
+  out = {}
+  for path in paths:
+    method = os.path.basename(path)[:-len(".jsonl")]
+    rows = []
+    with open(path) as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+    out[method] = rows
+  return out
+
+
+def _sorted_methods(methods: Iterable[str]) -> list[str]:
+  rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+  return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
+
+
+def _round_score(x: Any) -> float | None:
+  if x is None:
+    return None
+  x = float(x)
+  if not math.isfinite(x):
+    # JSON has no NaN/Infinity; JSON.parse in the page would reject them.
+    return None
+  if x == 0.0:
+    return 0.0
+  return float(f"{x:.{_SCORE_DIGITS}g}")
+
+
+def _check_row(row: Any, where: str) -> None:
+  if not isinstance(row, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  missing = [k for k in REQUIRED_FIELDS if k not in row]
+  if missing:
+    raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+  n = len(row["proponents"])
+  for key in ("proponent_ids", "proponent_scores", "proponent_correct"):
+    if row.get(key) is not None and len(row[key]) != n:
+      raise ValueError(f"{where}: '{key}' has {len(row[key])} entries but "
+                       f"'proponents' has {n}")
+  n_opp = len(row.get("opponents") or [])
+  for key in ("opponent_ids", "opponent_scores"):
+    if row.get(key) is not None and len(row[key]) != n_opp:
+      raise ValueError(f"{where}: '{key}' has {len(row[key])} entries but "
+                       f"'opponents' has {n_opp}")
+
+
+def first_correct_rank(correct: Sequence[bool | None] | None) -> int | None:
+  """1-based rank of the first correct proponent; 0 if none; None if unlabelled.
+
+  This is what MRR (1/rank, 0 if none) and recall@10 (0 < rank <= 10) are
+  computed from (DESIGN.md §3).
+  """
+  if correct is None or any(c is None for c in correct):
+    return None
+  for i, c in enumerate(correct):
+    if c:
+      return i + 1
+  return 0
+
+
+def build_payload(*, results: dict[str, list[dict[str, Any]]],
+                  page_size: int = 50) -> dict[str, Any]:
+  """Turns {method: rows} into the compact structure the page reads.
+
+  Queries are merged across methods by `example_id` (sorted by it); passage
+  texts are stored once in `passages` and referenced by index.
+
+  Args:
+    results: {method: rows in the viewer JSONL schema}.
+    page_size: queries per page in the list.
+
+  Returns:
+    JSON-able dict: methods, default_a/default_b, page_size, queries,
+    passages ([id, text] pairs), results ({method: [per-query entry or None]}).
+
+  Raises:
+    ValueError: a row is malformed, an example id repeats within a method, or
+      two methods disagree on a query's prompt or target.
+  """
+  if not results:
+    raise ValueError("no methods to show: `results` is empty")
+  if page_size < 1:
+    raise ValueError(f"page_size must be >= 1, got {page_size}")
+  methods = _sorted_methods(results)
+  queries: dict[str, dict[str, Any]] = {}
+  by_method: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in methods}
+  for m in methods:
+    for i, row in enumerate(results[m]):
+      where = f"method '{m}', row {i + 1}"
+      _check_row(row, where)
+      qid = str(row["example_id"])
+      where = f"{where} (example_id {qid})"
+      if qid in by_method[m]:
+        raise ValueError(f"{where}: example_id appears twice for this method")
+      by_method[m][qid] = row
+      q = queries.get(qid)
+      if q is None:
+        queries[qid] = dict(row)
+        continue
+      for key in _MUST_AGREE:
+        if q[key] != row[key]:
+          raise ValueError(f"{where}: '{key}' is {row[key]!r} here but {q[key]!r} "
+                           "in another method's file")
+      for key, value in row.items():  # Fill metadata one method lacks.
+        if q.get(key) is None and value is not None:
+          q[key] = value
+
+  passages: list[list[str]] = []
+  passage_index: dict[tuple[str, str], int] = {}
+
+  def intern(pid: Any, text: Any) -> int:
+    key = (str(pid), str(text))
+    idx = passage_index.get(key)
+    if idx is None:
+      idx = passage_index[key] = len(passages)
+      passages.append([key[0], key[1]])
+    return idx
+
+  qids = sorted(queries)
+  out_queries = []
+  for qid in qids:
+    q = queries[qid]
+    gt = q.get("groundtruth") if isinstance(q.get("groundtruth"), dict) else None
+    conf = q.get("model_confidence")
+    freq = q.get("c4_frequency")
+    out_queries.append({
+        "id": qid,
+        "prompt": str(q["inputs_plaintext"]),
+        "target": str(q["targets_plaintext"]),
+        "pred": None if q.get("model_prediction") is None else str(q["model_prediction"]),
+        "correct": None if q.get("model_correct") is None else bool(q["model_correct"]),
+        "conf": None if conf is None else _round_score(conf),
+        "freq": None if freq is None else int(freq),
+        "bucket": None if q.get("c4_frequency_bucket") is None else str(q["c4_frequency_bucket"]),
+        "relation": q.get("relation") or (gt or {}).get("relation"),
+        "fact_id": q.get("fact_id"),
+        "gt": gt,
+        "subject": q.get("subject") or (gt or {}).get("subject"),
+        "object": q.get("object") or (gt or {}).get("object"),
+        "samples": [str(s) for s in (q.get("temperature_samples") or [])],
+    })
+
+  out_results: dict[str, list[dict[str, Any] | None]] = {}
+  for m in methods:
+    entries = []
+    for qid in qids:
+      row = by_method[m].get(qid)
+      if row is None:
+        entries.append(None)
+        continue
+      ids = row.get("proponent_ids") or [""] * len(row["proponents"])
+      opps = row.get("opponents") or []
+      opp_ids = row.get("opponent_ids") or [""] * len(opps)
+      opp_scores = row.get("opponent_scores") or [None] * len(opps)
+      correct = row.get("proponent_correct")
+      entries.append({
+          "p": [intern(i, t) for i, t in zip(ids, row["proponents"])],
+          "s": [_round_score(s) for s in row["proponent_scores"]],
+          "c": (None if correct is None else
+                [None if c is None else int(bool(c)) for c in correct]),
+          "o": [intern(i, t) for i, t in zip(opp_ids, opps)],
+          "os": [_round_score(s) for s in opp_scores],
+          "first": first_correct_rank(correct),
+      })
+    out_results[m] = entries
+
+  default_a = "trackstar" if "trackstar" in methods else methods[0]
+  others = [m for m in methods if m != default_a]
+  default_b = "bm25" if "bm25" in others else (others[0] if others else "")
+  return {
+      "version": 1,
+      "methods": methods,
+      "default_a": default_a,
+      "default_b": default_b,
+      "page_size": int(page_size),
+      "queries": out_queries,
+      "passages": passages,
+      "results": out_results,
+  }
+
+
+def embed_json(obj: Any) -> str:
+  """JSON safe to place inside `<script type="application/json">`.
+
+  Every `<`, `>` and `&` becomes a JSON unicode escape, so no `</script>`,
+  `<!--` or `<script` sequence can occur in the blob; JSON.parse restores them.
+  """
+  text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+  return (text.replace("<", "\\u003c").replace(">", "\\u003e")
+          .replace("&", "\\u0026").replace("\u2028", "\\u2028")
+          .replace("\u2029", "\\u2029"))
+
+
+def render_html(*, payload: dict[str, Any], title: str = "TrackStar results viewer") -> str:
+  """The page: template + inline script (allowed by its CSP hash) + data."""
+  if not os.path.exists(TEMPLATE_PATH):
+    raise FileNotFoundError(
+        f"viewer template missing: {TEMPLATE_PATH} (is package_data set for "
+        "tda/viewer_template.html?)")
+  with open(TEMPLATE_PATH, encoding="utf-8") as f:
+    template = f.read()
+  head, _, rest = template.partition("<script id=\"viewer-app\">")
+  script, _, tail = rest.partition("</script>")
+  if not script or not tail:
+    raise ValueError(f"{TEMPLATE_PATH}: no <script id=\"viewer-app\"> block found")
+  digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+  page = (head.replace("__SCRIPT_HASH__", f"sha256-{digest}")
+          .replace("__TITLE__", html.escape(title))
+          .replace("__DATA__", embed_json(payload))
+          + "<script id=\"viewer-app\">" + script + "</script>" + tail)
+  return page
+
+
+def write_viewer(*, workdir: str, out_path: str | None = None,
+                 page_size: int = 50) -> str:
+  """Writes the viewer page for a workdir's results.
+
+  Args:
+    workdir: the run's workdir (reads `results/proponents/*.jsonl`).
+    out_path: where to write; default `<workdir>/results/viewer.html`.
+    page_size: queries per page in the list.
+
+  Returns:
+    The path written.
+  """
+  results = load_results(workdir=workdir)
+  payload = build_payload(results=results, page_size=page_size)
+  page = render_html(payload=payload,
+                     title=f"TrackStar results: {os.path.basename(os.path.abspath(workdir))}")
+  out_path = out_path or os.path.join(workdir, "results", "viewer.html")
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = f"{out_path}.tmp-{os.getpid()}"  # Write-then-rename: no half pages.
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(page)
+  os.replace(tmp, out_path)
+  return out_path
+
+
+# --- Synthetic results (tests, demos) ---------------------------------------
+
+_FIRST = ("Ada", "Jacques", "Mei", "Omar", "Ines", "Kofi", "Lena", "Ravi", "Sofia",
+          "Tomas", "Yuki", "Zara", "Bruno", "Chloe", "Dmitri", "Elif")
+_LAST = ("Laurent", "Okafor", "Tanaka", "Silva", "Novak", "Haddad", "Berg",
+         "Moreau", "Kowalski", "Mensah", "Rossi", "Ivanova", "Quispe", "Lindqvist")
+_PLACES = ("Paris", "Lagos", "Osaka", "Lima", "Prague", "Beirut", "Oslo", "Accra",
+           "Turin", "Kraków", "Quito", "Tartu", "Porto", "Izmir")
+_RELATIONS = (("place_of_birth", "{s} was born in the city of", "{s} was born in {o}."),
+              ("citizenship", "{s} is a citizen of", "{s} holds citizenship of {o}."),
+              ("headquarters", "{s} is headquartered in", "The offices of {s} are in {o}."))
+_FILLER = ("The museum reopened after a long renovation.",
+           "Local markets sell fresh bread every morning.",
+           "The river floods most springs.",
+           "A new bridge was opened to traffic.",
+           "The festival draws visitors from abroad.",
+           "Rail service was extended to the coast.")
+_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11-30", 11, 30))
+
+
+def write_synthetic_results(*, workdir: str, n_queries: int = 20,
+                            n_proponents: int = 10, n_opponents: int = 3,
+                            methods: Sequence[str] = ("trackstar", "bm25"),
+                            seed: int = 0) -> list[str]:
+  """Writes plausible `results/proponents/<method>.jsonl` files for tests.
+
+  Each query has a pool of fact passages (entail the fact) and distractors
+  mentioning the subject; each method ranks a random mix of them, so MRR and
+  recall vary by method. Passage ids are shared across methods.
+
+  Returns:
+    The paths written.
+  """
+  rng = random.Random(seed)
+  folder = os.path.join(workdir, "results", "proponents")
+  os.makedirs(folder, exist_ok=True)
+  shared = [(f"c4:filler{i:06d}", " ".join(rng.sample(_FILLER, 3)))
+            for i in range(max(50, n_queries // 10))]
+  rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+  for qi in range(n_queries):
+    subj = f"{rng.choice(_FIRST)} {rng.choice(_LAST)} {qi}"
+    obj = rng.choice(_PLACES)
+    rel, prompt_t, fact_t = _RELATIONS[qi % len(_RELATIONS)]
+    bucket, lo, hi = _BUCKETS[qi % len(_BUCKETS)]
+    freq = rng.randint(lo, hi)
+    pool = []
+    for j in range(max(2, n_proponents // 2)):
+      correct = j < min(freq, 3)
+      text = (fact_t.format(s=subj, o=obj) if correct
+              else f"{subj} visited {rng.choice(_PLACES)} once.")
+      pool.append((f"c4:{qi:07d}{j:02d}", text + " " + rng.choice(_FILLER), correct))
+    samples = [obj if rng.random() < 0.6 else rng.choice(_PLACES) for _ in range(4)]
+    pred = max(samples, key=samples.count)  # Greedy answer ~ the samples' mode.
+    base = {
+        "example_id": f"trex_synth:{qi:015d}",
+        "fact_id": f"fact{qi:06d}",
+        "relation": rel,
+        "inputs_plaintext": prompt_t.format(s=subj),
+        "targets_plaintext": " " + obj,
+        "groundtruth": {"subject": subj, "relation": rel, "object": obj},
+        "subject": subj, "object": obj,
+        "c4_frequency": freq, "c4_frequency_bucket": bucket,
+        "model_prediction": pred, "model_correct": pred == obj,
+        "model_confidence": sum(s == obj for s in samples) / len(samples),
+        "temperature_samples": samples,
+    }
+    for m in methods:
+      cands = pool + [(i, t, False) for i, t in rng.sample(shared, n_proponents)]
+      rng.shuffle(cands)
+      cands = cands[:n_proponents]
+      scores = sorted((rng.random() for _ in cands), reverse=True)
+      opps = rng.sample(shared, n_opponents)
+      rows[m].append({
+          **base,
+          "proponents": [t for _, t, _ in cands],
+          "proponent_ids": [i for i, _, _ in cands],
+          "proponent_scores": scores,
+          "proponent_correct": [c for _, _, c in cands],
+          "opponents": [t for _, t in opps],
+          "opponent_ids": [i for i, _ in opps],
+          "opponent_scores": sorted((-rng.random() for _ in opps)),
+      })
+  paths = []
+  for m in methods:
+    path = os.path.join(folder, f"{m}.jsonl")
+    workdir_lib.write_jsonl(path, rows[m])
+    paths.append(path)
+  return paths
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program: tda.run (and scripts) import this module
+  # and define their own --workdir.
+  flags.DEFINE_string("workdir", None, "Run workdir holding results/proponents/.")
+  flags.DEFINE_string("out", None, "Output path (default <workdir>/results/viewer.html).")
+  flags.DEFINE_integer("page_size", 50, "Queries per page.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  fv = flags.FLAGS
+  if not fv.workdir:
+    raise app.UsageError("--workdir is required")
+  path = write_viewer(workdir=fv.workdir, out_path=fv.out, page_size=fv.page_size)
+  print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB); open it in a browser.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

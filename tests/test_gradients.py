@@ -1,0 +1,239 @@
+"""Gradient engine: factored kernel vs reference vs a loop of jax.grad, sharding,
+projection statistics, correction, no recompilation, bad inputs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tda import correction as corr_lib
+from tda import gradients as grad_lib
+from tda import model as model_lib
+from tda import projection as proj
+from tda import sharding
+from tests import helpers
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(optimizer="adafactor", pooling="block", block="parallel", adam_v="materialise",
+           min_dim=32, k=8):
+  c = helpers.tiny_config(**{"train.optimizer": optimizer, "model.block": block,
+                             "train.min_dim_size_to_factor": min_dim})
+  model, params, opt_state = helpers.trained_state(c)
+  plan = proj.make_plan(param_shapes=params, pooling=pooling, k_in=k, k_out=k,
+                        layers_per_block=1)
+  mats = proj.plan_matrices(seed=3, plan=plan)
+  corrs = corr_lib.member_corrections(opt_state=opt_state, plan=plan, eps=1e-12, adam_v=adam_v)
+  return model, params, opt_state, plan, mats, corrs
+
+
+def _run(kind, model, params, plan, mats, corrs, toks, mask):
+  make = grad_lib.make_factored_kernel if kind == "factored" else grad_lib.make_reference_kernel
+  fn = jax.jit(make(model=model, plan=plan, corr_kinds=grad_lib.correction_kinds(corrs)))
+  out = fn(params, mats, grad_lib.correction_arrays(corrs), toks, mask)
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _assert_close(a, b, cos_min=0.9999, rel_max=1e-4):
+  cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+  rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+  assert cos.min() >= cos_min, cos
+  assert rel.max() <= rel_max, rel
+
+
+def _batch(n=4, t=24, vocab=512, seed=5):
+  toks = helpers.random_tokens(n, t, vocab, seed=seed, min_len=10)
+  return toks, (toks != 0).astype(np.float32)
+
+
+@pytest.mark.parametrize("block", ["parallel", "sequential"])
+@pytest.mark.parametrize("pooling", ["block", "layer"])
+def test_factored_equals_reference_adafactor(block, pooling):
+  model, params, _, plan, mats, corrs = _setup(block=block, pooling=pooling)
+  kinds = corr_lib.describe(corrs)
+  assert kinds["factored"] >= 8 and kinds["full"] >= 1  # Both paths exercised.
+  toks, mask = _batch()
+  f = _run("factored", model, params, plan, mats, corrs, toks, mask)
+  r = _run("reference", model, params, plan, mats, corrs, toks, mask)
+  for v in ("raw", "corrected"):
+    _assert_close(f[v], r[v])
+  np.testing.assert_allclose(f["loss"], r["loss"], rtol=1e-5)
+
+
+def test_query_mask_only_target_tokens():
+  model, params, _, plan, mats, corrs = _setup()
+  toks, _ = _batch()
+  mask = np.zeros_like(toks, np.float32)
+  mask[:, 6:9] = 1.0  # "target" positions.
+  f = _run("factored", model, params, plan, mats, corrs, toks, mask)
+  r = _run("reference", model, params, plan, mats, corrs, toks, mask)
+  _assert_close(f["corrected"], r["corrected"])
+  # Changing tokens after the target cannot change a causal model's target gradient.
+  toks2 = toks.copy()
+  toks2[:, 12:] = 7
+  f2 = _run("factored", model, params, plan, mats, corrs, toks2, mask)
+  np.testing.assert_allclose(f2["corrected"], f["corrected"], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_equals_python_loop_of_grad():
+  model, params, _, plan, mats, corrs = _setup()
+  toks, mask = _batch(n=3)
+  r = _run("reference", model, params, plan, mats, corrs, toks, mask)
+  arrays = grad_lib.correction_arrays(corrs)
+  for i in range(3):
+    g = jax.grad(lambda p: model_lib.example_losses(
+        model, {"params": p}, toks[i:i + 1], mask[i:i + 1])[0])(params)
+    parts = []
+    for b in plan.blocks:
+      acc = 0.0
+      for m in b.members:
+        leaf = g
+        for key in m.path:
+          leaf = leaf[key]
+        inv = corr_lib.full_inv_sqrt((corrs[m.name][0], arrays[m.name]))
+        gm = np.asarray(leaf * inv, np.float64)
+        p_in, p_out = (np.asarray(x, np.float64) for x in mats[m.name])
+        acc = acc + (np.outer(p_in[:, 0], p_out @ gm) if m.kind == proj.VECTOR
+                     else p_in @ gm @ p_out.T)
+      parts.append(np.ravel(acc))
+    want = np.concatenate(parts)
+    np.testing.assert_allclose(r["corrected"][i], want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_adam_materialise_exact_and_rank1_is_approximate():
+  model, params, _, plan, mats, corrs = _setup(optimizer="adam")
+  assert corr_lib.describe(corrs) == {"factored": 0, "full": len(plan.members)}
+  toks, mask = _batch()
+  f = _run("factored", model, params, plan, mats, corrs, toks, mask)
+  r = _run("reference", model, params, plan, mats, corrs, toks, mask)
+  _assert_close(f["corrected"], r["corrected"])
+  *_, corrs1 = _setup(optimizer="adam", adam_v="rank1")
+  assert corr_lib.describe(corrs1)["factored"] > 0
+  f1 = _run("factored", model, params, plan, mats, corrs1, toks, mask)
+  cos = np.sum(f1["corrected"] * r["corrected"], 1) / (
+      np.linalg.norm(f1["corrected"], axis=1) * np.linalg.norm(r["corrected"], axis=1))
+  assert cos.min() > 0.0 and cos.max() < 0.99999  # Related, but not the exact quantity.
+
+
+def test_sharded_4_devices_equals_1_device():
+  assert jax.device_count() == 4
+  model, params, _, plan, mats, corrs = _setup()
+  toks, mask = _batch(n=8)
+  outs = []
+  for devs in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(axes=(("data", -1), ("model", 1)), devices=devs)
+    feat = grad_lib.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
+                               mesh=mesh, batch_size=8, bucket=8)
+    outs.append(feat(tokens_nt=toks, mask_nt=mask, ids=[str(i) for i in range(8)]))
+  for v in ("raw", "corrected"):
+    np.testing.assert_allclose(outs[0][v], outs[1][v], rtol=1e-6, atol=1e-6 * np.abs(outs[0][v]).max())
+
+
+def test_no_recompilation_across_batches_and_padded_last_batch():
+  model, params, _, plan, mats, corrs = _setup()
+  mesh = sharding.make_mesh(axes=(("data", -1), ("model", 1)))
+  feat = grad_lib.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
+                             mesh=mesh, batch_size=4, bucket=32)
+  toks = helpers.random_tokens(11, 32, 512, seed=2)  # 11 = 4 + 4 + 3 (padded).
+  feat(tokens_nt=toks, mask_nt=(toks != 0).astype(np.float32), ids=[str(i) for i in range(11)])
+  assert feat.compiled_shapes == 1
+  toks2 = helpers.random_tokens(7, 32, 512, seed=3)
+  out = feat(tokens_nt=toks2, mask_nt=(toks2 != 0).astype(np.float32), ids=list("abcdefg"))
+  assert feat.compiled_shapes == 1
+  # Padded rows do not leak into real ones: the same example alone gives the same vector.
+  alone = feat(tokens_nt=toks2[:1], mask_nt=(toks2[:1] != 0).astype(np.float32), ids=["a"])
+  np.testing.assert_allclose(alone["corrected"][0], out["corrected"][0], rtol=1e-5, atol=1e-7)
+
+
+def test_featurizer_buckets_by_length_exactly():
+  model, params, _, plan, mats, corrs = _setup()
+  mesh = sharding.make_mesh(axes=(("data", -1), ("model", 1)))
+  toks = helpers.random_tokens(6, 64, 512, seed=4, min_len=5)
+  mask = (toks != 0).astype(np.float32)
+  ids = [str(i) for i in range(6)]
+  bucketed = grad_lib.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
+                                 mesh=mesh, batch_size=4, bucket=16)(tokens_nt=toks, mask_nt=mask, ids=ids)
+  full = grad_lib.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
+                             mesh=mesh, batch_size=4, bucket=64)(tokens_nt=toks, mask_nt=mask, ids=ids)
+  _assert_close(bucketed["corrected"], full["corrected"], rel_max=1e-5)
+
+
+def test_projection_preserves_inner_products_jl():
+  """Two-sided Gaussian projection: E<Pa,Pb> = <a,b>, spread ~ sqrt(2/d)·|a||b|."""
+  member = proj.Member(("w", "kernel"), proj.DENSE, (48, 40))
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(48, 40))
+  b = 0.6 * a + 0.8 * rng.normal(size=(48, 40))
+  true = float(np.sum(a * b))
+  scale = np.linalg.norm(a) * np.linalg.norm(b)
+  errs = []
+  for seed in range(200):
+    p_in, p_out = (np.asarray(x, np.float64) for x in proj.member_matrices(
+        seed=seed, member=member, k_in=16, k_out=16))
+    errs.append((np.sum((p_in @ a @ p_out.T) * (p_in @ b @ p_out.T)) - true) / scale)
+  errs = np.asarray(errs)
+  # Mean error ~ 0 within 4 standard errors; spread within 2x the JL scale sqrt(2/d).
+  assert abs(errs.mean()) < 4 * errs.std() / np.sqrt(len(errs))
+  assert errs.std() < 2 * np.sqrt(2 / 256)
+  # Same seed and member: identical matrices (every host sees the same projection).
+  m1 = proj.member_matrices(seed=7, member=member, k_in=4, k_out=4)
+  m2 = proj.member_matrices(seed=7, member=member, k_in=4, k_out=4)
+  np.testing.assert_array_equal(m1[0], m2[0])
+
+
+def test_correction_matches_optax_adafactor_update():
+  """s_in s_outᵀ reproduces the 1/sqrt(V) optax itself applies (factored params)."""
+  model, params, opt_state, plan, mats, corrs = _setup()
+  _, fs = corr_lib.second_moments(opt_state)
+  checked = 0
+  for m in plan.members:
+    kind, arrays = corrs[m.name]
+    if kind != corr_lib.FACTORED:
+      continue
+    node_r, node_c = fs.v_row, fs.v_col
+    for k in m.path:
+      node_r, node_c = node_r[k], node_c[k]
+    shape = m.shape
+    d1, d0 = (0, 1) if shape[0] <= shape[1] else (1, 0)
+    r, c = np.asarray(node_r, np.float64), np.asarray(node_c, np.float64)
+    v = (np.expand_dims(r / r.mean(), d0) * np.expand_dims(c, d1))
+    np.testing.assert_allclose(np.asarray(corr_lib.full_inv_sqrt((kind, arrays))), v ** -0.5,
+                               rtol=1e-4)
+    checked += 1
+  assert checked >= 8
+
+
+def test_no_optimizer_state_is_a_clear_error():
+  c = helpers.tiny_config()
+  model, params, _ = helpers.trained_state(c, steps=1)
+  plan = proj.make_plan(param_shapes=params, pooling="layer", k_in=4, k_out=4)
+  with pytest.raises(ValueError, match="no second moment"):
+    corr_lib.member_corrections(opt_state=(), plan=plan, eps=1e-12)
+
+
+def test_nan_gradients_flagged_by_id():
+  model, params, _, plan, mats, corrs = _setup()
+  bad = jax.tree.map(lambda x: x, params)
+  bad["layer_1"]["mlp"]["down"]["kernel"] = bad["layer_1"]["mlp"]["down"]["kernel"].at[0, 0].set(jnp.nan)
+  mesh = sharding.make_mesh(axes=(("data", -1), ("model", 1)))
+  feat = grad_lib.Featurizer(model=model, params=bad, plan=plan, mats=mats, corrs=corrs,
+                             mesh=mesh, batch_size=4, bucket=32)
+  toks = helpers.random_tokens(3, 32, 512, seed=9)
+  out = feat(tokens_nt=toks, mask_nt=(toks != 0).astype(np.float32), ids=["x", "y", "z"])
+  assert out["bad_ids"] == ["x", "y", "z"]
+  assert np.all(out["corrected"] == 0)
+
+
+def test_plan_dims_and_paper_pooling():
+  c = helpers.tiny_config(**{"model.n_layers": 4})
+  shapes = model_lib.param_shapes(model_lib.Transformer(model_lib.model_config(c)), 8)
+  plan = proj.make_plan(param_shapes=shapes, pooling="block", k_in=8, k_out=8,
+                        layers_per_block=2, groups=("attn_in", "attn_out", "mlp_in", "mlp_out"),
+                        embed_block="first")
+  assert len(plan.blocks) == 8 and plan.dim == 8 * 64
+  names = {m.name for m in plan.members}
+  assert len(names) == len(jax.tree.leaves(shapes))  # Every parameter is covered once.
+  layer = proj.make_plan(param_shapes=shapes, pooling="layer", k_in=8, k_out=8)
+  assert len(layer.blocks) == 1 + 4 * 7  # Embedding + one block per matrix.

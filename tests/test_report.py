@@ -1,0 +1,286 @@
+"""Tests for tda.report on a tiny hand-built input with known ranks."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tda import report
+from tda import viewer
+
+NAN = np.nan
+BUCKETS = ["1", "2-3", "4-10"]
+K = 12
+# Per query: bucket, frequency. Query q's ground-truth passages are gt{q}_0..
+FACTS_SPEC = [("1", 1), ("1", 1), ("2-3", 2), ("2-3", 3), ("4-10", 4), ("4-10", 5)]
+# Per method: family and the 1-based rank of the first correct proponent per
+# query (0: none). Chosen so every paper ordering holds.
+RANKS = {
+    "bm25": ("baseline", [1, 1, 1, 2, 1, 1]),
+    "dense": ("baseline", [1, 1, 2, 2, 1, 1]),
+    "trak": ("gradient", [0, 0, 0, 0, 0, 0]),
+    "exp1": ("gradient", [0, 0, 0, 0, 5, 0]),
+    "exp2": ("gradient", [2, 0, 0, 0, 0, 0]),
+    "exp3": ("gradient", [1, 0, 0, 0, 0, 0]),
+    "exp4": ("gradient", [1, 1, 0, 0, 0, 0]),
+    "trackstar": ("gradient", [1, 1, 2, 0, 0, 0]),
+}
+TP_COLS = 3
+
+
+def _facts():
+  out = []
+  for q, (bucket, freq) in enumerate(FACTS_SPEC):
+    out.append({
+        "fact_id": f"fact{q}", "example_id": f"trex_synth:{q:015d}",
+        "relation": "place_of_birth", "subject": f"Person {q}", "object": f"City{q}",
+        "inputs_plaintext": f"Person {q} was born in the city of",
+        "targets_plaintext": f"City{q}", "frequency": freq, "bucket": bucket,
+        "passage_ids": [f"gt{q}_{j}" for j in range(freq)],
+    })
+  return out
+
+
+def _passages():
+  p = {f"gt{q}_{j}": f"Person {q} was born in City{q} ({j})."
+       for q, (_, freq) in enumerate(FACTS_SPEC) for j in range(freq)}
+  p.update({f"fill{i}": f"Filler passage {i} <b>&</b>." for i in range(40)})
+  return p
+
+
+def _method(name, family, ranks, tp_scale=None):
+  top_ids, top_scores = [], []
+  for q, r in enumerate(ranks):
+    ids = [f"fill{(q * 5 + j) % 40}" for j in range(K)]
+    if r:
+      ids[r - 1] = f"gt{q}_0"
+    top_ids.append(ids)
+    top_scores.append(np.linspace(0.9, 0.3, K))
+  bottom_ids = [[f"fill{(q + j) % 40}" for j in range(3)] for q in range(len(ranks))]
+  tp_abs = tp_rel = None
+  if tp_scale is not None:
+    tp_abs = np.full((len(ranks), TP_COLS), NAN)
+    tp_abs[:4] = tp_scale * np.array([[3.0, 2.0, 1.0]] * 4)  # Queries 4, 5: not patched.
+    tp_rel = tp_abs * 5
+  return report.MethodResult(
+      name=name, family=family, query_ids=[f["example_id"] for f in _facts()],
+      top_ids=top_ids, top_scores=np.asarray(top_scores, np.float32),
+      bottom_ids=bottom_ids, bottom_scores=-np.ones((len(ranks), 3), np.float32),
+      tailpatch_abs=tp_abs, tailpatch_rel=tp_rel)
+
+
+TP_SCALE = {"trackstar": 0.003, "bm25": 0.001, "exp1": 0.0005, "trak": -0.0001}
+
+
+def _methods(ranks=RANKS):
+  return {m: _method(m, fam, r, TP_SCALE.get(m)) for m, (fam, r) in ranks.items()}
+
+
+def _predictions():
+  return {f"trex_synth:{q:015d}": {"correct": q % 2 == 0, "prediction": f"City{q}",
+                                   "model_confidence": 0.5, "target_prob": 0.4,
+                                   "temperature_samples": [f"City{q}", "Elsewhere"]}
+          for q in range(5)}  # Query 5 has no prediction: nulls.
+
+
+def _write(tmp_path, methods=None, **over):
+  kwargs = dict(results_dir=str(tmp_path / "results"), methods=methods or _methods(),
+                facts=_facts(), passages=_passages(), predictions=_predictions(),
+                bucket_order=BUCKETS, timings_s={"train": 12.5}, model_eval={"query_accuracy": 0.5},
+                extra={"tailpatch": {"k": TP_COLS}})
+  kwargs.update(over)
+  return report.write_report(**kwargs)
+
+
+def _mrr(ranks):
+  return float(np.mean([1 / r if r else 0.0 for r in ranks]))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("report")
+  return tmp, _write(tmp)
+
+
+def test_metrics_json_schema_and_values(written):
+  tmp, out = written
+  on_disk = json.loads((tmp / "results" / "metrics.json").read_text())
+  assert on_disk == json.loads(json.dumps(out))
+  assert on_disk["num_queries"] == 6 and on_disk["timings_s"] == {"train": 12.5}
+  assert on_disk["model_eval"] == {"query_accuracy": 0.5}
+  assert on_disk["tailpatch"] == {"k": TP_COLS}
+  assert set(on_disk["methods"]) == set(RANKS)
+  for m, (fam, ranks) in RANKS.items():
+    e = on_disk["methods"][m]
+    assert e["family"] == fam
+    assert e["mrr"] == pytest.approx(_mrr(ranks))
+    assert e["recall_at_10"] == pytest.approx(np.mean([0 < r <= 10 for r in ranks]))
+    assert e["precision_at_10"] == pytest.approx(np.mean([0.1 if 0 < r <= 10 else 0 for r in ranks]))
+    assert set(e["by_bucket"]) == set(BUCKETS)
+    for b in BUCKETS:
+      assert set(e["by_bucket"][b]) >= {"mrr", "recall_at_10", "tailpatch_abs",
+                                        "tailpatch_rel", "n"}
+      assert e["by_bucket"][b]["n"] == 2
+  ts = on_disk["methods"]["trackstar"]
+  assert ts["tailpatch_at_k"]["1"]["abs"] == pytest.approx(0.009)
+  assert ts["tailpatch_abs"] == pytest.approx(0.006)  # Mean of 3, 2, 1 (x0.003).
+  assert ts["tailpatch_rel"] == pytest.approx(0.03)
+  assert set(ts["tailpatch_at_k"]) == {"1", "3"} and ts["n_tailpatched"] == 4
+  # Bucket '2-3' holds queries 2 and 3: trackstar ranks 2 and none.
+  assert ts["by_bucket"]["2-3"]["mrr"] == pytest.approx(0.25)
+  assert ts["by_bucket"]["2-3"]["recall_at_10"] == pytest.approx(0.5)
+  assert ts["by_bucket"]["4-10"]["tailpatch_abs"] is None  # Not tail-patched.
+  assert ts["by_bucket"]["4-10"]["n_tailpatched"] == 0
+  dense = on_disk["methods"]["dense"]
+  assert dense["tailpatch_abs"] is None and dense["tailpatch_at_k"] == {}
+
+
+def test_paper_orderings_all_hold(written):
+  _, out = written
+  po = out["paper_orderings"]
+  assert set(po) == {
+      "baselines_beat_gradient_mrr", "trackstar_best_gradient_mrr",
+      "trackstar_best_gradient_recall", "trackstar_tailpatch_gt_bm25",
+      "mrr_exp1_lt_exp2", "mrr_exp2_lt_exp3", "mrr_exp3_lt_exp4", "mrr_exp4_lt_trackstar",
+      "trak_near_zero"}  # No dense tail-patch, no exp5: those claims are absent.
+  assert all(c["holds"] for c in po.values()), po
+  base = po["baselines_beat_gradient_mrr"]["values"]
+  assert base["min_baseline"] == {"dense": pytest.approx(_mrr(RANKS["dense"][1]))}
+  assert base["max_gradient"] == {"trackstar": pytest.approx(_mrr(RANKS["trackstar"][1]))}
+  assert po["trackstar_tailpatch_gt_bm25"]["values"] == {
+      "trackstar": pytest.approx(0.006), "bm25": pytest.approx(0.002)}
+
+
+def test_paper_orderings_one_fails(tmp_path):
+  ranks = copy.deepcopy(RANKS)
+  # Exp. 3 finds its only correct proponent at rank 12: MRR 1/72 < Exp. 2's 1/12
+  # (and recall 0), which breaks exactly the exp2 < exp3 step.
+  ranks["exp3"] = ("gradient", [0, 0, 0, 0, 0, 12])
+  po = _write(tmp_path, methods=_methods(ranks))["paper_orderings"]
+  failed = sorted(k for k, c in po.items() if not c["holds"])
+  assert failed == ["mrr_exp2_lt_exp3"]
+  assert po["mrr_exp2_lt_exp3"]["values"] == {"exp2": pytest.approx(1 / 12),
+                                              "exp3": pytest.approx(1 / 72)}
+
+
+def test_paper_orderings_direct():
+  m = lambda fam, mrr, rec=0.0, tp=None: {"family": fam, "mrr": mrr, "recall_at_10": rec,
+                                          "tailpatch_abs": tp}
+  po = report.paper_orderings(methods={
+      "bm25": m("baseline", 0.5, 0.6, 0.004), "dense": m("baseline", 0.3, 0.7, 0.02),
+      "exp5": m("gradient", 0.4, 0.5), "trackstar": m("gradient", 0.4, 0.4, 0.01),
+      "trak": m("gradient", 0.2)})
+  assert po["mrr_exp5_le_trackstar"]["holds"]            # A tie is allowed here.
+  assert not po["baselines_beat_gradient_mrr"]["holds"]  # dense 0.3 < 0.4.
+  assert po["trackstar_best_gradient_mrr"]["holds"]
+  assert not po["trackstar_best_gradient_recall"]["holds"]  # exp5 0.5 > 0.4.
+  assert po["trackstar_tailpatch_gt_bm25"]["holds"]
+  assert not po["trackstar_tailpatch_gt_dense"]["holds"]
+  assert not po["trak_near_zero"]["holds"]  # 0.2 >= 0.05 and no exp1.
+
+
+def test_tables(written):
+  tmp, out = written
+  res = tmp / "results"
+  with open(res / "table.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["method"] for r in rows] == ["bm25", "dense", "trak", "exp1", "exp2", "exp3",
+                                         "exp4", "trackstar"]
+  ts = rows[-1]
+  assert float(ts["mrr"]) == pytest.approx(out["methods"]["trackstar"]["mrr"])
+  assert float(ts["tailpatch_abs_pct"]) == pytest.approx(0.6)
+  assert float(ts["paper_mrr"]) == 0.365 and float(ts["paper_tailpatch_pct"]) == 0.90
+  assert rows[1]["tailpatch_abs_pct"] == ""  # Dense: not tail-patched.
+  md = (res / "table.md").read_text()
+  lines = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| Method")]
+  assert [l.split(" | ")[0][2:] for l in lines] == [
+      "BM25", "Dense (Gecko stand-in)", "TRAK", "Exp. 1 (Pruthi et al., 2020)",
+      "Exp. 2 (Han & Tsvetkov, 2022)", "Exp. 3 (Choe et al., 2024)",
+      "Exp. 4 (Akyürek et al., 2022; Xia et al., 2024)", "TrackStar"]
+  assert "| +0.60% |" in lines[-1] and "| +0.90% |" in lines[-1]
+  assert lines[2].endswith("| -0.02% |")  # Paper TRAK tail-patch.
+  with open(res / "table_by_bucket.csv", newline="") as f:
+    brows = list(csv.DictReader(f))
+  assert len(brows) == len(RANKS) * len(BUCKETS)
+  r = next(r for r in brows if r["method"] == "trackstar" and r["bucket"] == "2-3")
+  assert float(r["mrr"]) == pytest.approx(0.25) and r["n"] == "2"
+  assert "## MRR" in (res / "table_by_bucket.md").read_text()
+
+
+def test_figures(written, tmp_path):
+  tmp, _ = written
+  for name in ("fig_table.png", "fig_by_bucket.png"):
+    data = (tmp / "results" / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+  path = report.plot_trend(points=[{"x": 0.8, "y": 0.3, "label": "1500 steps"},
+                                   {"x": 0.2, "y": 0.1, "label": "300 steps"}],
+                           path=str(tmp_path / "trend.png"))
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match=r"points\[0\] lacks \['label'\]"):
+    report.plot_trend(points=[{"x": 1, "y": 2}], path=str(tmp_path / "t.png"))
+
+
+def test_jsonl_accepted_by_viewer(written):
+  tmp, _ = written
+  results = viewer.load_results(workdir=str(tmp))
+  assert set(results) == set(RANKS)
+  row = results["trackstar"][2]
+  assert row["example_id"] == "trex_synth:000000000000002"
+  assert row["proponent_correct"][:2] == [False, True]
+  assert row["proponents"][1] == "Person 2 was born in City2 (0)."
+  assert row["groundtruth"] == {"subject": "Person 2", "relation": "place_of_birth",
+                                "object": "City2"}
+  assert row["c4_frequency"] == 2 and row["c4_frequency_bucket"] == "2-3"
+  assert row["has_trex_sentence"] is True and row["model_correct"] is True
+  assert row["proponent_tailpatch_abs"] == pytest.approx([0.009, 0.006, 0.003])
+  assert results["trackstar"][5]["proponent_tailpatch_abs"] is None
+  assert results["trackstar"][5]["model_prediction"] is None
+  assert results["dense"][0]["proponent_tailpatch_abs"] is None
+  assert len(row["opponents"]) == 3 and row["opponent_scores"] == [-1.0] * 3
+  payload = viewer.build_payload(results=results)
+  assert payload["default_a"] == "trackstar" and payload["default_b"] == "bm25"
+  for m, (_, ranks) in RANKS.items():
+    assert [e["first"] for e in payload["results"][m]] == ranks
+
+
+def test_stale_jsonl_removed(tmp_path):
+  _write(tmp_path)
+  few = {m: r for m, r in _methods().items() if m in ("bm25", "trackstar")}
+  _write(tmp_path, methods=few)
+  assert sorted(os.listdir(tmp_path / "results" / "proponents")) == ["bm25.jsonl",
+                                                                     "trackstar.jsonl"]
+
+
+def test_errors(tmp_path):
+  ms = _methods()
+  ms["exp1"].query_ids = list(reversed(ms["exp1"].query_ids))
+  with pytest.raises(ValueError, match="method 'exp1' is on different queries"):
+    _write(tmp_path, methods=ms)
+  passages = _passages()
+  del passages["gt3_2"]
+  with pytest.raises(ValueError, match="ground-truth passage 'gt3_2' is missing"):
+    _write(tmp_path, passages=passages)
+  facts = _facts()
+  facts[4]["bucket"] = "11-30"
+  with pytest.raises(ValueError, match="unknown bucket '11-30'"):
+    _write(tmp_path, facts=facts)
+  ms = _methods()
+  ms["bm25"].top_ids[0][3] = "nope"
+  with pytest.raises(ValueError, match="passage 'nope', which is not in `passages`"):
+    _write(tmp_path, methods=ms)
+  ms = _methods()
+  ms["trackstar"].tailpatch_abs = ms["trackstar"].tailpatch_abs[:5]
+  with pytest.raises(ValueError, match="tailpatch_abs has shape"):
+    _write(tmp_path, methods=ms)
+  with pytest.raises(ValueError, match="extra keys \\['methods'\\]"):
+    _write(tmp_path, extra={"methods": 1})
+  ms = _methods()
+  ms["trak"].family = "other"
+  with pytest.raises(ValueError, match="family must be one of"):
+    _write(tmp_path, methods=ms)
+  assert not (tmp_path / "results").exists()  # Validation happens before writing.

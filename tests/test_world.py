@@ -1,0 +1,339 @@
+"""Tests for tda.world: the synthetic fact world, the BYO loader and the stage."""
+
+import collections
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tda import config as config_lib
+from tda import workdir as workdir_lib
+from tda import world as world_lib
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "byo")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _kwargs(**overrides):
+  c = config_lib.base_config()
+  w = c.world
+  kw = dict(seed=w.seed, relations=w.relations, bucket_ranges=config_lib.bucket_ranges(c),
+            facts_per_bucket=w.facts_per_bucket, facts_per_passage=w.facts_per_passage,
+            sentences_per_passage=w.sentences_per_passage,
+            distractor_passages=w.distractor_passages, filler_passages=w.filler_passages)
+  kw.update(overrides)
+  return kw
+
+
+@pytest.fixture(scope="module")
+def world():
+  t0 = time.perf_counter()
+  w = world_lib.generate_world(**_kwargs())
+  # Requirement: the default world generates in well under 5 s.
+  assert time.perf_counter() - t0 < 5.0
+  return w
+
+
+def _digest(w):
+  blob = json.dumps({"p": w.passages, "f": w.facts}, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()
+
+
+def test_same_seed_same_world_other_seed_differs(world):
+  again = world_lib.generate_world(**_kwargs())
+  assert again.passages == world.passages and again.facts == world.facts
+  other = world_lib.generate_world(**_kwargs(seed=1))
+  assert _digest(other) != _digest(world)
+  assert ({f["subject"] for f in other.facts} != {f["subject"] for f in world.facts})
+
+
+def test_byte_identical_across_processes(world):
+  code = ("import hashlib, json\n"
+          "from tda import config as c, world\n"
+          "cfg = c.base_config(); w = cfg.world\n"
+          "x = world.generate_world(seed=w.seed, relations=w.relations, "
+          "bucket_ranges=c.bucket_ranges(cfg), facts_per_bucket=w.facts_per_bucket, "
+          "facts_per_passage=w.facts_per_passage, "
+          "sentences_per_passage=w.sentences_per_passage, "
+          "distractor_passages=w.distractor_passages, filler_passages=w.filler_passages)\n"
+          "blob = json.dumps({'p': x.passages, 'f': x.facts}, sort_keys=True).encode()\n"
+          "print(hashlib.sha256(blob).hexdigest())\n")
+  outs = []
+  for hashseed in ("1", "2"):
+    env = {**os.environ, "PYTHONHASHSEED": hashseed, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                       capture_output=True, text=True, check=True)
+    outs.append(r.stdout.strip())
+  assert outs[0] == outs[1] == _digest(world)
+
+
+def test_default_sizes(world):
+  s = world.stats()
+  assert 1300 <= s["passages"] <= 1700
+  assert s["kinds"]["distractor"] == 300 and s["kinds"]["filler"] == 150
+  assert 40 <= s["mean_words_per_passage"] <= 70
+  assert s["facts"] == 220
+  assert set(s["relations"]) == set(config_lib.base_config().world.relations)
+  assert min(s["relations"].values()) >= 20  # Spread over all nine relations.
+  ids = [p["id"] for p in world.passages]
+  assert len(set(ids)) == len(ids)
+  assert all(re.fullmatch(r"c4_synth:\d{8}", i) for i in ids)
+
+
+def test_buckets_and_frequencies(world):
+  ranges = {n: (lo, hi) for n, lo, hi in config_lib.DEFAULT_BUCKETS}
+  counts = collections.Counter(f["bucket"] for f in world.facts)
+  assert counts == {"1": 60, "2-3": 60, "4-10": 60, "11-30": 40}
+  for f in world.facts:
+    lo, hi = ranges[f["bucket"]]
+    assert lo <= f["frequency"] <= hi
+    assert len(f["passage_ids"]) == len(set(f["passage_ids"])) == f["frequency"]
+  # Frequencies are spread over each range, not stuck at one end.
+  top = [f["frequency"] for f in world.facts if f["bucket"] == "11-30"]
+  assert min(top) <= 15 and max(top) >= 25
+  # passage.fact_ids and fact.passage_ids are the same relation.
+  by_passage = collections.defaultdict(set)
+  for f in world.facts:
+    for pid in f["passage_ids"]:
+      by_passage[pid].add(f["fact_id"])
+  for p in world.passages:
+    assert set(p["fact_ids"]) == by_passage.get(p["id"], set())
+    assert (p["kind"] == "fact") == bool(p["fact_ids"])
+    assert len(p["fact_ids"]) <= 2
+
+
+def test_ground_truth_is_exact(world):
+  wrong = []
+  for p in world.passages:
+    for f in world.facts:
+      listed = p["id"] in f["passage_ids"]
+      if world_lib.entails(text=p["text"], fact=f) != listed:
+        wrong.append((p["id"], f["fact_id"], listed))
+  assert not wrong
+
+
+def test_distractors_mention_entities_and_filler_none(world):
+  names = sorted({f["subject"] for f in world.facts} | {f["object"] for f in world.facts})
+  pat = re.compile("|".join(r"\b" + re.escape(n) + r"\b" for n in names), re.IGNORECASE)
+  for p in world.passages:
+    if p["kind"] == "filler":
+      assert not pat.search(p["text"]), p
+    if p["kind"] == "distractor":
+      assert pat.search(p["text"]), p
+  # Some distractors name a subject together with its true object.
+  pairs = [(f["subject"], f["object"]) for f in world.facts]
+  co = sum(any(s in p["text"] and o in p["text"] for s, o in pairs)
+           for p in world.passages if p["kind"] == "distractor")
+  assert co >= 30
+
+
+def test_entails_checker():
+  fact = {"fact_id": "F1", "relation": "place_of_birth", "subject": "Ann Lee", "object": "Paris"}
+  yes = ["Ann Lee was born in the city of Paris.", "Ann Lee was born in Paris and grew up there.",
+         "Intro sentence here. Born in Paris, Ann Lee moved abroad.",
+         "Ann Lee, a native of Paris, wrote novels.", "Paris is the birthplace of Ann Lee."]
+  no = ["Ann Lee visited Paris last summer.", "Ann Leeds was born in Paris.",
+        "Ann Lee was born in Parisville.", "Ann Lee was born in Rome. Paris is big.",
+        "Bob Stone was born in Paris.", "Paris is the birthplace of Ann Leeds."]
+  assert [world_lib.entails(text=t, fact=fact) for t in yes] == [True] * len(yes)
+  assert [world_lib.entails(text=t, fact=fact) for t in no] == [False] * len(no)
+  with pytest.raises(ValueError, match="relation"):
+    world_lib.entails(text="x", fact={**fact, "relation": "spouse"})
+
+
+def test_query_phrasing_in_templates_and_corpus(world):
+  for name, rel in world_lib.RELATIONS.items():
+    assert rel.templates[0] == rel.query + " {O}."
+    assert len(set(rel.templates)) >= 4
+  text = {p["id"]: p["text"] for p in world.passages}
+  uses = slots = seen = 0
+  for f in world.facts:
+    assert f["inputs_plaintext"] == world_lib.RELATIONS[f["relation"]].query.format(
+        S=f["subject"])
+    assert f["targets_plaintext"] == f["object"] and f["object"][0] != " "
+    assert re.fullmatch(r"F\d{6}", f["fact_id"])
+    assert re.fullmatch(r"trex_synth:\d{15}", f["example_id"])
+    sentence = f"{f['inputs_plaintext']} {f['targets_plaintext']}."
+    n = sum(sentence in text[pid] for pid in f["passage_ids"])
+    uses += n
+    slots += f["frequency"]
+    seen += n > 0
+  assert 0.45 <= uses / slots <= 0.55  # Query phrasing with probability 0.5.
+  assert 0.7 <= seen / len(world.facts) <= 0.92  # ~1 - E[0.5^freq].
+
+
+def test_subject_uniqueness(world):
+  pairs = [(f["subject"], f["relation"]) for f in world.facts]
+  assert len(set(pairs)) == len(pairs)
+  subjects = sorted({f["subject"] for f in world.facts})
+  names = sorted({f["object"] for f in world.facts} | set(subjects))
+  for s in subjects:
+    assert not [n for n in names if n != s and (s.lower() in n.lower() or n.lower() in s.lower())]
+  # Objects are shared as in T-REx; states (capital_of) are one-to-one.
+  objs = collections.Counter(f["object"] for f in world.facts if f["relation"] == "place_of_birth")
+  assert max(objs.values()) >= 2
+  caps = [f["object"] for f in world.facts if f["relation"] == "capital_of"]
+  assert len(set(caps)) == len(caps)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(facts_per_bucket=(1, 2, 3)), "world.facts_per_bucket"),
+    (dict(facts_per_bucket=(0, 0, 0, 0)), "world.facts_per_bucket"),
+    (dict(facts_per_bucket=(5000, 5000, 0, 0)), "world.facts_per_bucket"),
+    (dict(relations=("capital_of",), facts_per_bucket=(30, 30, 0, 0)), "world.facts_per_bucket"),
+    (dict(bucket_ranges=[("1", 1, 1), ("x", 5, 3), ("4-10", 4, 10), ("11-30", 11, 30)]),
+     "world.bucket_ranges"),
+    (dict(bucket_ranges=[("1", 0, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11-30", 11, 30)]),
+     "world.bucket_ranges"),
+    (dict(facts_per_passage=0), "world.facts_per_passage"),
+    (dict(sentences_per_passage=(4, 2)), "world.sentences_per_passage"),
+    (dict(relations=("place_of_birth", "spouse")), "world.relations"),
+    (dict(distractor_passages=-1), "world.distractor_passages"),
+    (dict(filler_passages=-2), "world.filler_passages"),
+])
+def test_bad_config_raises_naming_key(overrides, key):
+  with pytest.raises(ValueError, match=re.escape(key)):
+    world_lib.generate_world(**_kwargs(**overrides))
+
+
+def test_small_world_respects_config():
+  w = world_lib.generate_world(**_kwargs(
+      seed=3, relations=("capital_of", "occupation"), facts_per_bucket=(4, 3, 2, 1),
+      facts_per_passage=1, sentences_per_passage=(2, 2), distractor_passages=5,
+      filler_passages=4))
+  s = w.stats()
+  assert s["facts"] == 10 and set(s["relations"]) == {"capital_of", "occupation"}
+  assert s["kinds"]["fact"] == sum(f["frequency"] for f in w.facts)  # One fact a passage.
+  assert s["kinds"]["distractor"] == 5 and s["kinds"]["filler"] == 4
+  for p in w.passages:
+    assert len(re.findall(r"[.!?](?:\s|$)", p["text"])) == 2
+
+
+# --- BYO ------------------------------------------------------------------------
+
+
+def _byo(**paths):
+  kw = dict(corpus_path=os.path.join(FIXTURES, "corpus.jsonl"),
+            facts_path=os.path.join(FIXTURES, "facts.jsonl"),
+            sentences_path=os.path.join(FIXTURES, "sentences.jsonl"))
+  kw.update(paths)
+  return world_lib.load_byo(**kw)
+
+
+def test_byo_fixtures():
+  w = _byo()
+  s = w.stats()
+  assert s["facts"] == 10 and s["passages"] == 20
+  assert s["kinds"] == {"filler": 6, "fact": 14}
+  facts = {f["subject"]: f for f in w.facts}
+  assert facts["Jacques-Louis David"]["frequency"] == 2  # One id, one triple.
+  assert facts["Jacques-Louis David"]["bucket"] == "2-3"
+  assert facts["Canberra"]["passage_ids"] == [
+      "trex_sentence:s4", "trex_sentence:s5", "trex_sentence:s6"]
+  assert facts["Nokia"]["bucket"] == "1"
+  assert facts["Hudson River"]["frequency"] == 1  # Id and triple of one fact: counted once.
+  assert facts["Frida Kahlo"]["example_id"] == "trex:P27:0002"
+  assert facts["Frida Kahlo"]["inputs_plaintext"] == "Frida Kahlo is a citizen of"
+  assert sum(f["frequency"] for f in w.facts) == 14
+  # Above the top range goes to the top bucket.
+  w2 = _byo()
+  w2 = world_lib.load_byo(corpus_path=os.path.join(FIXTURES, "corpus.jsonl"),
+                          facts_path=os.path.join(FIXTURES, "facts.jsonl"),
+                          sentences_path=os.path.join(FIXTURES, "sentences.jsonl"),
+                          bucket_ranges=[("1", 1, 1), ("2", 2, 2)])
+  assert {f["subject"]: f["bucket"] for f in w2.facts}["Canberra"] == "2"
+
+
+def _write(path, lines):
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return str(path)
+
+
+def _lines(name):
+  with open(os.path.join(FIXTURES, name)) as f:
+    return [l.rstrip("\n") for l in f if l.strip()]
+
+
+def test_byo_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    _byo(corpus_path=str(tmp_path / "nope.jsonl"))
+  bad = _lines("facts.jsonl")
+  bad[2] = bad[2][:-1]
+  with pytest.raises(ValueError, match=r"facts\.jsonl:3: bad JSON"):
+    _byo(facts_path=_write(tmp_path / "facts.jsonl", bad))
+  rows = [json.loads(l) for l in _lines("facts.jsonl")]
+  del rows[4]["targets_plaintext"]
+  with pytest.raises(ValueError, match=r":5: facts row lacks field\(s\) \['targets_plaintext'\]"):
+    _byo(facts_path=_write(tmp_path / "f2.jsonl", [json.dumps(r) for r in rows]))
+  corpus = _lines("corpus.jsonl")
+  with pytest.raises(ValueError, match=r"duplicate id 'c4:00000000'"):
+    _byo(corpus_path=_write(tmp_path / "c.jsonl", corpus + corpus[:1]))
+  sents = _lines("sentences.jsonl")
+  extra = json.dumps({"sentence_id": "x", "text": "t",
+                      "fact_triples": [["Nokia", "headquarters", "Helsinki"]]})
+  with pytest.raises(ValueError, match=r"sentences\.jsonl:15: fact_triple .*Helsinki.* no fact"):
+    _byo(sentences_path=_write(tmp_path / "sentences.jsonl", sents + [extra]))
+  # A fact no sentence entails is named.
+  only = [l for l in sents if "Nokia" not in l]
+  with pytest.raises(ValueError, match=r"no entailing sentence.*trex_P159_005"):
+    _byo(sentences_path=_write(tmp_path / "s2.jsonl", only))
+
+
+# --- Stage ----------------------------------------------------------------------
+
+
+def _small_config(**world):
+  c = config_lib.base_config()
+  c.world.facts_per_bucket = (3, 3, 2, 1)
+  c.world.distractor_passages = 4
+  c.world.filler_passages = 3
+  for k, v in world.items():
+    setattr(c.world, k, v)
+  return config_lib.finalize(c)
+
+
+def _snapshot(d):
+  out = {}
+  for name in sorted(os.listdir(d)):
+    p = os.path.join(d, name)
+    with open(p, "rb") as f:
+      out[name] = (os.stat(p).st_mtime_ns, f.read())
+  return out
+
+
+def test_build_world_commits_skips_and_refuses_changes(tmp_path):
+  wd = str(tmp_path / "run")
+  c = _small_config()
+  stats = world_lib.build_world(c, wd)
+  d = os.path.join(wd, "world")
+  assert sorted(os.listdir(d)) == ["COMMITTED.json", "facts.jsonl", "passages.jsonl",
+                                   "stats.json"]
+  assert stats["facts"] == 9 and stats["kinds"]["filler"] == 3
+  w = world_lib.load_world(wd)
+  direct = world_lib.generate_world(**_kwargs(facts_per_bucket=(3, 3, 2, 1),
+                                              distractor_passages=4, filler_passages=3))
+  assert w.passages == direct.passages and w.facts == direct.facts
+  before = _snapshot(d)
+  assert world_lib.build_world(c, wd) == json.loads(json.dumps(stats))  # Skipped.
+  assert _snapshot(d) == before
+  with pytest.raises(workdir_lib.WorkdirConflict, match="seed"):
+    world_lib.build_world(_small_config(seed=7), wd)
+  assert _snapshot(d) == before
+  assert sorted(os.listdir(wd)) == ["world"]
+
+
+def test_build_world_byo(tmp_path):
+  c = _small_config(source="byo", byo_corpus=os.path.join(FIXTURES, "corpus.jsonl"),
+                    byo_facts=os.path.join(FIXTURES, "facts.jsonl"),
+                    byo_sentences=os.path.join(FIXTURES, "sentences.jsonl"))
+  stats = world_lib.build_world(c, str(tmp_path))
+  assert stats["facts"] == 10 and stats["passages"] == 20
+  assert len(world_lib.load_world(str(tmp_path)).facts) == 10
+  with pytest.raises(FileNotFoundError, match="no committed"):
+    world_lib.load_world(str(tmp_path / "empty"))
