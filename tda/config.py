@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"        # Compute dtype.
   m.param_dtype = "float32"
   m.remat = False
+  m.scale_embeddings = True  # Multiply looked-up embeddings by sqrt(d_model) (PaLM); False: Llama.
 
   # --- Training (tda.train) -----------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -104,8 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   g.layers_per_block = 1         # Paper: 8 at 8B.
   g.groups = ("attn", "mlp")     # Or ('attn_in', 'attn_out', 'mlp_in', 'mlp_out').
   g.embed_block = "own"          # 'own' | 'first' (pool the embedding into block 0).
-  g.k_in = 32                    # Projection size per side of every block.
-  g.k_out = 32
+  g.k_in = 24                    # Projection size per side of every block.
+  g.k_out = 24
   g.seed = 1234                  # Projection seed: same matrices on every host.
   g.correction = True            # Compute the optimizer-corrected variant too.
   g.eps = 1e-12                  # Added to V's statistics (tda.correction).
@@ -115,11 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Hessian approximation R (tda.hessian) ------------------------------
   c.hessian = h = ml_collections.ConfigDict()
-  h.train_samples = 512          # Training passages sampled for R_train.
-  h.lambda_ = "auto"             # λ for R = λ R_eval + (1-λ) R_train, or 'auto'.
+  h.train_samples = 4096         # Training passages sampled for R_train (all, if fewer).
+  h.lambda_ = 0.9               # λ for R = λ R_eval + (1-λ) R_train (paper: 0.9 on T-REx), or 'auto'.
   h.auto_top_k = 16              # 'auto': top-K eigen-directions of R_eval to downweight.
   h.auto_overlap = 0.9
-  h.damping = 1e-3               # × mean eigenvalue.
+  h.damping = 1.0                # × mean eigenvalue of R (see tda.hessian on why this large).
   h.block_diagonal = False       # Block-diagonal R over projection blocks.
 
   # --- Gradient tables (tda.tables) ---------------------------------------

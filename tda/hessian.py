@@ -16,6 +16,15 @@ downweights them at least as strongly as the training set's own top-K directions
 
 R^{-1/2} = U diag((μ + δ)^-1/2) Uᵀ by eigendecomposition, with damping δ =
 `damping` × mean eigenvalue; full d × d or block-diagonal over projection blocks.
+
+Damping default (1.0 × the mean eigenvalue): R estimated from fewer examples than
+d is rank-deficient, and a weak damping then amplifies the directions the sample
+never saw by up to δ^-1/2 — sample noise. With δ at the mean eigenvalue,
+R^{-1/2} only shrinks directions whose eigenvalue exceeds the mean: a soft
+downweighting of the dominant, shared components, which is what R is for (the
+paper's rule downweights the top ~1,000 of 65K components). Measured on one
+trained model of the default world (d = 2,880, R_train from all 1,401 passages),
+TrackStar's MRR (λ = 0.9) for δ = 1e-3, 1e-2, 0.1, 1.0: 0.19, 0.32, 0.44, 0.48.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 R_NONE, R_TRAIN, R_MIXED = "none", "train", "mixed"
 
@@ -95,8 +105,9 @@ def mix(*, r_train: np.ndarray, r_eval: np.ndarray, lam: float) -> np.ndarray:
 
 
 def _top_eigvecs(r_dd: np.ndarray, k: int) -> np.ndarray:
-  w, u = np.linalg.eigh(r_dd)
-  return u[:, np.argsort(w)[::-1][:k]]
+  d = r_dd.shape[0]
+  _, u = scipy.linalg.eigh(r_dd.astype(np.float32), subset_by_index=[d - k, d - 1])
+  return u
 
 
 def auto_lambda(*, r_train: np.ndarray, r_eval: np.ndarray, top_k: int,
@@ -123,9 +134,10 @@ def inv_sqrt(*, r_dd: np.ndarray, damping: float,
   out = np.zeros_like(r_dd, dtype=np.float64)
   s = 0
   for b in block_sizes:
-    blk = r_dd[s:s + b, s:s + b].astype(np.float64)
+    blk = r_dd[s:s + b, s:s + b].astype(np.float32)
     blk = 0.5 * (blk + blk.T)
-    w, u = np.linalg.eigh(blk)
+    w, u = scipy.linalg.eigh(blk, driver="evd")  # float32: d^3 work dominates at large d.
+    w, u = w.astype(np.float64), u.astype(np.float64)
     w = np.maximum(w, 0.0) + damping * max(np.trace(blk) / b, 1e-30)
     out[s:s + b, s:s + b] = (u * w ** -0.5) @ u.T
     s += b
@@ -202,4 +214,4 @@ def apply(*, vectors_nd, whitener: np.ndarray | None, unit: bool) -> np.ndarray:
     y = _whiten_unit(x, whitener) if unit else _whiten(x, whitener)
   else:
     y = _unit(x) if unit else x.astype(jnp.float32)
-  return np.asarray(y)
+  return np.array(y)  # A writable copy.

@@ -46,6 +46,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  scale_embeddings: bool = True
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -60,7 +61,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
                      n_heads=m.n_heads, head_dim=m.head_dim, n_kv_heads=m.n_kv_heads,
                      d_ff=m.d_ff, max_len=m.max_len, block=m.block,
                      rope_base=m.rope_base, norm_eps=m.norm_eps, dtype=m.dtype,
-                     param_dtype=m.param_dtype, remat=m.remat)
+                     param_dtype=m.param_dtype, remat=m.remat,
+                     scale_embeddings=m.scale_embeddings)
 
 
 def _dt(name: str):
@@ -106,6 +108,7 @@ class Embedder(nn.Module):
   d_model: int
   dtype: str = "float32"
   param_dtype: str = "float32"
+  scale: bool = True
 
   def setup(self):
     self.embedding = self.param(
@@ -115,7 +118,7 @@ class Embedder(nn.Module):
   def encode(self, tokens_bt: Array) -> Array:
     x = jnp.take(self.embedding, tokens_bt, axis=0).astype(self.dtype)
     x = self.perturb("lookup_out", x)  # δ here is the gradient w.r.t. the looked-up rows.
-    return x * jnp.asarray(self.d_model ** 0.5, self.dtype)
+    return x * jnp.asarray(self.d_model ** 0.5, self.dtype) if self.scale else x
 
   def decode(self, h_btd: Array) -> Array:
     self.sow("intermediates", "logits_in", h_btd)
@@ -192,7 +195,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_bt: Array) -> Array:
     c = self.cfg
-    emb = Embedder(c.vocab_size, c.d_model, c.dtype, c.param_dtype, name="embed")
+    emb = Embedder(c.vocab_size, c.d_model, c.dtype, c.param_dtype, c.scale_embeddings,
+                   name="embed")
     x = emb.encode(tokens_bt)
     block_cls = nn.remat(Block) if c.remat else Block
     for i in range(c.n_layers):

@@ -1,0 +1,222 @@
+"""Benchmark: ScaNN (+ exact rerank) vs exact JAX search, and int8 vs float32 tables.
+
+    python scripts/bench_retrieval.py --rows 1000000 --dim 1024 [--json out.json]
+
+Rows are synthetic stand-ins for gradient tables: low-rank signal plus isotropic
+noise, unit-normalised. Queries are unit vectors correlated with random rows (a
+row plus fresh low-rank signal plus noise). All timings come from one process.
+Memory: the float32 rows ([rows, dim]) plus ScaNN's own float32 copy for
+reordering; tables are written and searched shard by shard.
+
+Goals: scann_recall_at_10 >= 0.99, scann_over_exact_qps >= 20,
+int8_top10_overlap >= 0.98.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tda import index as index_lib  # noqa: E402
+from tda import tables  # noqa: E402
+
+GEN_CHUNK = 65_536
+
+
+def synth_rows(*, rows: int, dim: int, rank: int, signal: float, seed: int) -> tuple:
+  """Low-rank + noise unit rows, generated chunk by chunk into one float32 array."""
+  rng = np.random.default_rng(seed)
+  basis_rd = rng.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(dim)
+  spectrum_r = (1.0 / np.sqrt(1.0 + np.arange(rank))).astype(np.float32)  # Decaying.
+  x_nd = np.empty((rows, dim), np.float32)
+  for lo in range(0, rows, GEN_CHUNK):
+    n = min(GEN_CHUNK, rows - lo)
+    crng = np.random.default_rng([seed, lo])
+    z_nr = crng.standard_normal((n, rank), dtype=np.float32) * spectrum_r
+    blk = z_nr @ basis_rd
+    blk *= signal / np.linalg.norm(blk, axis=1, keepdims=True)
+    blk += crng.standard_normal((n, dim), dtype=np.float32) * ((1 - signal) / np.sqrt(dim))
+    blk /= np.linalg.norm(blk, axis=1, keepdims=True)
+    x_nd[lo:lo + n] = blk
+  return x_nd, basis_rd, spectrum_r
+
+
+def synth_queries(*, x_nd, basis_rd, spectrum_r, num: int, seed: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, 1])
+  rows = rng.choice(x_nd.shape[0], size=num, replace=False)
+  fresh = (rng.standard_normal((num, basis_rd.shape[0]), dtype=np.float32) * spectrum_r) @ basis_rd
+  fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+  noise = rng.standard_normal((num, x_nd.shape[1]), dtype=np.float32)
+  noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+  q = 0.6 * x_nd[rows] + 0.5 * fresh + 0.3 * noise
+  return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def overlap(a_qk, b_qk) -> float:
+  return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(a_qk, b_qk)]))
+
+
+def write_table(path, x_nd, dtype, rows_per_shard):
+  w = tables.TableWriter(path=path, d=x_nd.shape[1], dtype=dtype,
+                         rows_per_shard=rows_per_shard, meta={"bench": True})
+  for lo in range(0, x_nd.shape[0], GEN_CHUNK):
+    hi = min(lo + GEN_CHUNK, x_nd.shape[0])
+    w.write(x_nd[lo:hi], [str(i) for i in range(lo, hi)])
+  w.close()
+  return tables.Table.open(path)
+
+
+def tune(idx, tune_qd, x_nd, k, args) -> dict:
+  """Fastest (leaves_to_search, reorder) reaching target recall on held-out queries."""
+  _, ref = index_lib.exact_search(queries_qd=tune_qd, vectors_nd=x_nd, k=k,
+                                  chunk_rows=args.chunk_rows)
+  nl = idx.params.get("num_leaves")
+  if nl is None:
+    return {}
+  grid = []
+  for leaves in sorted({max(1, min(nl, int(nl * f))) for f in
+                        (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25)}):
+    for reorder in (200, 400, 700, 1000, 1500, 2500):
+      t = time.perf_counter()
+      _, got = idx.search(tune_qd, k, leaves_to_search=leaves, reorder=reorder)
+      grid.append((overlap(got, ref), time.perf_counter() - t, leaves, reorder))
+      print(f"  tune L={leaves} R={reorder}: recall {grid[-1][0]:.4f} "
+            f"{len(tune_qd) / grid[-1][1]:.0f} qps", flush=True)
+  ok = [g for g in grid if g[0] >= args.target_recall]
+  best = min(ok, key=lambda g: g[1]) if ok else max(grid, key=lambda g: (g[0], -g[1]))
+  return {"leaves_to_search": best[2], "reorder": best[3]}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--rows", type=int, default=1_000_000)
+  ap.add_argument("--dim", type=int, default=1024)
+  ap.add_argument("--queries", type=int, default=1000)
+  ap.add_argument("--k", type=int, default=10)
+  ap.add_argument("--rank", type=int, default=64)
+  ap.add_argument("--signal", type=float, default=0.7, help="low-rank share of each row")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--num_leaves", type=int, default=None)
+  ap.add_argument("--num_leaves_to_search", type=int, default=None)
+  ap.add_argument("--dims_per_block", type=int, default=4)
+  ap.add_argument("--soar_lambda", type=float, default=1.0, help="<= 0: off")
+  ap.add_argument("--tune_queries", type=int, default=200,
+                  help="held-out queries to pick leaves_to_search/reorder on (0: no tuning)")
+  ap.add_argument("--target_recall", type=float, default=0.995,
+                  help="tuning picks the fastest setting reaching this on tune queries")
+  ap.add_argument("--aq_threshold", type=float, default=0.2)
+  ap.add_argument("--reorder", type=int, default=None)
+  ap.add_argument("--training_sample_size", type=int, default=None)
+  ap.add_argument("--chunk_rows", type=int, default=index_lib.DEFAULT_CHUNK_ROWS)
+  ap.add_argument("--rows_per_shard", type=int, default=131_072)
+  ap.add_argument("--skip_tables", action="store_true")
+  ap.add_argument("--tmpdir", default=None, help="where tables go (removed after)")
+  ap.add_argument("--json", nargs="?", const="-", default=None,
+                  help="write results as JSON to this path ('-' or no value: stdout)")
+  args = ap.parse_args(argv)
+  out: dict = {"rows": args.rows, "dim": args.dim, "queries": args.queries, "k": args.k,
+               "data": f"synthetic: rank-{args.rank} signal ({args.signal:.0%} of norm) "
+                       "+ isotropic noise, unit-normalised; queries = row + fresh "
+                       "signal + noise"}
+  print(f"# {out['data']}", flush=True)
+  k = args.k
+
+  t = time.perf_counter()
+  x_nd, basis_rd, spectrum_r = synth_rows(rows=args.rows, dim=args.dim, rank=args.rank,
+                                          signal=args.signal, seed=args.seed)
+  q_all = synth_queries(x_nd=x_nd, basis_rd=basis_rd, spectrum_r=spectrum_r,
+                        num=args.queries + args.tune_queries, seed=args.seed)
+  q_qd, tune_qd = q_all[:args.queries], q_all[args.queries:]
+  out["generate_s"] = time.perf_counter() - t
+
+  # Exact reference (JAX): warm up compilation on the first chunk, then time.
+  index_lib.exact_search(queries_qd=q_qd, vectors_nd=x_nd[:args.chunk_rows], k=k,
+                         chunk_rows=args.chunk_rows)
+  t = time.perf_counter()
+  ex_s, ex_i = index_lib.exact_search(queries_qd=q_qd, vectors_nd=x_nd, k=k,
+                                      chunk_rows=args.chunk_rows)
+  exact_s = time.perf_counter() - t
+  ex_bs, ex_bi = index_lib.exact_search(queries_qd=q_qd, vectors_nd=x_nd, k=k,
+                                        largest=False, chunk_rows=args.chunk_rows)
+  out["exact_qps"] = args.queries / exact_s
+  print(f"exact: {exact_s:.1f}s, {out['exact_qps']:.1f} qps", flush=True)
+
+  params = {k_: v for k_, v in dict(
+      num_leaves=args.num_leaves, num_leaves_to_search=args.num_leaves_to_search,
+      dims_per_block=args.dims_per_block, aq_threshold=args.aq_threshold,
+      reorder=args.reorder, training_sample_size=args.training_sample_size,
+      soar_lambda=args.soar_lambda if args.soar_lambda > 0 else None).items()
+            if v is not None}
+  t = time.perf_counter()
+  idx = index_lib.ScannIndex.build(vectors_nd=x_nd, **params)
+  out["scann_build_s"] = time.perf_counter() - t
+  out["scann_params"] = idx.params
+  print(f"scann build: {out['scann_build_s']:.1f}s {idx.params}", flush=True)
+  knobs = {}
+  if args.tune_queries:
+    knobs = tune(idx, tune_qd, x_nd, k, args)
+    out["tuned_on_held_out_queries"] = knobs
+    print(f"tuned: {knobs}", flush=True)
+  idx.search(q_qd[:10], k, **knobs)  # Warm-up.
+  t = time.perf_counter()
+  sc_s, sc_i = idx.search(q_qd, k, **knobs)
+  scann_s = time.perf_counter() - t
+  sc_bs, sc_bi = idx.search(q_qd, k, largest=False, **knobs)
+  out["scann_qps"] = args.queries / scann_s
+  out["scann_recall_at_10"] = overlap(sc_i[:, :10], ex_i[:, :10])
+  out["scann_opponent_recall_at_10"] = overlap(sc_bi[:, :10], ex_bi[:, :10])
+  out["scann_over_exact_qps"] = out["scann_qps"] / out["exact_qps"]
+  exact_dots = np.einsum("qkd,qd->qk", x_nd[sc_i], q_qd)
+  out["scann_score_max_abs_err"] = float(np.abs(exact_dots - sc_s).max())
+  out["exact_top1_mean_score"] = float(ex_s[:, 0].mean())
+  out["exact_top10_mean_score"] = float(ex_s[:, -1].mean())
+  print(f"scann: {scann_s:.2f}s, {out['scann_qps']:.1f} qps, "
+        f"recall@10 {out['scann_recall_at_10']:.4f}", flush=True)
+  del idx
+  gc.collect()
+
+  if not args.skip_tables:
+    root = tempfile.mkdtemp(dir=args.tmpdir, prefix="bench_tables_")
+    try:
+      t = time.perf_counter()
+      f32 = write_table(os.path.join(root, "f32"), x_nd, "float32", args.rows_per_shard)
+      out["write_float32_s"] = time.perf_counter() - t
+      t = time.perf_counter()
+      i8 = write_table(os.path.join(root, "i8"), x_nd, "int8", args.rows_per_shard)
+      out["write_int8_s"] = time.perf_counter() - t
+      out["float32_table_bytes"], out["int8_table_bytes"] = f32.nbytes, i8.nbytes
+      out["int8_size_ratio"] = i8.nbytes / f32.nbytes
+      shutil.rmtree(f32.path)
+      del x_nd
+      gc.collect()
+      q8_s, q8_i = index_lib.exact_search(queries_qd=q_qd, table=i8, k=k,
+                                          chunk_rows=args.chunk_rows)
+      out["int8_top10_overlap"] = overlap(q8_i[:, :10], ex_i[:, :10])
+    finally:
+      shutil.rmtree(root, ignore_errors=True)
+
+  width = max(map(len, out))
+  for key, v in out.items():
+    print(f"{key:<{width}}  {v:.4g}" if isinstance(v, float) else f"{key:<{width}}  {v}")
+  if args.json:
+    blob = json.dumps(out, indent=1, default=str)
+    if args.json == "-":
+      print(blob)
+    else:
+      with open(args.json, "w") as f:
+        f.write(blob + "\n")
+  return out
+
+
+if __name__ == "__main__":
+  main()
