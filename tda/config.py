@@ -20,6 +20,19 @@ ALL_STAGES = ("world", "vocab", "train", "model_eval", "gradients", "tables",
               "retrieval", "evaluation", "viewer")
 
 
+def _str():
+  """A None default that `--config.x=...` can still override with a str."""
+  return ml_collections.config_dict.placeholder(str)
+
+
+def _int():
+  return ml_collections.config_dict.placeholder(int)
+
+
+def _float():
+  return ml_collections.config_dict.placeholder(float)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Returns the unlocked base config with every key declared."""
   c = ml_collections.ConfigDict()
@@ -41,18 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
   w.sentences_per_passage = (2, 4)  # Inclusive range of sentences a passage has.
   w.distractor_passages = 300       # Mention subject/object, entail nothing.
   w.filler_passages = 150
-  w.byo_corpus = None       # BYO: corpus JSONL (id, text).
-  w.byo_facts = None        # BYO: T-REx facts JSONL.
-  w.byo_sentences = None    # BYO: T-REx sentences JSONL (sentence_id, text, fact_triples).
+  w.byo_corpus = _str()       # BYO: corpus JSONL (id, text).
+  w.byo_facts = _str()        # BYO: T-REx facts JSONL.
+  w.byo_sentences = _str()    # BYO: T-REx sentences JSONL (sentence_id, text, fact_triples).
 
   # --- Tokenisation and data (tda.data) -----------------------------------
   c.data = d = ml_collections.ConfigDict()
   d.source = "world"            # 'world' | 'c4'
   d.vocab_size = 2048
-  d.vocab_path = None           # Existing SentencePiece model; None: train on the world.
+  d.vocab_path = _str()          # Existing SentencePiece model; None: train on the world.
   d.seq_len = 128
   d.tfds_name = "c4/en:3.1.0"
-  d.tfds_data_dir = None
+  d.tfds_data_dir = _str()
   d.shuffle_buffer = 10_000
 
   # --- Model (tda.model) --------------------------------------------------
@@ -117,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Hessian approximation R (tda.hessian) ------------------------------
   c.hessian = h = ml_collections.ConfigDict()
   h.train_samples = 4096         # Training passages sampled for R_train (all, if fewer).
-  h.lambda_ = 0.9               # λ for R = λ R_eval + (1-λ) R_train (paper: 0.9 on T-REx), or 'auto'.
+  h.lambda_ = 0.9               # λ for R = λ R_eval + (1-λ) R_train (paper: 0.9 on T-REx).
+  h.lambda_auto = False         # Choose λ by the top-K rule of tda.hessian instead.
   h.auto_top_k = 16              # 'auto': top-K eigen-directions of R_eval to downweight.
   h.auto_overlap = 0.9
   h.damping = 1.0                # × mean eigenvalue of R (see tda.hessian on why this large).
@@ -132,11 +146,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.index = ix = ml_collections.ConfigDict()
   ix.method = "exact"            # 'exact' | 'scann'
   ix.k = 10
-  ix.num_leaves = None           # None: derived from the row count.
-  ix.num_leaves_to_search = None
+  ix.num_leaves = _int()         # None: derived from the row count.
+  ix.num_leaves_to_search = _int()
   ix.dims_per_block = 2
   ix.aq_threshold = 0.2
-  ix.reorder = None
+  ix.reorder = _int()
+  ix.training_sample_size = _int()
   ix.chunk_rows = 65536
 
   # --- Evaluation (tda.evaluation) ----------------------------------------
@@ -145,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
                 "trackstar_no_task_r", "bm25", "dense")
   ev.tailpatch_k = 10
   ev.tailpatch_queries = 64      # Queries tail-patched per method (0: all).
-  ev.tailpatch_lr = 1e-3
+  ev.tailpatch_lr = _float()     # None: the training schedule's final LR.
   ev.dense_model = "all-MiniLM-L6-v2"
 
   # --- Sharding (tda.sharding) --------------------------------------------

@@ -136,7 +136,8 @@ def run_gradients_stage(ctx) -> dict[str, Any]:
   h = config.hessian
   t0 = time.time()
   whiteners = hessian.build_whiteners(
-      methods=methods, r_train=r_train, r_eval=r_eval, lam=h.lambda_, damping=h.damping,
+      methods=methods, r_train=r_train, r_eval=r_eval,
+      lam="auto" if h.lambda_auto else h.lambda_, damping=h.damping,
       top_k=h.auto_top_k, overlap=h.auto_overlap,
       block_sizes=[b.dim for b in eng.plan.blocks] if h.block_diagonal else None)
   t_h = time.time() - t0

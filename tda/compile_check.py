@@ -1,0 +1,428 @@
+"""Compile the scale path for a TPU pod without a TPU: `python -m tda.compile_check`.
+
+    python -m tda.compile_check --config=configs/trackstar_8b.py --topology=v5e-256 \
+        [--batch_per_chip=N] [--search_batch] [--json]
+
+Lowers and compiles, for the config's mesh on *compile-only* TPU devices
+(`jax.experimental.topologies`, needs the `.[tpu]` extra, libtpu pinned by
+`jax[tpu]==0.10.2`), the three programs a corpus-scale run repeats:
+
+  * `gradients`: the factored per-example gradient kernel
+    (`tda.gradients.make_factored_kernel`) at the full sequence length, parameters
+    sharded by `tda.sharding.param_shardings`, the batch over DATA — the layout the
+    `Featurizer` uses. Parameters, optimizer state and corrections are only
+    `jax.eval_shape`d: nothing of the model is ever allocated.
+  * `r_step`: one accumulation step of R = Σ φφᵀ (DESIGN.md §2), R [d, d] float32
+    sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on 16 × 16 chips a
+    4,096² = 64 MiB tile each), the φ rows arriving as the kernel emits them, P(DATA).
+  * `scoring`: one chunk of exact search, `tda.index._chunk_topk` itself, on a 1-D
+    DATA mesh over every chip (as `tda.index` builds it): queries replicated,
+    table rows split over chips, local top-k then a merge.
+
+Per program it reports XLA's per-chip memory (`memory_analysis()`) against the
+chip's HBM and per-chip FLOPs (`cost_analysis()`: the SPMD-partitioned module, so
+per chip; our model is an unrolled Python loop of layers, not a `scan`, so every
+layer is counted; with `model.remat` the recomputed forward is counted too). A
+program that does not fit fails to compile with RESOURCE_EXHAUSTED; that is
+reported as `fits: False`, and `--search_batch` finds the largest gradient batch
+that fits by doubling then bisection.
+
+Without libtpu, `topology='cpu'` compiles on the host's (forced) CPU devices:
+argument and output sizes are right, temporaries and OOM are not (tests only).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tda import correction as corr_lib
+from tda import gradients as grad_lib
+from tda import model as model_lib
+from tda import projection as proj
+from tda import sharding
+
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice, as `jax.experimental.topologies.get_topology_desc` names it."""
+  topology_name: str          # e.g. 'v5e:16x16'.
+  chip_config_name: str       # 'default' (one core per chip) or 'megacore'.
+  wrap: tuple[bool, bool, bool]
+  accelerator_type: str       # TPU_ACCELERATOR_TYPE for libtpu.
+  hbm_gib: float              # Per chip.
+  peak_bf16_tflops: float     # Per chip.
+  chips: int
+
+
+def _v5e(x, y, wrap=False):
+  return Topology(f"v5e:{x}x{y}", "default", (wrap, wrap, False), f"v5litepod-{x * y}",
+                  16.0, 197.0, x * y)
+
+
+def _cube(gen, cores_name, x, y, z, hbm, tflops, wrap=False):
+  return Topology(f"{gen}:{x}x{y}x{z}", "megacore", (wrap, wrap, wrap),
+                  f"{cores_name}-{2 * x * y * z}", hbm, tflops, x * y * z)
+
+
+# Cloud names (v4/v5p count TensorCores, two per megacore chip; v5e counts chips).
+TOPOLOGIES: dict[str, Topology] = {
+    "v5e-4": _v5e(2, 2), "v5e-8": _v5e(2, 4), "v5e-16": _v5e(4, 4),
+    "v5e-64": _v5e(8, 8), "v5e-256": _v5e(16, 16, wrap=True),
+    "v4-8": _cube("v4", "v4", 2, 2, 1, 32.0, 275.0),
+    "v4-32": _cube("v4", "v4", 2, 2, 4, 32.0, 275.0),
+    "v4-128": _cube("v4", "v4", 4, 4, 4, 32.0, 275.0, wrap=True),
+    "v4-512": _cube("v4", "v4", 4, 4, 16, 32.0, 275.0, wrap=True),
+    "v5p-8": _cube("v5", "v5p", 2, 2, 1, 95.0, 459.0),
+    "v5p-32": _cube("v5", "v5p", 2, 2, 4, 95.0, 459.0),
+    "v5p-128": _cube("v5", "v5p", 4, 4, 4, 95.0, 459.0, wrap=True),
+    "v5p-512": _cube("v5", "v5p", 4, 4, 16, 95.0, 459.0, wrap=True),
+}
+CPU = "cpu"  # Host devices: mesh-shape checks only.
+
+
+def topology(name: str) -> Topology:
+  if name not in TOPOLOGIES:
+    raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)} "
+                     f"(or {CPU!r} for the host's CPU devices)")
+  return TOPOLOGIES[name]
+
+
+def libtpu_version() -> str | None:
+  """The installed libtpu's version, or None when the `.[tpu]` extra is absent."""
+  from importlib import metadata
+  for dist in ("libtpu", "libtpu-nightly"):
+    try:
+      return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      pass
+  return None
+
+
+def topology_devices(*, name: str) -> list[jax.Device]:
+  """Compile-only devices of a TPU slice (no TPU needed), or the host's CPUs."""
+  if name == CPU:
+    return jax.devices("cpu")
+  topo = topology(name)
+  if libtpu_version() is None:
+    raise RuntimeError(f"topology {name!r} needs libtpu: pip install -e '.[tpu]'")
+  # libtpu otherwise probes GCE metadata and takes a per-machine lockfile that any
+  # other JAX process with libtpu installed may already hold.
+  for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+               ("TPU_ACCELERATOR_TYPE", topo.accelerator_type),
+               ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(k, v)
+  from jax.experimental import topologies
+  desc = topologies.get_topology_desc(
+      platform="tpu", topology_name=topo.topology_name,
+      chip_config_name=topo.chip_config_name, chips_per_host_bounds=(2, 2, 1),
+      num_slices=1, wrap=topo.wrap)
+  return list(desc.devices)
+
+
+# --- Abstract inputs -------------------------------------------------------------
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      tree, shardings)
+
+
+def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int):
+  """(kernel, abstract args) of the factored kernel, as `tda.featurize` builds them.
+
+  Parameter, optimizer-state and correction shapes all come from `jax.eval_shape`.
+  """
+  g = config.gradients
+  model = model_lib.Transformer(model_lib.model_config(config))
+  seq_len = config.data.seq_len
+  params = model_lib.param_shapes(model, seq_len)
+  plan = proj.make_plan(param_shapes=params, pooling=g.pooling, k_in=g.k_in, k_out=g.k_out,
+                        layers_per_block=g.layers_per_block, groups=g.groups,
+                        embed_block=g.embed_block)
+  mats = jax.eval_shape(lambda: proj.plan_matrices(seed=g.seed, plan=plan))
+  kinds, corr_arrays = None, None
+  if g.correction:
+    from tda import train as train_lib
+    tx = train_lib.make_optimizer(config)
+    box = {}
+
+    def corrections(p):
+      corrs = corr_lib.member_corrections(opt_state=tx.init(p), plan=plan, eps=g.eps,
+                                          adam_v=g.adam_v)
+      box["kinds"] = grad_lib.correction_kinds(corrs)  # Static strings stay outside.
+      return grad_lib.correction_arrays(corrs)
+
+    corr_arrays = jax.eval_shape(corrections, params)
+    kinds = box["kinds"]
+  kernel = grad_lib.make_factored_kernel(model=model, plan=plan, corr_kinds=kinds)
+  rep = sharding.replicated(mesh)
+  rows = sharding.batch_sharding(mesh, 2)
+  args = (_abstract(params, sharding.param_shardings(params, mesh)),
+          _abstract(mats, jax.tree.map(lambda _: rep, mats)),
+          None if corr_arrays is None else _abstract(
+              corr_arrays, jax.tree.map(lambda _: rep, corr_arrays)),
+          jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rows),
+          jax.ShapeDtypeStruct((batch, seq_len), jnp.float32, sharding=rows))
+  info = {"params": model_lib.count_params(params), "d": plan.dim,
+          "seq_len": seq_len, "blocks": len(plan.blocks),
+          "corrections": None if kinds is None else dict(
+              collections.Counter(k for _, k in kinds))}
+  return kernel, args, info
+
+
+def lower_gradients(*, config, mesh: Mesh, batch: int):
+  kernel, args, info = gradient_inputs(config=config, mesh=mesh, batch=batch)
+  out = NamedSharding(mesh, P(sharding.DATA))  # Rows stay where their examples were.
+  return jax.jit(kernel, out_shardings=out).lower(*args), info
+
+
+def r_step(r_dd, phi_bd):
+  """R += φᵀφ over a batch of rows (float32 accumulation)."""
+  phi = phi_bd.astype(jnp.float32)
+  return r_dd + jnp.dot(phi.T, phi, preferred_element_type=jnp.float32)
+
+
+def lower_r_step(*, mesh: Mesh, d: int, batch: int, dtype=jnp.float32):
+  r_sharding = NamedSharding(mesh, P(sharding.DATA, sharding.MODEL))
+  r = jax.ShapeDtypeStruct((d, d), jnp.float32, sharding=r_sharding)
+  phi = jax.ShapeDtypeStruct((batch, d), dtype, sharding=sharding.batch_sharding(mesh, 2))
+  return jax.jit(r_step, out_shardings=r_sharding, donate_argnums=0).lower(r, phi)
+
+
+def lower_scoring(*, devices, d: int, queries: int, chunk_rows: int, k: int):
+  """One chunk of `tda.index` exact search: the real `_chunk_topk`, 1-D DATA mesh."""
+  from tda import index
+  mesh = Mesh(np.asarray(devices), (sharding.DATA,))
+  rep = NamedSharding(mesh, P())
+  chunk = -(-chunk_rows // len(devices)) * len(devices)
+  s = lambda shape, dt, sh=rep: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  args = (s((queries, k), jnp.float32), s((queries, k), jnp.int32),
+          s((queries, d), jnp.float32),
+          s((chunk, d), jnp.float32, NamedSharding(mesh, P(sharding.DATA, None))),
+          s((), jnp.int32), s((), jnp.int32))
+  return index._chunk_topk.lower(*args, k=k, mesh=mesh), chunk
+
+
+# --- Compile and measure -----------------------------------------------------------
+
+def is_oom(err: BaseException) -> bool:
+  msg = str(err)
+  return "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg
+
+
+def compile_report(lowered, *, hbm_bytes: float | None) -> dict[str, Any]:
+  """Compiles; per-chip memory and FLOPs, or `fits: False` with XLA's reason."""
+  t0 = time.time()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XLA raises JaxRuntimeError; only OOM is a result.
+    if not is_oom(e):
+      raise
+    line = next((l for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l or
+                 "memory" in l), str(e)[:300])
+    return {"fits": False, "error": line.strip()[:400], "compile_s": time.time() - t0}
+  ma = compiled.memory_analysis()
+  mem = {f: int(getattr(ma, f + "_size_in_bytes", 0) or 0)
+         for f in ("argument", "output", "temp", "generated_code", "alias")}
+  total = mem["argument"] + mem["output"] + mem["temp"] + mem["generated_code"] - mem["alias"]
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per module.
+    cost = cost[0] if cost else {}
+  out = {"fits": True if hbm_bytes is None else total <= hbm_bytes,
+         "memory_bytes": mem, "total_bytes": total,
+         "hbm_bytes": hbm_bytes,
+         "hbm_fraction": None if not hbm_bytes else total / hbm_bytes,
+         "flops": float(cost.get("flops", 0.0)) if cost else None,
+         "bytes_accessed": float(cost.get("bytes accessed", 0.0)) if cost else None,
+         "compile_s": time.time() - t0}
+  return out
+
+
+def search_largest(*, fits: Callable[[int], bool], start: int = 1,
+                   limit: int = 1 << 16) -> tuple[int, list[tuple[int, bool]]]:
+  """Largest n in [1, limit] with fits(n), assuming monotonicity: doubling, then bisection.
+
+  Returns (largest, trials); largest is 0 when even n = 1 does not fit.
+  """
+  trials = []
+
+  def probe(n):
+    ok = fits(n)
+    trials.append((n, ok))
+    return ok
+
+  n = max(1, min(start, limit))
+  if not probe(n):
+    lo, hi = 0, n            # lo fits (0 trivially), hi does not.
+  else:
+    lo, hi = n, None
+    while hi is None:
+      if lo >= limit:
+        return lo, trials
+      n = min(2 * lo, limit)
+      if probe(n):
+        lo = n
+      else:
+        hi = n
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if probe(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo, trials
+
+
+def check(*, config: ml_collections.ConfigDict, topology_name: str,
+          batch_per_chip: float = 1.0, search_batch: bool = False,
+          steps: tuple[str, ...] = ("gradients", "r_step", "scoring"),
+          r_batch: int | None = None, queries: int = 1024,
+          log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """Compiles the scale path for a topology; returns the report (see module doc).
+
+  Args:
+    config: the experiment config (mesh, model, gradients, index sections).
+    topology_name: a key of TOPOLOGIES, or 'cpu' (host devices, tests only).
+    batch_per_chip: gradient examples per chip and step; the global batch is
+      rounded up to a multiple of the DATA axis (the Featurizer's rule).
+    search_batch: also find the largest gradient batch that compiles in HBM.
+    steps: which programs to compile.
+    r_batch: φ rows per R step (default: the gradient kernel's global batch).
+    queries: queries scored per search step.
+    log: progress sink.
+  """
+  unknown = set(steps) - {"gradients", "r_step", "scoring"}
+  if unknown:
+    raise ValueError(f"unknown steps {sorted(unknown)}; known: gradients, r_step, scoring")
+  if batch_per_chip <= 0:
+    raise ValueError(f"batch_per_chip must be > 0, got {batch_per_chip}")
+  topo = None if topology_name == CPU else topology(topology_name)
+  devices = topology_devices(name=topology_name)
+  mesh = sharding.make_mesh(config, devices=devices)
+  n = len(devices)
+  hbm = None if topo is None else topo.hbm_gib * GIB
+  report: dict[str, Any] = {
+      "config": config.name, "topology": topology_name,
+      "device_kind": devices[0].device_kind, "chips": n,
+      "mesh": dict(mesh.shape), "hbm_gib": None if topo is None else topo.hbm_gib,
+      "peak_bf16_tflops": None if topo is None else topo.peak_bf16_tflops,
+      "libtpu": libtpu_version(), "jax": jax.__version__, "steps": {}}
+  n_data = mesh.shape.get(sharding.DATA, 1)
+  global_batch = sharding.pad_to_multiple(max(1, round(batch_per_chip * n)), mesh)
+  d = None
+  if "gradients" in steps:
+    log(f"gradients: global batch {global_batch} on {n} chips")
+    lowered, info = lower_gradients(config=config, mesh=mesh, batch=global_batch)
+    d = info["d"]
+    rep = compile_report(lowered, hbm_bytes=hbm)
+    rep.update(info, global_batch=global_batch, batch_per_chip=global_batch / n,
+               batch_per_data_shard=global_batch // n_data)
+    report["steps"]["gradients"] = rep
+    if search_batch:
+      def fits(shards):
+        r = compile_report(lower_gradients(config=config, mesh=mesh,
+                                           batch=shards * n_data)[0], hbm_bytes=hbm)
+        log(f"  batch {shards * n_data}: {'fits' if r['fits'] else 'does not fit'}"
+            f" ({r.get('total_bytes', 0) / GIB:.2f} GiB/chip)" if r["fits"] else
+            f"  batch {shards * n_data}: does not fit")
+        return r["fits"]
+      best, trials = search_largest(fits=fits, start=max(1, global_batch // n_data))
+      report["batch_search"] = {
+          "unit": "examples per DATA shard", "largest_global_batch": best * n_data,
+          "largest_batch_per_chip": best * n_data / n,
+          "largest_batch_per_data_shard": best,
+          "trials_global_batch": [(t * n_data, ok) for t, ok in trials]}
+  if d is None:
+    d = proj.make_plan(param_shapes=model_lib.param_shapes(
+        model_lib.Transformer(model_lib.model_config(config)), config.data.seq_len),
+        pooling=config.gradients.pooling, k_in=config.gradients.k_in,
+        k_out=config.gradients.k_out, layers_per_block=config.gradients.layers_per_block,
+        groups=config.gradients.groups, embed_block=config.gradients.embed_block).dim
+  if "r_step" in steps:
+    rb = sharding.pad_to_multiple(r_batch or global_batch, mesh)
+    log(f"r_step: R [{d}, {d}] float32 over P(data, model), {rb} rows")
+    rep = compile_report(lower_r_step(mesh=mesh, d=d, batch=rb), hbm_bytes=hbm)
+    rep.update(d=d, rows=rb, r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
+    report["steps"]["r_step"] = rep
+  if "scoring" in steps:
+    lowered, chunk = lower_scoring(devices=devices, d=d, queries=queries,
+                                   chunk_rows=config.index.chunk_rows, k=config.index.k)
+    log(f"scoring: {queries} queries x {chunk} rows, top-{config.index.k}")
+    rep = compile_report(lowered, hbm_bytes=hbm)
+    rep.update(d=d, queries=queries, chunk_rows=chunk, k=config.index.k,
+               rows_sharding="P('data', None) over a 1-D mesh of every chip")
+    report["steps"]["scoring"] = rep
+  return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+  lines = [f"{report['config']} on {report['topology']} ({report['chips']} x "
+           f"{report['device_kind']}, mesh {report['mesh']}, HBM/chip "
+           f"{report['hbm_gib']} GiB; jax {report['jax']}, libtpu {report['libtpu']})"]
+  for name, r in report["steps"].items():
+    if not r["fits"]:
+      lines.append(f"  {name:9s} DOES NOT FIT: {r.get('error', 'over HBM')}")
+      continue
+    m = r["memory_bytes"]
+    lines.append(
+        f"  {name:9s} per chip: args {m['argument'] / GIB:.2f} GiB, out "
+        f"{m['output'] / GIB:.2f}, temp {m['temp'] / GIB:.2f}, code "
+        f"{m['generated_code'] / GIB:.3f}, alias {m['alias'] / GIB:.2f} = "
+        f"{r['total_bytes'] / GIB:.2f} GiB"
+        + (f" ({100 * r['hbm_fraction']:.0f}% of HBM)" if r["hbm_fraction"] else "")
+        + f"; {r['flops'] / 1e12:.3f} TFLOP/chip; compiled in {r['compile_s']:.1f} s")
+  if "batch_search" in report:
+    b = report["batch_search"]
+    lines.append(f"  largest gradient batch that fits: {b['largest_global_batch']} global "
+                 f"= {b['largest_batch_per_chip']:g}/chip "
+                 f"({b['largest_batch_per_data_shard']}/data shard); trials "
+                 f"{b['trials_global_batch']}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from absl import logging
+  f = flags.FLAGS
+  report = check(config=f.config, topology_name=f.topology, batch_per_chip=f.batch_per_chip,
+                 search_batch=f.search_batch, steps=tuple(f.steps), queries=f.queries,
+                 log=logging.info)
+  if f.output:
+    with open(f.output, "w") as fh:
+      json.dump(report, fh, indent=1, default=str)
+  print(json.dumps(report, indent=1, default=str) if f.json else format_report(report))
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", "v5e-256",
+                      f"One of {', '.join(TOPOLOGIES)}, or 'cpu' (tests only).")
+  flags.DEFINE_float("batch_per_chip", 1.0, "Gradient examples per chip and step.")
+  flags.DEFINE_bool("search_batch", False, "Find the largest gradient batch that fits.")
+  flags.DEFINE_list("steps", ["gradients", "r_step", "scoring"], "Programs to compile.")
+  flags.DEFINE_integer("queries", 1024, "Queries per scoring step.")
+  flags.DEFINE_bool("json", False, "Print the report as JSON.")
+  flags.DEFINE_string("output", None, "Also write the JSON report here (tda.plan reads it).")
+  flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
