@@ -235,15 +235,18 @@ def _param_shape(cfg: model_lib.ModelConfig, path: tuple[str, ...]) -> tuple[int
 
 def hf_optimizer_state_dict(*, moments: dict[str, dict[str, np.ndarray]],
                             cfg: model_lib.ModelConfig, step: int,
-                            decay_rate: float = 0.8) -> dict[str, Any]:
+                            decay_rate: float = 0.8, learning_rate: float = 0.0) -> dict[str, Any]:
   """transformers.Adafactor's `state_dict()` (one param group, indices in
-  `named_parameters()` order), what bergson's `--optimizer_state` loads."""
+  `named_parameters()` order), what bergson's `--optimizer_state` loads.
+
+  `learning_rate` (our schedule's last value) is recorded for transformers'
+  `load_state_dict`; bergson reads only the second moments."""
   import torch  # pylint: disable=g-import-not-at-top
   state = {}
   for idx, (name, _, _) in enumerate(param_map(cfg)):
     entry = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments[name].items()}
     state[idx] = {"step": int(step), "RMS": 0.0, **entry}
-  group = {"lr": None, "eps": (1e-30, 1e-3), "clip_threshold": 1.0,
+  group = {"lr": float(learning_rate), "eps": (1e-30, 1e-3), "clip_threshold": 1.0,
            "decay_rate": -float(decay_rate), "beta1": None, "weight_decay": 0.0,
            "scale_parameter": False, "relative_step": False, "warmup_init": False,
            "params": list(range(len(state)))}
@@ -251,25 +254,42 @@ def hf_optimizer_state_dict(*, moments: dict[str, dict[str, np.ndarray]],
 
 
 def make_tokenizer(*, sp_model_path: str | None, vocab_size: int, max_len: int):
-  """A transformers tokenizer with our ids.
+  """A transformers fast tokenizer with our ids (bergson always loads one).
 
-  With a SentencePiece model: transformers' LlamaTokenizer built from it (same
-  ids as `sp.encode`, no BOS/EOS added). Without one: a word-level tokenizer
-  whose tokens are `t<id>` (inputs then go in pre-tokenised).
+  With our SentencePiece (unigram) model: its pieces and scores in a
+  `tokenizers` Unigram model with SentencePiece's dummy prefix, whitespace
+  pieces and byte fallback, so `encode` and `decode` give sp's ids and text
+  (transformers' LlamaTokenizer assumes a BPE model and does not). Without one:
+  a word-level stand-in whose tokens are `t<id>` (inputs then go in
+  pre-tokenised). No BOS/EOS is added.
   """
-  import transformers  # pylint: disable=g-import-not-at-top
-  if sp_model_path is not None:
-    with tempfile.TemporaryDirectory() as tmp:
-      shutil.copy(sp_model_path, os.path.join(tmp, "tokenizer.model"))
-      return transformers.LlamaTokenizer.from_pretrained(
-          tmp, add_bos_token=False, add_eos_token=False, legacy=False,
-          pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token=None,
-          model_max_length=max_len)
   import tokenizers  # pylint: disable=g-import-not-at-top
-  special = {PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
-  vocab = {special.get(i, f"t{i}"): i for i in range(max(vocab_size, 3))}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  specials = {PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
+  if sp_model_path is not None:
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    sp = spm.SentencePieceProcessor(model_file=sp_model_path)
+    if sp.get_piece_size() > vocab_size:
+      raise ValueError(f"{sp_model_path} has {sp.get_piece_size()} pieces, more than the "
+                       f"model's vocab_size={vocab_size}")
+    for i, piece in specials.items():
+      if sp.id_to_piece(i) != piece:
+        raise ValueError(f"{sp_model_path}: id {i} is {sp.id_to_piece(i)!r}, expected {piece!r} "
+                         "(tda.data's PAD/EOS/UNK convention)")
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = tokenizers.Tokenizer(tokenizers.models.Unigram(pieces, unk_id=UNK_ID,
+                                                         byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
+                                                 prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+  else:
+    vocab = {specials.get(i, f"t{i}"): i for i in range(max(vocab_size, 3))}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
       model_max_length=max_len)
@@ -277,7 +297,7 @@ def make_tokenizer(*, sp_model_path: str | None, vocab_size: int, max_len: int):
 
 def save_hf(*, params, opt_state, cfg: model_lib.ModelConfig, out_dir: str, step: int,
             sp_model_path: str | None = None, max_position_embeddings: int | None = None,
-            decay_rate: float = 0.8) -> str:
+            decay_rate: float = 0.8, learning_rate: float = 0.0) -> str:
   """Writes `out_dir` = save_pretrained model + tokenizer + `optimizer.pt`.
 
   Args:
@@ -288,6 +308,7 @@ def save_hf(*, params, opt_state, cfg: model_lib.ModelConfig, out_dir: str, step
     sp_model_path: our SentencePiece model (None: a word-level stand-in).
     max_position_embeddings: see `llama_config`.
     decay_rate: our `train.adafactor_decay_rate` (recorded in the param group).
+    learning_rate: our schedule's last learning rate (recorded likewise).
 
   Returns:
     `out_dir`; pass it as bergson's `--model` and `--optimizer_state`.
@@ -301,7 +322,7 @@ def save_hf(*, params, opt_state, cfg: model_lib.ModelConfig, out_dir: str, step
   tok.save_pretrained(out_dir)
   moments = adafactor_moments_to_hf(opt_state=opt_state, cfg=cfg)
   torch.save(hf_optimizer_state_dict(moments=moments, cfg=cfg, step=step,
-                                     decay_rate=decay_rate),
+                                     decay_rate=decay_rate, learning_rate=learning_rate),
              os.path.join(out_dir, "optimizer.pt"))
   return out_dir
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tda import correction as corr_lib
 from tda import model as model_lib
@@ -99,14 +100,28 @@ def _member_contrib(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
   return jnp.einsum("btk,btl->bkl", x @ p_in.T, d @ p_out.T)
 
 
+def _check_variants(variants, has_corr: bool) -> tuple[str, ...]:
+  if variants is None:
+    return ("raw", "corrected") if has_corr else ("raw",)
+  bad = [v for v in variants if v not in ("raw", "corrected")]
+  if bad or not variants:
+    raise ValueError(f"variants must be a non-empty subset of ('raw', 'corrected'), got {variants}")
+  if "corrected" in variants and not has_corr:
+    raise ValueError("the 'corrected' variant needs the optimizer corrections")
+  return tuple(variants)
+
+
 def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
-                         corr_kinds: tuple[tuple[str, str], ...] | None) -> Callable:
+                         corr_kinds: tuple[tuple[str, str], ...] | None,
+                         variants: tuple[str, ...] | None = None) -> Callable:
   """Returns `kernel(params, mats, corr_arrays, tokens_bt, mask_bt) -> dict`.
 
   Output dict: 'raw' [B, d], 'corrected' [B, d] (absent without corrections),
-  'loss' [B] (summed NLL of each example).
+  'loss' [B] (summed NLL of each example). `variants` restricts the outputs
+  (default: 'raw', plus 'corrected' when there are corrections).
   """
   kinds = dict(corr_kinds) if corr_kinds is not None else None
+  variants = _check_variants(variants, kinds is not None)
 
   def kernel(params, mats, corr_arrays, tokens_bt, mask_bt):
     inputs_bt = tokens_bt[:, :-1]
@@ -122,8 +137,8 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
     deltas, (nll_b, inter) = jax.grad(total_loss, has_aux=True)(perts)
     deltas, inter = flax.core.unfreeze(deltas), flax.core.unfreeze(inter)
     out = {"loss": nll_b}
-    variants = [("raw", None)] + ([("corrected", kinds)] if kinds is not None else [])
-    for name, ks in variants:
+    for name in variants:
+      ks = kinds if name == "corrected" else None
       parts = []
       for block in plan.blocks:
         acc = 0.0
@@ -141,9 +156,10 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
 
 
 def make_reference_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
-                          corr_kinds: tuple[tuple[str, str], ...] | None) -> Callable:
+                          corr_kinds: tuple[tuple[str, str], ...] | None,
+                          variants: tuple[str, ...] | None = None) -> Callable:
   """Same signature and output as the factored kernel, by vmap(grad) + materialisation."""
-  has_corr = corr_kinds is not None
+  variants = _check_variants(variants, corr_kinds is not None)
 
   def kernel(params, mats, corr_arrays, tokens_bt, mask_bt):
     def loss_one(p, tokens_t, mask_t):
@@ -152,7 +168,7 @@ def make_reference_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
     nll_b = jax.vmap(loss_one, in_axes=(None, 0, 0))(params, tokens_bt, mask_bt)
     grads = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0))(params, tokens_bt, mask_bt)
     out = {"loss": nll_b}
-    for name in ("raw", "corrected") if has_corr else ("raw",):
+    for name in variants:
       parts = []
       for block in plan.blocks:
         acc = 0.0
@@ -176,22 +192,21 @@ class Featurizer:
   NaN/Inf rows flagged by example id instead of returned."""
 
   def __init__(self, *, model, params, plan: proj.Plan, mats, corrs, mesh,
-               batch_size: int, kernel: str = "factored", bucket: int = 32):
-    import numpy as np
+               batch_size: int, kernel: str = "factored", bucket: int = 32,
+               variants: tuple[str, ...] | None = None):
     from tda import sharding
     if kernel not in ("factored", "reference"):
       raise ValueError(f"gradients.kernel must be 'factored' or 'reference', got {kernel!r}")
     self.plan, self.mesh, self.bucket = plan, mesh, bucket
     self.batch_size = sharding.pad_to_multiple(batch_size, mesh)
     make = make_factored_kernel if kernel == "factored" else make_reference_kernel
-    fn = make(model=model, plan=plan, corr_kinds=correction_kinds(corrs))
+    fn = make(model=model, plan=plan, corr_kinds=correction_kinds(corrs), variants=variants)
     self._batch_sharding = sharding.batch_sharding(mesh, 2)
     rep = sharding.replicated(mesh)
     self._params = jax.device_put(params, sharding.param_shardings(params, mesh))
     self._mats = jax.device_put(mats, rep)
     self._corr = jax.device_put(correction_arrays(corrs), rep)
     self._fn = jax.jit(fn)
-    self._np = np
 
   @property
   def compiled_shapes(self) -> int:
@@ -208,7 +223,6 @@ class Featurizer:
       dict with 'raw' (and 'corrected') float32 [N, d] and 'loss' [N]; rows that
       came out non-finite are zeroed and listed in 'bad_ids' / 'bad_rows'.
     """
-    np = self._np
     tokens_nt = np.asarray(tokens_nt)
     mask_nt = np.asarray(mask_nt)
     n, t_max = tokens_nt.shape

@@ -134,9 +134,11 @@ def inv_sqrt(*, r_dd: np.ndarray, damping: float,
   out = np.zeros_like(r_dd, dtype=np.float64)
   s = 0
   for b in block_sizes:
-    blk = r_dd[s:s + b, s:s + b].astype(np.float32)
+    # float64 while cheap; float32 for large blocks, where the d^3 work dominates
+    # (damping keeps the damped matrix well conditioned, so float32 suffices there).
+    blk = r_dd[s:s + b, s:s + b].astype(np.float64 if b <= 2048 else np.float32)
     blk = 0.5 * (blk + blk.T)
-    w, u = scipy.linalg.eigh(blk, driver="evd")  # float32: d^3 work dominates at large d.
+    w, u = scipy.linalg.eigh(blk, driver="evd")
     w, u = w.astype(np.float64), u.astype(np.float64)
     w = np.maximum(w, 0.0) + damping * max(np.trace(blk) / b, 1e-30)
     out[s:s + b, s:s + b] = (u * w ** -0.5) @ u.T

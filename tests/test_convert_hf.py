@@ -130,11 +130,17 @@ def test_saved_dir_loads_in_transformers_and_bergson_layout(trained, tmp_path):
                     reason=_NO_HF)
 def test_tokenizer_from_sentencepiece_matches(tmp_path):
   import sentencepiece as spm
+  import transformers
   from tda import data as data_lib
   texts = [f"Ada Lovelace was born in the city of London, entry {i}." for i in range(200)]
   path = data_lib.train_vocab(texts=texts, vocab_size=320, model_prefix=str(tmp_path / "sp"))
   sp = spm.SentencePieceProcessor(model_file=path)
   tok = convert_hf.make_tokenizer(sp_model_path=path, vocab_size=320, max_len=128)
-  s = "Ada  Lovelace was born in Zürich."
-  assert tok(s).input_ids == sp.encode(s)
+  for s in ("Ada  Lovelace was born in Zürich.", " London,\n entry 12 ", "x"):
+    ids = sp.encode(s)
+    assert tok(s).input_ids == ids, s
+    assert tok.decode(ids) == sp.decode(ids), s
   assert tok.pad_token_id == 0 and tok.eos_token_id == 1
+  tok.save_pretrained(str(tmp_path / "tok"))
+  again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  assert again("Ada Lovelace").input_ids == sp.encode("Ada Lovelace")

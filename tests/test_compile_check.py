@@ -1,0 +1,123 @@
+"""tda.compile_check: compile-only TPU devices (with the .[tpu] extra), CPU fallback."""
+
+import os
+
+# Before any backend starts: libtpu must not probe GCE metadata or insist on the
+# machine-wide lockfile another JAX process (with libtpu installed) may hold.
+for _k, _v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+               ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+  os.environ.setdefault(_k, _v)
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import trackstar_8b
+from tda import compile_check as cc
+from tda import sharding
+
+GIB = 1 << 30
+
+
+def _small_config(mesh_axes=(("data", -1), ("model", 1))):
+  c = trackstar_8b.get_config("runlocal")
+  c.index.chunk_rows = 1024  # Keeps the scoring compile to a second.
+  c.mesh.axes = mesh_axes
+  return c
+
+
+needs_libtpu = pytest.mark.skipif(
+    cc.libtpu_version() is None,
+    reason="libtpu not installed (pip install -e '.[tpu]'); compile-only TPU checks skipped")
+
+
+# --- Without TPU -------------------------------------------------------------------
+
+def test_unknown_topology_lists_known_ones():
+  with pytest.raises(ValueError, match=r"unknown topology 'v9-1'.*v5e-256.*v4-8.*v5p-8"):
+    cc.check(config=_small_config(), topology_name="v9-1", steps=("r_step",))
+
+
+def test_mesh_not_dividing_devices_is_a_clear_error():
+  n = len(jax.devices("cpu"))
+  with pytest.raises(ValueError, match=f"does not divide the {n} available devices"):
+    cc.check(config=_small_config((("data", -1), ("model", 3))), topology_name="cpu",
+             steps=("r_step",))
+
+
+def test_bad_step_and_batch():
+  with pytest.raises(ValueError, match="unknown steps"):
+    cc.check(config=_small_config(), topology_name="cpu", steps=("train",))
+  with pytest.raises(ValueError, match="batch_per_chip must be > 0"):
+    cc.check(config=_small_config(), topology_name="cpu", batch_per_chip=0)
+
+
+def test_cpu_fallback_mesh_shapes_and_argument_bytes():
+  """Forced host devices: the config's mesh and exact per-device argument sizes."""
+  n = len(jax.devices("cpu"))
+  model = 2 if n % 2 == 0 else 1
+  rep = cc.check(config=_small_config((("data", -1), ("model", model))),
+                 topology_name="cpu", batch_per_chip=2, queries=8,
+                 steps=("r_step", "scoring"))  # The kernel compiles in the TPU test.
+  assert rep["mesh"] == {"data": n // model, "model": model}
+  assert rep["hbm_gib"] is None
+  r = rep["steps"]["r_step"]
+  d = r["d"]
+  assert d == 2 * 4 * 8 * 8  # 2 layers x 4 groups, one 8 x 8 block each.
+  assert r["rows"] == 2 * n  # The global batch: 2 per device.
+  # R [d, d] f32 split over data x model, plus φ [B, d] f32 rows split over data.
+  expect = 4 * d * d // n + 4 * r["rows"] * d // (n // model)
+  assert r["memory_bytes"]["argument"] == expect
+  assert r["memory_bytes"]["output"] == 4 * d * d // n
+  # The scoring chunk is split over every device; queries are replicated.
+  s = rep["steps"]["scoring"]
+  assert s["chunk_rows"] % n == 0
+  assert s["memory_bytes"]["argument"] >= 4 * (s["chunk_rows"] // n) * d + 4 * 8 * d
+  assert s["flops"] >= 2 * 8 * (s["chunk_rows"] // n) * d
+
+
+def test_search_largest_doubles_then_bisects():
+  best, trials = cc.search_largest(fits=lambda n: n <= 37, start=4)
+  assert best == 37
+  assert [n for n, _ in trials[:5]] == [4, 8, 16, 32, 64]
+  assert [n for n, _ in trials[5:]] == [48, 40, 36, 38, 37]
+  assert cc.search_largest(fits=lambda n: False, start=4)[0] == 0
+  assert cc.search_largest(fits=lambda n: True, start=3, limit=20)[0] == 20
+
+
+# --- Compile-only TPU devices (needs libtpu) ----------------------------------------
+
+@needs_libtpu
+def test_v5e_2x2_compiles_small_model_within_hbm():
+  rep = cc.check(config=_small_config(), topology_name="v5e-4", batch_per_chip=2,
+                 queries=16)
+  assert rep["device_kind"].startswith("TPU v5")
+  assert rep["chips"] == 4 and rep["mesh"] == {"data": 4, "model": 1}
+  assert rep["libtpu"] == cc.libtpu_version()
+  for name in ("gradients", "r_step", "scoring"):
+    s = rep["steps"][name]
+    assert s["fits"], name
+    assert 0 < s["total_bytes"] < 16 * GIB, name
+    assert s["memory_bytes"]["argument"] > 0, name
+    assert s["flops"] > 0, name
+  # The default backend stays CPU: compile-only devices do not replace it.
+  assert jax.default_backend() == "cpu"
+
+
+@needs_libtpu
+def test_oom_is_a_does_not_fit_result():
+  devices = cc.topology_devices(name="v5e-4")
+  mesh = sharding.make_mesh(axes=(("data", -1), ("model", 1)), devices=devices)
+  big = jax.ShapeDtypeStruct((1 << 17, 1 << 17), jnp.float32,
+                             sharding=NamedSharding(mesh, P()))  # 64 GiB replicated.
+  lowered = jax.jit(lambda x: x * 2).lower(big)
+  rep = cc.compile_report(lowered, hbm_bytes=16 * GIB)
+  assert rep["fits"] is False
+  assert "HBM" in rep["error"] or "RESOURCE_EXHAUSTED" in rep["error"]
+
+
+@needs_libtpu
+def test_8b_mesh_on_too_small_slice_is_a_clear_error():
+  with pytest.raises(ValueError, match="does not divide the 4 available devices"):
+    cc.check(config=trackstar_8b.get_config(), topology_name="v5e-4", steps=("r_step",))

@@ -1,0 +1,80 @@
+"""R, R^{-1/2}, λ and the ablation switches (DESIGN.md §2 table)."""
+
+import numpy as np
+import pytest
+
+from tda import hessian
+
+
+def _data(n=400, d=24, seed=0):
+  rng = np.random.default_rng(seed)
+  mix = np.linalg.qr(rng.normal(size=(d, d)))[0] * np.linspace(3, 0.5, d)[None, :]
+  return (rng.normal(size=(n, d)) @ mix).astype(np.float32)
+
+
+def test_whitening_gives_identity_covariance_on_fit_sample():
+  x = _data()
+  s, n = hessian.autocorrelation(vectors_nd=x, chunk=64)
+  r = s / n
+  np.testing.assert_allclose(r, x.astype(np.float64).T @ x / len(x), rtol=1e-4, atol=1e-4)
+  w = hessian.inv_sqrt(r_dd=r, damping=0.0)
+  y = x.astype(np.float64) @ w
+  np.testing.assert_allclose(y.T @ y / len(y), np.eye(x.shape[1]), atol=1e-3)
+  # Block-diagonal: identity within each block.
+  wb = hessian.inv_sqrt(r_dd=r, damping=0.0, block_sizes=[8, 16])
+  yb = x.astype(np.float64) @ wb
+  cov = yb.T @ yb / len(yb)
+  np.testing.assert_allclose(cov[:8, :8], np.eye(8), atol=1e-3)
+  np.testing.assert_allclose(cov[8:, 8:], np.eye(16), atol=1e-3)
+  assert np.abs(wb[:8, 8:]).max() == 0.0
+
+
+def test_damping_shrinks_only_toward_identity():
+  r = np.diag([100.0, 1.0, 0.01])
+  w = hessian.inv_sqrt(r_dd=r, damping=1.0)  # δ = mean eigenvalue = 33.67.
+  np.testing.assert_allclose(np.diag(w), (np.diag(r) + np.trace(r) / 3) ** -0.5, rtol=1e-5)
+
+
+def test_mix_and_lambda():
+  rt, re = np.diag([4.0, 2.0, 2.0]), np.diag([0.0, 0.0, 9.0])
+  m = hessian.mix(r_train=rt, r_eval=re, lam=0.9)
+  np.testing.assert_allclose(np.trace(m) / 3, 1.0)  # Both scaled to unit mean eigenvalue.
+  np.testing.assert_allclose(m, 0.9 * re / 3 + 0.1 * rt / (8 / 3))
+  with pytest.raises(ValueError, match="lambda"):
+    hessian.mix(r_train=rt, r_eval=re, lam=1.5)
+  # Auto λ: R_eval's top direction (axis 2) must lead the mixed spectrum.
+  lam = hessian.auto_lambda(r_train=np.diag([9.0, 1.0, 1.0]), r_eval=np.diag([0.1, 0.1, 5.0]),
+                            top_k=1, grid=(0.1, 0.3, 0.5, 0.7, 0.9))
+  mixed = hessian.mix(r_train=np.diag([9.0, 1.0, 1.0]), r_eval=np.diag([0.1, 0.1, 5.0]), lam=lam)
+  assert np.argmax(np.diag(mixed)) == 2
+  smaller = hessian.mix(r_train=np.diag([9.0, 1.0, 1.0]), r_eval=np.diag([0.1, 0.1, 5.0]),
+                        lam=lam - 0.2)
+  assert np.argmax(np.diag(smaller)) == 0  # The smallest λ on the grid that works.
+
+
+def test_each_ablation_switch_changes_only_what_it_claims():
+  raw, cor = _data(seed=1), _data(seed=2)
+  q_raw, q_cor = _data(n=50, seed=3), _data(n=50, seed=4)
+  r_train = {"raw": raw.T @ raw / len(raw), "corrected": cor.T @ cor / len(cor)}
+  r_eval = {"raw": q_raw.T @ q_raw / 50, "corrected": q_cor.T @ q_cor / 50}
+  wh = hessian.build_whiteners(methods=list(hessian.METHODS), r_train=r_train, r_eval=r_eval,
+                               lam=0.9, damping=0.1, top_k=4, overlap=0.9, block_sizes=None)
+  x = {"raw": raw[:20], "corrected": cor[:20]}
+  g = {m: wh.transform(method=m, vectors_nd=x[hessian.METHODS[m].variant]) for m in hessian.METHODS}
+  unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+  np.testing.assert_allclose(g["exp1"], raw[:20], rtol=1e-6)             # Nothing applied.
+  np.testing.assert_allclose(g["exp2"], unit(raw[:20]), rtol=1e-5)       # + unit norm only.
+  np.testing.assert_allclose(g["exp3"], unit(g["trak"]), rtol=1e-4, atol=1e-6)  # TRAK + unit norm.
+  assert wh.matrices["exp3"] is wh.matrices["trak"]                      # Same R_train, shared.
+  assert wh.matrices["exp5"] is not wh.matrices["exp3"]                  # Corrected R differs.
+  np.testing.assert_allclose(g["exp4"], unit(cor[:20]), rtol=1e-5)       # Correction, no R.
+  np.testing.assert_allclose(g["trackstar_no_task_r"], g["exp5"])
+  assert not np.allclose(g["trackstar"], g["exp5"])                      # Only R differs...
+  assert wh.matrices["trackstar"] is not wh.matrices["exp5"]
+  assert hessian.METHODS["trackstar"].variant == hessian.METHODS["exp5"].variant  # ...not the variant.
+  assert wh.lam == 0.9
+
+
+def test_unknown_method_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown method 'trakk'"):
+    hessian.method_spec("trakk")
