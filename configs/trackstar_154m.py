@@ -24,6 +24,7 @@ def get_config(arg=None):
   c.tables.dtype = "bfloat16"
   c.tables.rows_per_shard = 1 << 20
   c.index.method = "scann"
+  c.eval.trend_steps = ()
   if arg == "runlocal":
     c.data.vocab_size, c.data.seq_len, m.max_len = 2048, 128, 128
     m.d_model, m.n_layers, m.d_ff, m.dtype = 64, 2, 128, "float32"

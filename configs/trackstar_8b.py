@@ -48,6 +48,7 @@ def get_config(arg=None):
   c.tables.rows_per_shard = 1 << 20
   ix = c.index
   ix.method = "scann"
+  c.eval.trend_steps = ()
   ix.num_leaves = 1000
   ix.num_leaves_to_search = 50
   ix.reorder = 1000
@@ -68,4 +69,5 @@ def get_config(arg=None):
     ix.method, ix.num_leaves, ix.num_leaves_to_search, ix.reorder = "exact", None, None, None
     c.mesh.axes = (("data", -1), ("model", 1))
     c.eval.tailpatch_queries, c.eval.tailpatch_k = 4, 3
+    c.eval.trend_steps = (10,)
   return config_lib.finalize(c)

@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.tables.rows_per_shard = 64
     c.eval.tailpatch_queries = 4
     c.eval.tailpatch_k = 3
+    c.eval.trend_steps = (10,)
   return config_lib.finalize(c)
 
 

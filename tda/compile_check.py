@@ -250,39 +250,42 @@ def compile_report(lowered, *, hbm_bytes: float | None) -> dict[str, Any]:
   return out
 
 
-def search_largest(*, fits: Callable[[int], bool], start: int = 1,
-                   limit: int = 1 << 16) -> tuple[int, list[tuple[int, bool]]]:
+def search_largest(*, fits: Callable[[int], bool], start: int = 1, limit: int = 1 << 16,
+                   guess: Callable[[int, int | None], int | None] | None = None
+                   ) -> tuple[int, list[tuple[int, bool]]]:
   """Largest n in [1, limit] with fits(n), assuming monotonicity: doubling, then bisection.
+
+  Args:
+    fits: the (expensive) probe.
+    start: first n probed.
+    limit: largest n considered.
+    guess: optional `guess(lo, hi) -> n`: the next probe given the largest n known to
+      fit (lo, 0 if none) and the smallest known not to (hi, None if none), e.g. a
+      linear fit of memory; used when it falls strictly between them, so the
+      search still ends, and each probe costs a full compile.
 
   Returns (largest, trials); largest is 0 when even n = 1 does not fit.
   """
   trials = []
-
-  def probe(n):
+  lo, hi = 0, None  # lo fits (0 trivially), hi does not.
+  n = max(1, min(start, limit))
+  while True:
     ok = fits(n)
     trials.append((n, ok))
-    return ok
-
-  n = max(1, min(start, limit))
-  if not probe(n):
-    lo, hi = 0, n            # lo fits (0 trivially), hi does not.
-  else:
-    lo, hi = n, None
-    while hi is None:
-      if lo >= limit:
-        return lo, trials
-      n = min(2 * lo, limit)
-      if probe(n):
-        lo = n
-      else:
-        hi = n
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    if probe(mid):
-      lo = mid
+    if ok:
+      lo = n
     else:
-      hi = mid
-  return lo, trials
+      hi = n
+    top = limit + 1 if hi is None else hi
+    if top - lo <= 1:
+      return lo, trials
+    g = guess(lo, hi) if guess is not None else None
+    if g is not None and lo < g < top:
+      n = g
+    elif hi is None:
+      n = min(2 * lo, limit)
+    else:
+      n = (lo + hi) // 2
 
 
 def check(*, config: ml_collections.ConfigDict, topology_name: str,
@@ -331,14 +334,36 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
                batch_per_data_shard=global_batch // n_data)
     report["steps"]["gradients"] = rep
     if search_batch:
+      used = {}  # shards -> per-chip bytes of the probes that fit.
+      if rep["fits"]:
+        used[global_batch // n_data] = rep["total_bytes"]
+
       def fits(shards):
+        if shards == global_batch // n_data:  # Compiled above already.
+          return rep["fits"]
         r = compile_report(lower_gradients(config=config, mesh=mesh,
                                            batch=shards * n_data)[0], hbm_bytes=hbm)
-        log(f"  batch {shards * n_data}: {'fits' if r['fits'] else 'does not fit'}"
-            f" ({r.get('total_bytes', 0) / GIB:.2f} GiB/chip)" if r["fits"] else
-            f"  batch {shards * n_data}: does not fit")
+        if r["fits"]:
+          used[shards] = r["total_bytes"]
+        log(f"  batch {shards * n_data}: " + (
+            f"fits, {r['total_bytes'] / GIB:.2f} GiB/chip" if r["fits"] else
+            "does not fit") + f" ({r['compile_s']:.0f} s)")
         return r["fits"]
-      best, trials = search_largest(fits=fits, start=max(1, global_batch // n_data))
+
+      def guess(lo, hi):
+        # Memory grows ~linearly with the batch: extrapolate to the HBM from the two
+        # largest probes that fit, and aim one below the boundary's far side.
+        if hbm is None or len(used) < 2:
+          return None
+        (n0, b0), (n1, b1) = sorted(used.items())[-2:]
+        slope = (b1 - b0) / (n1 - n0)
+        if slope <= 0:
+          return None
+        pred = n1 + int((hbm - b1) // slope)
+        return pred + 1 if pred == lo else pred
+
+      best, trials = search_largest(fits=fits, start=max(1, global_batch // n_data),
+                                    guess=guess)
       report["batch_search"] = {
           "unit": "examples per DATA shard", "largest_global_batch": best * n_data,
           "largest_batch_per_chip": best * n_data / n,
@@ -367,6 +392,10 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
   return report
 
 
+def _size(n: float) -> str:
+  return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
 def format_report(report: dict[str, Any]) -> str:
   lines = [f"{report['config']} on {report['topology']} ({report['chips']} x "
            f"{report['device_kind']}, mesh {report['mesh']}, HBM/chip "
@@ -377,12 +406,11 @@ def format_report(report: dict[str, Any]) -> str:
       continue
     m = r["memory_bytes"]
     lines.append(
-        f"  {name:9s} per chip: args {m['argument'] / GIB:.2f} GiB, out "
-        f"{m['output'] / GIB:.2f}, temp {m['temp'] / GIB:.2f}, code "
-        f"{m['generated_code'] / GIB:.3f}, alias {m['alias'] / GIB:.2f} = "
-        f"{r['total_bytes'] / GIB:.2f} GiB"
+        f"  {name:9s} per chip: args {_size(m['argument'])}, out {_size(m['output'])}, "
+        f"temp {_size(m['temp'])}, code {_size(m['generated_code'])}, alias "
+        f"{_size(m['alias'])} = {_size(r['total_bytes'])}"
         + (f" ({100 * r['hbm_fraction']:.0f}% of HBM)" if r["hbm_fraction"] else "")
-        + f"; {r['flops'] / 1e12:.3f} TFLOP/chip; compiled in {r['compile_s']:.1f} s")
+        + f"; {r['flops'] / 1e12:.4g} TFLOP/chip; compiled in {r['compile_s']:.1f} s")
   if "batch_search" in report:
     b = report["batch_search"]
     lines.append(f"  largest gradient batch that fits: {b['largest_global_batch']} global "

@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.0
   t.grad_clip = 1.0
   t.checkpoint_every = 100
-  t.max_to_keep = 2
+  t.max_to_keep = 10             # Earlier checkpoints feed the model-quality trend.
   t.log_every = 50
 
   # --- Model evaluation on the queries (tda.model_eval) -------------------
@@ -162,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.tailpatch_queries = 64      # Queries tail-patched per method (0: all).
   ev.tailpatch_lr = _float()     # None: the training schedule's final LR.
   ev.dense_model = "all-MiniLM-L6-v2"
+  ev.trend_steps = (100, 200)    # Earlier checkpoints for the model-quality trend ((): none).
 
   # --- Sharding (tda.sharding) --------------------------------------------
   c.mesh = ml_collections.ConfigDict()

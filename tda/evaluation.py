@@ -95,9 +95,30 @@ def run_stage(ctx) -> dict[str, Any]:
       extra={"tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
              "retrieval": retr, "gradients": wd.read_json(os.path.join(
                  wd.stage_dir(workdir, "gradients"), "summary.json"))})
+  if "trackstar" in metrics["methods"]:
+    metrics["trend"] = _trend(ctx, metrics)
+    wd.write_json(os.path.join(workdir, "results", "metrics.json"), metrics)
   with wd.atomic_stage(workdir, STAGE, fingerprint) as tmp:
     wd.write_json(os.path.join(tmp, "metrics.json"), metrics)
   return metrics
+
+
+def _trend(ctx, metrics) -> list[dict[str, Any]]:
+  """Model-quality trend over earlier checkpoints plus the final model; plots it."""
+  from tda import trend
+  t0 = time.time()
+  final_step = metrics["model_eval"]["train_step"]
+  points = trend.trend_points(ctx, steps=[s for s in ctx.config.eval.trend_steps
+                                          if s != final_step])
+  points.append({"step": final_step, "query_accuracy": metrics["model_eval"]["query_accuracy"],
+                 "precision_at_10": metrics["methods"]["trackstar"]["precision_at_10"],
+                 "mrr": metrics["methods"]["trackstar"]["mrr"],
+                 "recall_at_10": metrics["methods"]["trackstar"]["recall_at_10"]})
+  report.plot_trend(points=[{"x": p["query_accuracy"], "y": p["precision_at_10"],
+                             "label": f"{p['step']} steps"} for p in points],
+                    path=os.path.join(ctx.workdir, "results", "fig_trend.png"))
+  metrics["timings_s"]["evaluation.trend"] = time.time() - t0
+  return points
 
 
 def _all_timings(workdir: str) -> dict[str, float]:

@@ -62,23 +62,29 @@ class Engine:
   correction_counts: dict[str, int]
 
 
+def make_engine(config, *, model, state, variants=None) -> Engine:
+  """The kernel set-up for one checkpoint (model, params and optimizer state)."""
+  g = config.gradients
+  plan = proj.make_plan(param_shapes=state.params, pooling=g.pooling, k_in=g.k_in,
+                        k_out=g.k_out, layers_per_block=g.layers_per_block,
+                        groups=g.groups, embed_block=g.embed_block)
+  mats = proj.plan_matrices(seed=g.seed, plan=plan)
+  corrs = (corr_lib.member_corrections(opt_state=state.opt_state, plan=plan, eps=g.eps,
+                                       adam_v=g.adam_v) if g.correction else None)
+  feat = grad_lib.Featurizer(model=model, params=state.params, plan=plan, mats=mats,
+                             corrs=corrs, mesh=sharding.make_mesh(config),
+                             batch_size=g.batch_size, kernel=g.kernel,
+                             bucket=g.length_bucket, variants=variants)
+  return Engine(plan=plan, featurizer=feat, step=state.step,
+                correction_counts=corr_lib.describe(corrs) if corrs else {})
+
+
 def engine(ctx) -> Engine:
+  """The run's engine (final checkpoint), built once and shared by the stages."""
   def make():
-    config = ctx.config
-    g = config.gradients
     model, state, _ = ctx.trained
-    plan = proj.make_plan(param_shapes=state.params, pooling=g.pooling, k_in=g.k_in,
-                          k_out=g.k_out, layers_per_block=g.layers_per_block,
-                          groups=g.groups, embed_block=g.embed_block)
-    mats = proj.plan_matrices(seed=g.seed, plan=plan)
-    corrs = (corr_lib.member_corrections(opt_state=state.opt_state, plan=plan, eps=g.eps,
-                                         adam_v=g.adam_v) if g.correction else None)
-    feat = grad_lib.Featurizer(model=model, params=state.params, plan=plan, mats=mats,
-                               corrs=corrs, mesh=sharding.make_mesh(config),
-                               batch_size=g.batch_size, kernel=g.kernel,
-                               bucket=g.length_bucket)
-    return Engine(plan=plan, featurizer=feat, step=state.step,
-                  correction_counts=corr_lib.describe(corrs) if corrs else {})
+    return make_engine(ctx.config, model=model, state=state,
+                       variants=tuple(_variants(ctx.config)) or None)
   return ctx.get("engine", make)
 
 
@@ -91,7 +97,9 @@ def _fingerprint(ctx) -> dict[str, Any]:
 
 
 def _variants(config) -> list[str]:
-  return ["raw", "corrected"] if config.gradients.correction else ["raw"]
+  """The gradient variants the configured methods need."""
+  return [v for v in ("raw", "corrected")
+          if any(hessian.method_spec(m).variant == v for m in gradient_methods(config))]
 
 
 def _need_correction(methods) -> bool:

@@ -138,6 +138,11 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, STAGE, "checkpoints")
 
 
+def available_steps(workdir: str) -> list[int]:
+  """Steps of all kept checkpoints."""
+  return sorted(checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None).all_steps())
+
+
 def latest_step(workdir: str) -> int | None:
   """Step of the newest checkpoint (None when there is none)."""
   return checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None).latest_step()

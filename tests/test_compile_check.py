@@ -86,6 +86,16 @@ def test_search_largest_doubles_then_bisects():
   assert cc.search_largest(fits=lambda n: True, start=3, limit=20)[0] == 20
 
 
+def test_search_largest_follows_a_good_guess_and_survives_a_bad_one():
+  fits = lambda n: n <= 37
+  best, trials = cc.search_largest(fits=fits, start=4,
+                                   guess=lambda lo, hi: 37 if lo < 37 else 38)
+  assert best == 37 and [n for n, _ in trials] == [4, 37, 38]
+  # A guess outside (lo, hi) is ignored: plain doubling / bisection.
+  best, trials = cc.search_largest(fits=fits, start=4, guess=lambda lo, hi: lo)
+  assert best == 37 and len(trials) == 10
+
+
 # --- Compile-only TPU devices (needs libtpu) ----------------------------------------
 
 @needs_libtpu

@@ -77,8 +77,8 @@ def test_analytic_flops_match_xla_cost_analysis():
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   analytic = plan_lib.kernel_flops(model_cfg=model_cfg, plan=plan, tokens=t, variants=1)
-  # XLA also counts element-wise work (softmax, RoPE, norms) we leave out.
-  assert cost["flops"] == pytest.approx(analytic["total"], rel=0.25)
+  # XLA also counts element-wise work (softmax, RoPE, norms) we leave out: +3.4%.
+  assert cost["flops"] == pytest.approx(analytic["total"], rel=0.08)
 
 
 def test_rows_mfu_and_unknown_rows():

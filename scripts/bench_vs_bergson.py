@@ -1,0 +1,469 @@
+"""Side by side with bergson (EleutherAI's PyTorch TrackStar): speed and agreement.
+
+One run, on this machine's CPU:
+  1. prep: the fact world (`tda.world.generate_world`, default config), a
+     SentencePiece vocab trained on it, and our Llama-style model
+     (`block='sequential'`, `scale_embeddings=False`; default 4 layers, d_model
+     256, d_ff 688, 4 heads (MHA), tied vocab 8192 ≈ the issue's 7.4M-parameter
+     Llama, whose untied head we share) trained for `--steps` Adafactor steps on
+     the world's passages (128-token documents);
+  2. conversion (`tda.convert_hf.save_hf`): LlamaForCausalLM + tokenizer +
+     transformers-Adafactor `optimizer.pt`; logits checked against ours;
+  3. agreement: `bergson build` (its CLI, as a user runs it) over the passages
+     and over fact queries (prompt tokens labelled -100), and our factored
+     kernel with *bergson's own* projection matrices on the same module set
+     (every nn.Linear in the transformer body = our `kind == 'dense'` members;
+     embeddings and LM head left out, bergson's default), the same Adafactor
+     normaliser (eps 1e-30, as bergson's hooks) and the same summed token NLL
+     (bergson's default `loss_reduction='sum'`). Per-example relative error,
+     `max_score_diff` of unit-normalised query·passage scores, top-10 sets;
+  4. speed: each side in its own subprocess (peak RSS = that process's
+     `ru_maxrss`), interleaved A B A B; examples/s of the steady state: ours
+     after compiling every length bucket, bergson after a warm-up pass (its
+     projection matrices cached); imports, model load and data setup are
+     excluded on both sides and reported separately.
+
+Needs the `.[bench]` extra (bergson, torch CPU, transformers). Usage:
+  python scripts/bench_vs_bergson.py [--json out.json] [--workdir /tmp/bvb]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false", "TF_CPP_MIN_LOG_LEVEL": "3",
+        "JAX_PLATFORMS": "cpu"}
+os.environ.update({k: v for k, v in _ENV.items() if k not in os.environ})
+
+EPS = 1e-30  # bergson's Adafactor hooks add 1e-30 to row and column statistics.
+
+
+def _flags():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--json", default=None, help="also write the results here")
+  p.add_argument("--workdir", default="/tmp/bench_vs_bergson")
+  p.add_argument("--steps", type=int, default=300, help="Adafactor training steps")
+  p.add_argument("--vocab", type=int, default=8192)
+  p.add_argument("--d_model", type=int, default=256)
+  p.add_argument("--n_layers", type=int, default=4)
+  p.add_argument("--d_ff", type=int, default=688)
+  p.add_argument("--seq_len", type=int, default=128)
+  p.add_argument("--proj", type=int, default=16, help="projection size per side")
+  p.add_argument("--batch", type=int, default=16, help="documents per batch, both sides")
+  p.add_argument("--n_time", type=int, default=512, help="passages timed per pass")
+  p.add_argument("--n_check", type=int, default=256, help="passages in the agreement check")
+  p.add_argument("--n_queries", type=int, default=32)
+  p.add_argument("--repeats", type=int, default=2, help="A B rounds")
+  p.add_argument("--retrain", action="store_true", help="ignore a cached trained model")
+  p.add_argument("--worker", choices=("ours", "bergson"), default=None,
+                 help=argparse.SUPPRESS)
+  return p.parse_args()
+
+
+def _rss_mb() -> tuple[float, float]:
+  """(current RSS, peak RSS) of this process in MiB."""
+  with open("/proc/self/statm") as f:
+    cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _config(a):
+  from tda import config as config_lib
+  c = config_lib.base_config()
+  m = c.model
+  m.block, m.scale_embeddings = "sequential", False
+  m.d_model, m.n_layers, m.n_heads, m.head_dim, m.n_kv_heads = a.d_model, a.n_layers, 4, a.d_model // 4, 4
+  m.d_ff, m.vocab_size, m.max_len = a.d_ff, a.vocab, a.seq_len
+  c.data.vocab_size, c.data.seq_len = a.vocab, a.seq_len
+  c.train.steps = a.steps
+  return c
+
+
+# ---------------------------------------------------------------------------
+# 1-2. World, vocab, training, conversion.
+
+
+def prepare(a) -> dict:
+  import pickle
+  import jax
+  import numpy as np
+  import sentencepiece as spm
+  from tda import config as config_lib
+  from tda import convert_hf
+  from tda import data as data_lib
+  from tda import model as model_lib
+  from tda import train as train_lib
+  from tda import world as world_lib
+
+  os.makedirs(a.workdir, exist_ok=True)
+  config = _config(a)
+  w = config.world
+  world = world_lib.generate_world(
+      seed=w.seed, relations=w.relations, bucket_ranges=config_lib.bucket_ranges(config),
+      facts_per_bucket=w.facts_per_bucket, facts_per_passage=w.facts_per_passage,
+      sentences_per_passage=w.sentences_per_passage,
+      distractor_passages=w.distractor_passages, filler_passages=w.filler_passages)
+  sp_path = data_lib.train_vocab(texts=[p["text"] for p in world.passages],
+                                 vocab_size=a.vocab, model_prefix=os.path.join(a.workdir, "sp"))
+  sp = spm.SentencePieceProcessor(model_file=sp_path)
+  t = a.seq_len
+  rows = [(sp.encode(p["text"]) + [data_lib.EOS_ID])[:t] for p in world.passages]
+  tokens_nt = np.zeros((len(rows), t), np.int32)
+  for i, r in enumerate(rows):
+    tokens_nt[i, :len(r)] = r
+  queries = []  # (tokens, labels with -100 on the prompt)
+  for f in world.facts[:a.n_queries]:
+    p = sp.encode(f["inputs_plaintext"])
+    full = sp.encode(f["inputs_plaintext"] + " " + f["targets_plaintext"])
+    if full[:len(p)] != p or len(full) == len(p):
+      raise ValueError(f"query {f['fact_id']}: prompt tokens are not a prefix")
+    queries.append((full, [-100] * len(p) + full[len(p):]))
+
+  cache = os.path.join(a.workdir, "trained.pkl")
+  model = model_lib.Transformer(model_lib.model_config(config))
+  t0 = time.time()
+  if os.path.exists(cache) and not a.retrain:
+    with open(cache, "rb") as f:
+      params, opt_state, losses = pickle.load(f)
+  else:
+    tx = train_lib.make_optimizer(config)
+    params = model_lib.init_params(model, jax.random.key(config.seed), t)
+    opt_state = tx.init(params)
+    step = jax.jit(train_lib.make_train_step(model, tx))
+    losses = []
+    for s in range(a.steps):
+      batch = data_lib.batch_at(tokens_nt=tokens_nt, step=s, batch_size=config.train.batch_size,
+                                seed=config.seed)
+      params, opt_state, loss = step(params, opt_state, batch)
+      if s % 50 == 0 or s == a.steps - 1:
+        losses.append((s + 1, float(loss)))
+    params, opt_state = jax.device_get((params, opt_state))
+    with open(cache, "wb") as f:
+      pickle.dump((params, opt_state, losses), f)
+  train_s = time.time() - t0
+
+  cfg = model_lib.model_config(config)
+  hf_dir = os.path.join(a.workdir, "hf")
+  max_pos = max(2048, a.batch * t)  # bergson caps --token_batch_size at this; RoPE ignores it.
+  convert_hf.save_hf(params=params, opt_state=opt_state, cfg=cfg, out_dir=hf_dir,
+                     step=a.steps, sp_model_path=sp_path, max_position_embeddings=max_pos,
+                     decay_rate=config.train.adafactor_decay_rate,
+                     learning_rate=0.1 * config.train.learning_rate)
+  import torch
+  import transformers
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  logit_diff = convert_hf.max_logit_diff(model=model, params=params, hf_model=hf_model,
+                                         tokens_bt=tokens_nt[:8])
+  if logit_diff > 1e-3:
+    raise AssertionError(f"converted model's logits differ by {logit_diff}")
+
+  def write_jsonl(path, recs):
+    with open(path, "w") as f:
+      for r in recs:
+        f.write(json.dumps(r) + "\n")
+
+  lens = (tokens_nt != 0).sum(1)
+  for name, n in (("time", a.n_time), ("check", a.n_check)):
+    n = min(n, len(rows))
+    write_jsonl(os.path.join(a.workdir, f"passages_{name}.jsonl"),
+                [{"input_ids": tokens_nt[i, :lens[i]].tolist()} for i in range(n)])
+  write_jsonl(os.path.join(a.workdir, "queries.jsonl"),
+              [{"input_ids": q, "labels": l} for q, l in queries])
+  q_len = max(len(q) for q, _ in queries)
+  q_tok = np.zeros((len(queries), q_len), np.int32)
+  q_mask = np.zeros((len(queries), q_len), np.float32)
+  for i, (q, l) in enumerate(queries):
+    q_tok[i, :len(q)] = q
+    q_mask[i, :len(q)] = [x != -100 for x in l]
+  np.savez(os.path.join(a.workdir, "arrays.npz"), tokens_nt=tokens_nt, q_tok=q_tok, q_mask=q_mask)
+  return {"passages": len(rows), "facts": len(world.facts), "sp_pieces": sp.get_piece_size(),
+          "params": model_lib.count_params(params), "train_steps": a.steps,
+          "train_loss": losses, "train_s": round(train_s, 1),
+          "mean_passage_tokens": float(lens.mean()), "max_logit_diff": logit_diff,
+          "hf_dir": hf_dir}
+
+
+# ---------------------------------------------------------------------------
+# 3. Agreement.
+
+
+def _bergson_cli(a, run, dataset):
+  cmd = ["bergson", "build", run, "--model", os.path.join(a.workdir, "hf"), "--dataset", dataset,
+         "--projection_dim", str(a.proj), "--optimizer_state", os.path.join(a.workdir, "hf"),
+         "--token_batch_size", str(a.batch * a.seq_len), "--overwrite", "true"]
+  r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+  if r.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+  return cmd
+
+
+def _dense_setup(a):
+  """Our dense-only plan (bergson's module set) and corrections with eps = 1e-30."""
+  import pickle
+  from tda import correction as corr_lib
+  from tda import model as model_lib
+  from tda import projection as proj
+  config = _config(a)
+  model = model_lib.Transformer(model_lib.model_config(config))
+  with open(os.path.join(a.workdir, "trained.pkl"), "rb") as f:
+    params, opt_state, _ = pickle.load(f)
+  plan = proj.make_plan(param_shapes=params, pooling="layer", k_in=a.proj, k_out=a.proj)
+  plan = plan.restrict(lambda m: m.kind == proj.DENSE)
+  corrs = corr_lib.member_corrections(opt_state=opt_state, plan=plan, eps=EPS)
+  kinds = {k for k, _ in corrs.values()}
+  if kinds != {corr_lib.FACTORED}:
+    raise AssertionError(f"every dense member must be Adafactor-factored, got {kinds}")
+  return model, params, plan, corrs
+
+
+def _featurizer(a, model, params, plan, mats, corrs):
+  from tda import gradients as grad_lib
+  from tda import sharding
+  return grad_lib.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
+                             mesh=sharding.make_mesh(), batch_size=a.batch, bucket=32)
+
+
+def check_agreement(a) -> dict:
+  import numpy as np
+  import torch
+  from bergson.collector.collector import create_module_projection_matrix
+  from bergson.data import load_gradients
+  from tda import convert_hf
+
+  runs = {}
+  for name, ds in (("passages", "passages_check.jsonl"), ("queries", "queries.jsonl")):
+    run = os.path.join(a.workdir, f"bergson_{name}")
+    t0 = time.time()
+    cmd = _bergson_cli(a, run, os.path.join(a.workdir, ds))
+    with open(os.path.join(run, "info.json")) as f:
+      info = json.load(f)
+    runs[name] = (np.array(load_gradients(run), np.float64), info, time.time() - t0)
+  cli = " ".join(cmd).replace(a.workdir, "$W")
+  order = list(runs["passages"][1]["grad_sizes"])
+  if order != list(runs["queries"][1]["grad_sizes"]):
+    raise AssertionError("bergson's module order differs between the two runs")
+
+  model, params, plan, corrs = _dense_setup(a)
+  ours_names = {convert_hf.hf_module_name(m.path): m for m in plan.members}
+  if set(ours_names) != set(order):
+    raise AssertionError(f"module sets differ: {sorted(set(ours_names) ^ set(order))}")
+  mats = {}
+  for hf_name, m in ours_names.items():
+    n_in, n_out = m.shape
+    mk = lambda role, n: create_module_projection_matrix(
+        hf_name, role, a.proj, n, torch.float32, torch.device("cpu"), "rademacher", "jl",
+        None).numpy()
+    mats[m.name] = (mk("right", n_in), mk("left", n_out))  # P_in [k, n_in], P_out [k, n_out].
+  feat = _featurizer(a, model, params, plan, mats, corrs)
+  arrays = np.load(os.path.join(a.workdir, "arrays.npz"))
+  n = runs["passages"][0].shape[0]
+  p_tok = arrays["tokens_nt"][:n]
+  outs = {"passages": feat(tokens_nt=p_tok, mask_nt=(p_tok != 0).astype(np.float32),
+                           ids=list(range(n))),
+          "queries": feat(tokens_nt=arrays["q_tok"], mask_nt=arrays["q_mask"],
+                          ids=list(range(len(arrays["q_tok"]))))}
+
+  # Ours: blocks in plan order, each [k_in, k_out] (in side first); bergson's:
+  # modules in info.json order, each [p_left (out side), p_right (in side)].
+  offsets = dict(zip([b.members[0].name for b in plan.blocks], plan.offsets()))
+  k = a.proj
+
+  def to_bergson_layout(x):
+    cols = []
+    for hf_name in order:
+      o = offsets[ours_names[hf_name].name]
+      cols.append(x[:, o:o + k * k].reshape(-1, k, k).transpose(0, 2, 1).reshape(-1, k * k))
+    return np.concatenate(cols, axis=1).astype(np.float64)
+
+  res = {}
+  for name in ("passages", "queries"):
+    ours = to_bergson_layout(outs[name]["corrected"])
+    theirs = runs[name][0]
+    rel = np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+    res[f"{name}_max_rel_err"] = float(rel.max())
+    res[f"{name}_median_rel_err"] = float(np.median(rel))
+    res[f"{name}_bergson_build_s"] = round(runs[name][2], 1)
+    outs[name]["bergson_layout"] = ours
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  s_ours = unit(outs["queries"]["bergson_layout"]) @ unit(outs["passages"]["bergson_layout"]).T
+  s_theirs = unit(runs["queries"][0]) @ unit(runs["passages"][0]).T
+  top = lambda s: [set(np.argsort(-row, kind="stable")[:10]) for row in s]
+  same_top = sum(x == y for x, y in zip(top(s_ours), top(s_theirs)))
+  # bergson's per-document summed loss (data.hf "loss") against our kernel's.
+  import datasets
+  b_loss = np.array(datasets.load_from_disk(
+      os.path.join(a.workdir, "bergson_passages", "data.hf"))["loss"])
+  res.update({
+      "max_score_diff": float(np.abs(s_ours - s_theirs).max()),
+      "top10_sets_equal": f"{same_top}/{len(s_ours)}",
+      "max_loss_rel_diff": float(np.max(np.abs(outs["passages"]["loss"] - b_loss) / b_loss)),
+      "n_passages": int(n), "n_queries": int(len(arrays["q_tok"])),
+      "dim": int(sum(runs["passages"][1]["grad_sizes"].values())),
+      "modules": len(order), "bergson_cli": cli})
+  return res
+
+
+# ---------------------------------------------------------------------------
+# 4. Speed, one side per subprocess.
+
+
+def worker_ours(a) -> dict:
+  import jax
+  import numpy as np
+  from tda import model as model_lib
+  from tda import projection as proj
+  t0 = time.time()
+  model, params, plan, corrs = _dense_setup(a)
+  mats = proj.plan_matrices(seed=0, plan=plan)  # Speed only: any matrices of the same shape.
+  feat = _featurizer(a, model, params, plan, mats, corrs)
+  toks = np.load(os.path.join(a.workdir, "arrays.npz"))["tokens_nt"][:a.n_time]
+  mask = (toks != 0).astype(np.float32)
+  lengths = (toks != 0).sum(1)
+  setup_s = time.time() - t0
+  t0 = time.time()
+  for t in np.unique(model_lib.bucket_lengths(lengths, multiple=32, max_len=toks.shape[1])):
+    jax.block_until_ready(feat.run_batch(np.ones((feat.batch_size, t), np.int32),
+                                         np.ones((feat.batch_size, t), np.float32)))
+  compile_s = time.time() - t0
+  rss_before, _ = _rss_mb()
+  t0 = time.time()
+  out = feat(tokens_nt=toks, mask_nt=mask, ids=list(range(len(toks))))
+  wall = time.time() - t0
+  assert out["corrected"].shape == (len(toks), plan.dim) and not out["bad_ids"]
+  return {"examples": len(toks), "tokens": int(lengths.sum()), "wall_s": wall,
+          "setup_s": setup_s, "warmup_s": compile_s, "rss_before_mb": rss_before,
+          "peak_rss_mb": _rss_mb()[1], "threads": os.cpu_count(),
+          "compiled_shapes": feat.compiled_shapes}
+
+
+def worker_bergson(a) -> dict:
+  import torch
+  from bergson.collection import collect_gradients
+  from bergson.config.config import DataConfig, IndexConfig, PreprocessConfig
+  from bergson.data import allocate_batches
+  from bergson.utils.worker_utils import create_processor, setup_data_pipeline, setup_model_and_peft
+  t0 = time.time()
+  hf = os.path.join(a.workdir, "hf")
+  run = os.path.join(a.workdir, "bergson_time")
+  cfg = IndexConfig(run_path=run + "_warm", model=hf, overwrite=True,
+                    data=DataConfig(dataset=os.path.join(a.workdir, "passages_time.jsonl")),
+                    projection_dim=a.proj, optimizer_state=hf,
+                    token_batch_size=a.batch * a.seq_len)
+  cfg.partial_run_path.mkdir(parents=True, exist_ok=True)
+  ds, _ = setup_data_pipeline(cfg)
+  model, target_modules = setup_model_and_peft(cfg)
+  processor = create_processor(model, cfg, target_modules)
+  setup_s = time.time() - t0
+
+  def collect(data, run_path):
+    cfg.run_path = run_path
+    cfg.partial_run_path.mkdir(parents=True, exist_ok=True)
+    batches = allocate_batches(data["length"][:], cfg.token_batch_size,
+                               max_batch_size=cfg.max_batch_size)
+    collect_gradients(model=model, data=data, processor=processor, cfg=cfg, batches=batches,
+                      target_modules=target_modules, attention_cfgs={},
+                      preprocess_cfg=PreprocessConfig())
+
+  t0 = time.time()
+  collect(ds.select(range(min(2 * a.batch, len(ds)))), run + "_warm")  # Caches projections.
+  warm_s = time.time() - t0
+  rss_before, _ = _rss_mb()
+  t0 = time.time()
+  collect(ds, run)
+  wall = time.time() - t0
+  return {"examples": len(ds), "tokens": int(sum(ds["length"])), "wall_s": wall,
+          "setup_s": setup_s, "warmup_s": warm_s, "rss_before_mb": rss_before,
+          "peak_rss_mb": _rss_mb()[1], "threads": torch.get_num_threads(),
+          "modules": len(processor.normalizers)}
+
+
+def _spawn(a, side: str) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--workdir", a.workdir]
+  for k in ("vocab", "d_model", "n_layers", "d_ff", "seq_len", "proj", "batch", "n_time",
+            "steps"):
+    cmd += [f"--{k}", str(getattr(a, k))]
+  t0 = time.time()
+  r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+  lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+  if r.returncode or not lines:
+    raise RuntimeError(f"{side} worker failed:\n{r.stderr[-3000:]}")
+  out = json.loads(lines[-1][len("RESULT "):])
+  out["process_s"] = time.time() - t0
+  return out
+
+
+def timed(a) -> dict:
+  rounds = {"ours": [], "bergson": []}
+  loads = [os.getloadavg()[0]]
+  for _ in range(a.repeats):
+    for side in ("ours", "bergson"):
+      rounds[side].append(_spawn(a, side))
+      loads.append(os.getloadavg()[0])
+  summary = {}
+  for side, rs in rounds.items():
+    best = max(rs, key=lambda r: r["examples"] / r["wall_s"])
+    summary[side] = {
+        "examples_per_s": [round(r["examples"] / r["wall_s"], 2) for r in rs],
+        "tokens_per_s": [round(r["tokens"] / r["wall_s"], 1) for r in rs],
+        "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
+        "rss_before_compute_mb": round(best["rss_before_mb"], 1),
+        "setup_s": round(best["setup_s"], 1), "warmup_s": round(best["warmup_s"], 1),
+        "process_s": round(best["process_s"], 1), "threads": best["threads"],
+        "examples": best["examples"], "tokens": best["tokens"]}
+  ratios = [o["examples"] / o["wall_s"] / (b["examples"] / b["wall_s"])
+            for o, b in zip(rounds["ours"], rounds["bergson"])]
+  summary["ours_over_bergson_examples_per_s"] = round(sorted(ratios)[len(ratios) // 2], 2)
+  summary["ratio_per_round"] = [round(r, 2) for r in ratios]
+  summary["load_average_1min"] = [round(x, 2) for x in loads]
+  return summary
+
+
+def main():
+  a = _flags()
+  if a.worker:
+    out = worker_ours(a) if a.worker == "ours" else worker_bergson(a)
+    print("RESULT " + json.dumps(out), flush=True)
+    return
+  t0 = time.time()
+  res = {"setup": {"model": f"Llama-style, {a.n_layers} layers, d_model {a.d_model}, d_ff "
+                            f"{a.d_ff}, 4 heads, vocab {a.vocab}, tied", "seq_len": a.seq_len,
+                   "projection_per_side": a.proj, "batch_docs": a.batch,
+                   "module_set": "every nn.Linear in the body (q,k,v,o,gate,up,down); "
+                                 "no embedding / LM head (bergson's default)",
+                   "normaliser": "Adafactor factored V (eps 1e-30)",
+                   "loss": "summed token NLL (bergson loss_reduction='sum')",
+                   "cpu_count": os.cpu_count()}}
+  print("[1/4] world, vocab, training, conversion ...", file=sys.stderr, flush=True)
+  res["prep"] = prepare(a)
+  print("[2/4] agreement (bergson build CLI vs our kernel) ...", file=sys.stderr, flush=True)
+  res["agreement"] = check_agreement(a)
+  print("[3/4] speed, A B interleaved ...", file=sys.stderr, flush=True)
+  res["speed"] = timed(a)
+  res["total_s"] = round(time.time() - t0, 1)
+  ag, sp = res["agreement"], res["speed"]
+  res["ours_over_bergson_examples_per_s"] = sp["ours_over_bergson_examples_per_s"]
+  res["max_score_diff"] = ag["max_score_diff"]
+  ok = (ag["passages_max_rel_err"] <= 1e-4 and ag["queries_max_rel_err"] <= 1e-4
+        and ag["top10_sets_equal"].split("/")[0] == ag["top10_sets_equal"].split("/")[1])
+  res["agreement_ok"] = bool(ok)
+  text = json.dumps(res, indent=1)
+  print(text)
+  if a.json:
+    with open(a.json, "w") as f:
+      f.write(text + "\n")
+  if not ok:
+    sys.exit("agreement check failed (see 'agreement')")
+
+
+if __name__ == "__main__":
+  main()
