@@ -17,11 +17,16 @@ One run, on this machine's CPU:
      normaliser (eps 1e-30, as bergson's hooks) and the same summed token NLL
      (bergson's default `loss_reduction='sum'`). Per-example relative error,
      `max_score_diff` of unit-normalised query·passage scores, top-10 sets;
-  4. speed: each side in its own subprocess (peak RSS = that process's
-     `ru_maxrss`), interleaved A B A B; examples/s of the steady state: ours
-     after compiling every length bucket, bergson after a warm-up pass (its
-     projection matrices cached); imports, model load and data setup are
-     excluded on both sides and reported separately.
+  4. speed: each side in its own subprocess (peak RSS = that process's VmHWM),
+     interleaved A B A B, with the same thread budget (`--threads`, default 1:
+     on a shared CPU torch's OpenMP threads spin against other jobs and lose
+     ~5x, which would flatter us); examples/s of the steady state: ours after
+     compiling every length bucket, bergson after a warm-up pass (its
+     projection matrices cached); imports, model load, data setup and
+     compilation are excluded on both sides and reported separately. Ours
+     runs the production `Featurizer` (length buckets, fixed batch shapes;
+     it computes the raw and the corrected vectors), bergson its
+     `collect_gradients` (token-budget batches of `batch * seq_len` tokens).
 
 Needs the `.[bench]` extra (bergson, torch CPU, transformers). Usage:
   python scripts/bench_vs_bergson.py [--json out.json] [--workdir /tmp/bvb]
@@ -32,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -59,7 +63,11 @@ def _flags():
   p.add_argument("--d_ff", type=int, default=688)
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--proj", type=int, default=16, help="projection size per side")
-  p.add_argument("--batch", type=int, default=16, help="documents per batch, both sides")
+  p.add_argument("--batch", type=int, default=16,
+                 help="documents per batch (ours); bergson's --token_batch_size = batch * seq_len")
+  p.add_argument("--bucket", type=int, default=16, help="our length bucket (tokens)")
+  p.add_argument("--threads", type=int, default=1,
+                 help="compute threads per side in the timed runs (0: library defaults)")
   p.add_argument("--n_time", type=int, default=512, help="passages timed per pass")
   p.add_argument("--n_check", type=int, default=256, help="passages in the agreement check")
   p.add_argument("--n_queries", type=int, default=32)
@@ -71,10 +79,14 @@ def _flags():
 
 
 def _rss_mb() -> tuple[float, float]:
-  """(current RSS, peak RSS) of this process in MiB."""
-  with open("/proc/self/statm") as f:
-    cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-  return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """(current RSS, peak RSS) of this process in MiB, from /proc/self/status.
+
+  VmHWM, not `ru_maxrss`: the latter survives exec, so a worker started from
+  this (large) parent would report the parent's peak.
+  """
+  with open("/proc/self/status") as f:
+    kv = dict(l.split(":", 1) for l in f if ":" in l)
+  return int(kv["VmRSS"].split()[0]) / 1024, int(kv["VmHWM"].split()[0]) / 1024
 
 
 def _config(a):
@@ -230,7 +242,7 @@ def _featurizer(a, model, params, plan, mats, corrs):
   from tda import gradients as grad_lib
   from tda import sharding
   return grad_lib.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
-                             mesh=sharding.make_mesh(), batch_size=a.batch, bucket=32)
+                             mesh=sharding.make_mesh(), batch_size=a.batch, bucket=a.bucket)
 
 
 def check_agreement(a) -> dict:
@@ -331,7 +343,7 @@ def worker_ours(a) -> dict:
   lengths = (toks != 0).sum(1)
   setup_s = time.time() - t0
   t0 = time.time()
-  for t in np.unique(model_lib.bucket_lengths(lengths, multiple=32, max_len=toks.shape[1])):
+  for t in np.unique(model_lib.bucket_lengths(lengths, multiple=a.bucket, max_len=toks.shape[1])):
     jax.block_until_ready(feat.run_batch(np.ones((feat.batch_size, t), np.int32),
                                          np.ones((feat.batch_size, t), np.float32)))
   compile_s = time.time() - t0
@@ -342,7 +354,7 @@ def worker_ours(a) -> dict:
   assert out["corrected"].shape == (len(toks), plan.dim) and not out["bad_ids"]
   return {"examples": len(toks), "tokens": int(lengths.sum()), "wall_s": wall,
           "setup_s": setup_s, "warmup_s": compile_s, "rss_before_mb": rss_before,
-          "peak_rss_mb": _rss_mb()[1], "threads": os.cpu_count(),
+          "peak_rss_mb": _rss_mb()[1], "threads": a.threads or os.cpu_count(),
           "compiled_shapes": feat.compiled_shapes}
 
 
@@ -352,6 +364,8 @@ def worker_bergson(a) -> dict:
   from bergson.config.config import DataConfig, IndexConfig, PreprocessConfig
   from bergson.data import allocate_batches
   from bergson.utils.worker_utils import create_processor, setup_data_pipeline, setup_model_and_peft
+  if a.threads:
+    torch.set_num_threads(a.threads)
   t0 = time.time()
   hf = os.path.join(a.workdir, "hf")
   run = os.path.join(a.workdir, "bergson_time")
@@ -389,11 +403,17 @@ def worker_bergson(a) -> dict:
 
 def _spawn(a, side: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--workdir", a.workdir]
-  for k in ("vocab", "d_model", "n_layers", "d_ff", "seq_len", "proj", "batch", "n_time",
-            "steps"):
+  for k in ("vocab", "d_model", "n_layers", "d_ff", "seq_len", "proj", "batch", "bucket",
+            "n_time", "steps", "threads"):
     cmd += [f"--{k}", str(getattr(a, k))]
+  env = dict(os.environ)
+  if a.threads:  # The same thread budget on both sides (torch: OpenMP; XLA: Eigen pool).
+    env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    if a.threads == 1:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                          " intra_op_parallelism_threads=1").strip()
   t0 = time.time()
-  r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+  r = subprocess.run(cmd, capture_output=True, text=True, env=env)
   lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
   if r.returncode or not lines:
     raise RuntimeError(f"{side} worker failed:\n{r.stderr[-3000:]}")
@@ -437,7 +457,8 @@ def main():
   t0 = time.time()
   res = {"setup": {"model": f"Llama-style, {a.n_layers} layers, d_model {a.d_model}, d_ff "
                             f"{a.d_ff}, 4 heads, vocab {a.vocab}, tied", "seq_len": a.seq_len,
-                   "projection_per_side": a.proj, "batch_docs": a.batch,
+                   "projection_per_side": a.proj, "batch_docs": a.batch, "bucket": a.bucket,
+                   "threads_per_side": a.threads or "library default",
                    "module_set": "every nn.Linear in the body (q,k,v,o,gate,up,down); "
                                  "no embedding / LM head (bergson's default)",
                    "normaliser": "Adafactor factored V (eps 1e-30)",

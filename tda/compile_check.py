@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -139,18 +140,25 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
+def model_and_plan(config: ml_collections.ConfigDict):
+  """(model, abstract params, projection plan) as `tda.featurize` builds them."""
+  g = config.gradients
+  model = model_lib.Transformer(model_lib.model_config(config))
+  params = model_lib.param_shapes(model, config.data.seq_len)
+  plan = proj.make_plan(param_shapes=params, pooling=g.pooling, k_in=g.k_in, k_out=g.k_out,
+                        layers_per_block=g.layers_per_block, groups=g.groups,
+                        embed_block=g.embed_block)
+  return model, params, plan
+
+
 def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int):
   """(kernel, abstract args) of the factored kernel, as `tda.featurize` builds them.
 
   Parameter, optimizer-state and correction shapes all come from `jax.eval_shape`.
   """
   g = config.gradients
-  model = model_lib.Transformer(model_lib.model_config(config))
   seq_len = config.data.seq_len
-  params = model_lib.param_shapes(model, seq_len)
-  plan = proj.make_plan(param_shapes=params, pooling=g.pooling, k_in=g.k_in, k_out=g.k_out,
-                        layers_per_block=g.layers_per_block, groups=g.groups,
-                        embed_block=g.embed_block)
+  model, params, plan = model_and_plan(config)
   mats = jax.eval_shape(lambda: proj.plan_matrices(seed=g.seed, plan=plan))
   kinds, corr_arrays = None, None
   if g.correction:
@@ -232,7 +240,9 @@ def compile_report(lowered, *, hbm_bytes: float | None) -> dict[str, Any]:
       raise
     line = next((l for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l or
                  "memory" in l), str(e)[:300])
-    return {"fits": False, "error": line.strip()[:400], "compile_s": time.time() - t0}
+    avail = re.search(r"available HBM \(([\d.]+)G\)", str(e))
+    return {"fits": False, "error": line.strip()[:400], "compile_s": time.time() - t0,
+            "hbm_available_bytes": float(avail.group(1)) * GIB if avail else None}
   ma = compiled.memory_analysis()
   mem = {f: int(getattr(ma, f + "_size_in_bytes", 0) or 0)
          for f in ("argument", "output", "temp", "generated_code", "alias")}
@@ -291,7 +301,7 @@ def search_largest(*, fits: Callable[[int], bool], start: int = 1, limit: int = 
 def check(*, config: ml_collections.ConfigDict, topology_name: str,
           batch_per_chip: float = 1.0, search_batch: bool = False,
           steps: tuple[str, ...] = ("gradients", "r_step", "scoring"),
-          r_batch: int | None = None, queries: int = 1024,
+          r_batch: int = 4096, queries: int = 1024,
           log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
   """Compiles the scale path for a topology; returns the report (see module doc).
 
@@ -302,7 +312,7 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
       rounded up to a multiple of the DATA axis (the Featurizer's rule).
     search_batch: also find the largest gradient batch that compiles in HBM.
     steps: which programs to compile.
-    r_batch: φ rows per R step (default: the gradient kernel's global batch).
+    r_batch: φ rows per R step (rounded up to a multiple of the DATA axis).
     queries: queries scored per search step.
     log: progress sink.
   """
@@ -332,9 +342,12 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
     rep = compile_report(lowered, hbm_bytes=hbm)
     rep.update(info, global_batch=global_batch, batch_per_chip=global_batch / n,
                batch_per_data_shard=global_batch // n_data)
+    log(f"gradients: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
+                          else "does not fit") + f" ({rep['compile_s']:.0f} s)")
     report["steps"]["gradients"] = rep
     if search_batch:
       used = {}  # shards -> per-chip bytes of the probes that fit.
+      limit_bytes = [hbm or 0.0]  # What XLA says it can use, once an OOM tells us.
       if rep["fits"]:
         used[global_batch // n_data] = rep["total_bytes"]
 
@@ -345,6 +358,8 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
                                            batch=shards * n_data)[0], hbm_bytes=hbm)
         if r["fits"]:
           used[shards] = r["total_bytes"]
+        elif r.get("hbm_available_bytes"):
+          limit_bytes[0] = min(limit_bytes[0], r["hbm_available_bytes"])
         log(f"  batch {shards * n_data}: " + (
             f"fits, {r['total_bytes'] / GIB:.2f} GiB/chip" if r["fits"] else
             "does not fit") + f" ({r['compile_s']:.0f} s)")
@@ -359,7 +374,7 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
         slope = (b1 - b0) / (n1 - n0)
         if slope <= 0:
           return None
-        pred = n1 + int((hbm - b1) // slope)
+        pred = n1 + int((limit_bytes[0] - b1) // slope)
         return pred + 1 if pred == lo else pred
 
       best, trials = search_largest(fits=fits, start=max(1, global_batch // n_data),
@@ -370,13 +385,9 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
           "largest_batch_per_data_shard": best,
           "trials_global_batch": [(t * n_data, ok) for t, ok in trials]}
   if d is None:
-    d = proj.make_plan(param_shapes=model_lib.param_shapes(
-        model_lib.Transformer(model_lib.model_config(config)), config.data.seq_len),
-        pooling=config.gradients.pooling, k_in=config.gradients.k_in,
-        k_out=config.gradients.k_out, layers_per_block=config.gradients.layers_per_block,
-        groups=config.gradients.groups, embed_block=config.gradients.embed_block).dim
+    d = model_and_plan(config)[2].dim
   if "r_step" in steps:
-    rb = sharding.pad_to_multiple(r_batch or global_batch, mesh)
+    rb = sharding.pad_to_multiple(r_batch, mesh)
     log(f"r_step: R [{d}, {d}] float32 over P(data, model), {rb} rows")
     rep = compile_report(lower_r_step(mesh=mesh, d=d, batch=rb), hbm_bytes=hbm)
     rep.update(d=d, rows=rb, r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
@@ -426,7 +437,8 @@ def main(argv):
   from absl import logging
   f = flags.FLAGS
   report = check(config=f.config, topology_name=f.topology, batch_per_chip=f.batch_per_chip,
-                 search_batch=f.search_batch, steps=tuple(f.steps), queries=f.queries,
+                 search_batch=f.search_batch, steps=tuple(f.steps), r_batch=f.r_batch,
+                 queries=f.queries,
                  log=logging.info)
   if f.output:
     with open(f.output, "w") as fh:
@@ -445,6 +457,7 @@ def _define_flags():
   flags.DEFINE_bool("search_batch", False, "Find the largest gradient batch that fits.")
   flags.DEFINE_list("steps", ["gradients", "r_step", "scoring"], "Programs to compile.")
   flags.DEFINE_integer("queries", 1024, "Queries per scoring step.")
+  flags.DEFINE_integer("r_batch", 4096, "φ rows per R accumulation step.")
   flags.DEFINE_bool("json", False, "Print the report as JSON.")
   flags.DEFINE_string("output", None, "Also write the JSON report here (tda.plan reads it).")
   flags.mark_flags_as_required(["config"])

@@ -244,7 +244,7 @@ def hf_optimizer_state_dict(*, moments: dict[str, dict[str, np.ndarray]],
   import torch  # pylint: disable=g-import-not-at-top
   state = {}
   for idx, (name, _, _) in enumerate(param_map(cfg)):
-    entry = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments[name].items()}
+    entry = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in moments[name].items()}
     state[idx] = {"step": int(step), "RMS": 0.0, **entry}
   group = {"lr": float(learning_rate), "eps": (1e-30, 1e-3), "clip_threshold": 1.0,
            "decay_rate": -float(decay_rate), "beta1": None, "weight_decay": 0.0,

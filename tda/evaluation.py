@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from tda import config as config_lib
@@ -95,7 +96,7 @@ def run_stage(ctx) -> dict[str, Any]:
       extra={"tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
              "retrieval": retr, "gradients": wd.read_json(os.path.join(
                  wd.stage_dir(workdir, "gradients"), "summary.json"))})
-  if "trackstar" in metrics["methods"]:
+  if "trackstar" in metrics["methods"] and jax.process_count() == 1:
     metrics["trend"] = _trend(ctx, metrics)
     wd.write_json(os.path.join(workdir, "results", "metrics.json"), metrics)
   with wd.atomic_stage(workdir, STAGE, fingerprint) as tmp:

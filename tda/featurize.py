@@ -30,6 +30,7 @@ import numpy as np
 
 from tda import config as config_lib
 from tda import correction as corr_lib
+from tda import distributed
 from tda import gradients as grad_lib
 from tda import hessian
 from tda import projection as proj
@@ -72,7 +73,9 @@ def make_engine(config, *, model, state, variants=None) -> Engine:
   corrs = (corr_lib.member_corrections(opt_state=state.opt_state, plan=plan, eps=g.eps,
                                        adam_v=g.adam_v) if g.correction else None)
   feat = grad_lib.Featurizer(model=model, params=state.params, plan=plan, mats=mats,
-                             corrs=corrs, mesh=sharding.make_mesh(config),
+                             corrs=corrs,
+                             # Per process: each featurises its own rows on its own devices.
+                             mesh=sharding.make_mesh(config, devices=jax.local_devices()),
                              batch_size=g.batch_size, kernel=g.kernel,
                              bucket=g.length_bucket, variants=variants)
   return Engine(plan=plan, featurizer=feat, step=state.step,
@@ -128,17 +131,19 @@ def run_gradients_stage(ctx) -> dict[str, Any]:
   rng = np.random.default_rng(config.seed)
   n = len(corpus.ids)
   sample = np.sort(rng.choice(n, size=min(config.hessian.train_samples, n), replace=False))
+  mine = sample[jax.process_index()::jax.process_count()]  # R_train: each process a share.
   t0 = time.time()
-  p = eng.featurizer(tokens_nt=corpus.tokens_nt[sample],
-                     mask_nt=(corpus.tokens_nt[sample] != 0).astype(np.float32),
-                     ids=[corpus.ids[i] for i in sample])
+  p = eng.featurizer(tokens_nt=corpus.tokens_nt[mine],
+                     mask_nt=(corpus.tokens_nt[mine] != 0).astype(np.float32),
+                     ids=[corpus.ids[i] for i in mine])
   t_p = time.time() - t0
   keep_q = np.setdiff1d(np.arange(len(queries.ids)), q["bad_rows"])
-  keep_p = np.setdiff1d(np.arange(len(sample)), p["bad_rows"])
+  keep_p = np.setdiff1d(np.arange(len(mine)), p["bad_rows"])
   r_train, r_eval = {}, {}
   for v in _variants(config):
     s, cnt = hessian.autocorrelation(vectors_nd=p[v][keep_p])
-    r_train[v] = s / max(cnt, 1)
+    total = distributed.sum_across_processes(np.append(s.ravel(), cnt))
+    r_train[v] = total[:-1].reshape(s.shape) / max(total[-1], 1)
     s, cnt = hessian.autocorrelation(vectors_nd=q[v][keep_q])
     r_eval[v] = s / max(cnt, 1)
   h = config.hessian
@@ -149,11 +154,13 @@ def run_gradients_stage(ctx) -> dict[str, Any]:
       top_k=h.auto_top_k, overlap=h.auto_overlap,
       block_sizes=[b.dim for b in eng.plan.blocks] if h.block_diagonal else None)
   t_h = time.time() - t0
+  if not distributed.is_leader():
+    return {}  # Process 0 commits; every process computed the same whiteners.
   summary = {
       "d": eng.plan.dim, "blocks": [(b.name, b.dim, len(b.members)) for b in eng.plan.blocks],
       "lambda": whiteners.lam, "num_queries": len(queries.ids),
       "train_samples": int(len(sample)), "bad_query_ids": q["bad_ids"],
-      "bad_sample_ids": p["bad_ids"], "correction_members": eng.correction_counts,
+      "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(), "correction_members": eng.correction_counts,
       "checkpoint_step": eng.step, "kernel": config.gradients.kernel,
       "timings_s": {"queries": t_q, "train_sample": t_p, "hessian": t_h},
   }
@@ -239,11 +246,19 @@ def run_tables_stage(ctx) -> dict[str, Any]:
                     "retrieval): %s", len(bad_ids), bad_ids[:10])
   for w in writers.values():
     w.close()
+  wd.write_json(os.path.join(sdir, f"excluded.{pidx}.json"), bad_ids)
   wall = time.time() - t0
+  distributed.barrier("tda-tables-written")
+  if not distributed.is_leader():
+    return {}
+  if nproc > 1:
+    for name in groups:
+      tables_lib.finalize_table(path=table_path(workdir, name), num_shards=n_shards)
+  bad_ids = sum((wd.read_json(os.path.join(sdir, f"excluded.{i}.json")) for i in range(nproc)), [])
   summary = {"tables": {name: ms for name, ms in groups.items()}, "rows": n,
              "d": eng.plan.dim, "dtype": t.dtype, "excluded_ids": bad_ids,
-             "featurised_rows_this_run": rows_done, "wall_s": wall,
-             "rows_per_s": rows_done / max(wall, 1e-9)}
+             "processes": nproc, "featurised_rows_this_run_process0": rows_done,
+             "wall_s": wall, "rows_per_s_process0": rows_done / max(wall, 1e-9)}
   wd.write_json(os.path.join(sdir, "summary.json"), summary)
   wd.write_json(os.path.join(sdir, wd.MARKER), {"fingerprint": fingerprint})
   return summary

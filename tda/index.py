@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tda import sharding
 from tda.tables import Table, TableError
 
 # Defaults of the `index` config section (see the report snippet).
@@ -59,8 +60,10 @@ def merge_topk(scores_a, idx_a, scores_b, idx_b, k: int):
 # --- Exact search --------------------------------------------------------------
 
 def _mesh() -> Mesh | None:
-  devs = jax.devices()
-  return Mesh(np.array(devs), ("data",)) if len(devs) > 1 else None
+  # This process's devices: each process searches its own shards (a table may
+  # span hosts), so no search step is a cross-process collective.
+  devs = jax.local_devices()
+  return sharding.make_mesh(axes=((sharding.DATA, -1),), devices=devs) if len(devs) > 1 else None
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mesh"))

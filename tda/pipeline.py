@@ -22,6 +22,7 @@ import jax
 import ml_collections
 
 from tda import config as config_lib
+from tda import distributed
 from tda import workdir as wd
 
 
@@ -134,6 +135,10 @@ def _stage_viewer(ctx: Context):
   return viewer.write_viewer(workdir=ctx.workdir)
 
 
+# Stages every process runs (each its share); the others run on process 0 only.
+_ALL_PROCESSES = ("gradients", "tables")
+_NEEDS_MODEL = ("model_eval", "gradients", "evaluation")
+
 _STAGES = {"world": _stage_world, "vocab": _stage_vocab, "train": _stage_train,
            "model_eval": _stage_model_eval, "gradients": _stage_gradients,
            "tables": _stage_tables, "retrieval": _stage_retrieval,
@@ -149,7 +154,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   ctx = Context(config=config, workdir=workdir)
   for stage in stages_of(config):
     with _timed(ctx, stage):
-      _STAGES[stage](ctx)
+      if jax.process_count() > 1 and stage in _NEEDS_MODEL and stage != "train":
+        ctx.trained  # Restoring is collective: every process restores, once.
+      if stage in _ALL_PROCESSES or distributed.is_leader():
+        _STAGES[stage](ctx)
+    distributed.barrier(f"tda-stage-{stage}")
+  if not distributed.is_leader():
+    return ctx.timings
   results = os.path.join(workdir, "results")
   os.makedirs(results, exist_ok=True)
   path = os.path.join(results, "timings.json")

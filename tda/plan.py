@@ -34,6 +34,7 @@ from typing import Any
 
 import ml_collections
 
+from tda import compile_check
 from tda import model as model_lib
 from tda import projection as proj
 
@@ -97,15 +98,10 @@ def make_plan_report(*, config: ml_collections.ConfigDict, rows: int | None = No
                      queries: int | None = None, mean_tokens: float | None = None,
                      compile_report: dict[str, Any] | None = None) -> dict[str, Any]:
   """The planner's numbers (module docstring); arguments override the config's `plan.*`."""
-  from tda import compile_check
   g = config.gradients
   model_cfg = model_lib.model_config(config)
-  model = model_lib.Transformer(model_cfg)
   seq_len = config.data.seq_len
-  params = model_lib.param_shapes(model, seq_len)
-  plan = proj.make_plan(param_shapes=params, pooling=g.pooling, k_in=g.k_in, k_out=g.k_out,
-                        layers_per_block=g.layers_per_block, groups=g.groups,
-                        embed_block=g.embed_block)
+  _, params, plan = compile_check.model_and_plan(config)
   c4 = config.data.source == "c4"
   rows = rows or _opt(config, "plan", "rows", C4_ROWS if c4 else None)
   if rows is not None and rows < 1:

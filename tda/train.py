@@ -139,13 +139,22 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def available_steps(workdir: str) -> list[int]:
-  """Steps of all kept checkpoints."""
-  return sorted(checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None).all_steps())
+  """Steps of all finalized checkpoints.
+
+  Read from the folder names (orbax finalizes a step by renaming its temp folder
+  to the step number), not through a CheckpointManager, whose creation is a
+  collective in multi-process jobs: any one process may ask.
+  """
+  d = checkpoint_dir(workdir)
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
 def latest_step(workdir: str) -> int | None:
   """Step of the newest checkpoint (None when there is none)."""
-  return checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None).latest_step()
+  steps = available_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -156,7 +165,15 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}; run the train stage")
   _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir(workdir))
-  state, meta = restore(mngr, abstract_state(config, model, tx), step)
+  # Replicated on every device of every process (orbax restores global arrays in a
+  # multi-process job), then handed to the caller as host arrays: featurisation is
+  # per process, on its own devices.
+  everywhere = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)), jax.sharding.PartitionSpec())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
+                        abstract_state(config, model, tx))
+  state, meta = restore(mngr, target, step)
+  state = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
   return model, state, meta
 
 

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from configs import trackstar_8b
+from tda import compile_check
 from tda import gradients as grad_lib
 from tda import model as model_lib
 from tda import plan as plan_lib
@@ -55,14 +56,8 @@ def test_cli_8b_json_reports_c4_tables():
 
 def _tiny():
   c = trackstar_8b.get_config("runlocal")
-  g = c.gradients
-  model_cfg = model_lib.model_config(c)
-  model = model_lib.Transformer(model_cfg)
-  params = model_lib.param_shapes(model, c.data.seq_len)
-  plan = proj.make_plan(param_shapes=params, pooling=g.pooling, k_in=g.k_in, k_out=g.k_out,
-                        layers_per_block=g.layers_per_block, groups=g.groups,
-                        embed_block=g.embed_block)
-  return c, model, model_cfg, params, plan
+  model, params, plan = compile_check.model_and_plan(c)
+  return c, model, model_lib.model_config(c), params, plan
 
 
 def test_analytic_flops_match_xla_cost_analysis():

@@ -1,0 +1,70 @@
+"""Two processes on localhost (CPU collectives) write the same tables and retrieve
+the same proponents as one process."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tda import tables as tables_lib
+from tda import workdir as wd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/trackstar_tiny.py:runlocal"
+# Small shards so both processes own several; methods that need both variants.
+OVERRIDES = ["--config.tables.rows_per_shard=16",
+             "--config.eval.methods=('exp2','trackstar','bm25')"]
+
+
+def _env(**extra):
+  return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _run(workdir, stages, **env):
+  return subprocess.Popen([sys.executable, "-m", "tda.run", f"--config={CONFIG}",
+                           f"--workdir={workdir}", f"--config.stages={stages}", *OVERRIDES],
+                          cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(p):
+  out, _ = p.communicate(timeout=900)
+  assert p.returncode == 0, out[-4000:]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  _wait(_run(one, "world,vocab,train,model_eval"))
+  shutil.copytree(one, two)
+  stages = "gradients,tables,retrieval"
+  _wait(_run(one, stages))
+  port = _free_port()
+  procs = [_run(two, stages, TDA_COORDINATOR=f"localhost:{port}", TDA_NUM_PROCESSES="2",
+                TDA_PROCESS_ID=str(i)) for i in range(2)]
+  for p in procs:
+    _wait(p)
+  for name in ("exp2", "trackstar"):
+    t1 = tables_lib.Table.open(os.path.join(one, "tables", name))
+    t2 = tables_lib.Table.open(os.path.join(two, "tables", name))
+    writers = {info["process_index"] for info in t2.shard_infos}
+    assert len(t2.shard_infos) >= 4 and writers == {0, 1}, t2.shard_infos
+    ids1, x1 = t1.read_all()
+    ids2, x2 = t2.read_all()
+    assert ids1 == ids2
+    np.testing.assert_allclose(x2, x1, rtol=1e-5, atol=1e-6)
+    t2.verify()
+  for m in ("exp2", "trackstar", "bm25"):
+    r1 = wd.read_json(os.path.join(one, "retrieval", f"{m}.json"))
+    r2 = wd.read_json(os.path.join(two, "retrieval", f"{m}.json"))
+    assert r1["top_ids"] == r2["top_ids"] and r1["bottom_ids"] == r2["bottom_ids"]
+  s2 = wd.read_json(os.path.join(two, "gradients", "summary.json"))
+  assert s2["processes"] == 2
