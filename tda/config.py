@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.warmup_steps = 40
   t.steps = 400
   t.batch_size = 32
+  t.length_group = 8             # Batches of similar-length passages (0: uniform batches).
   t.min_dim_size_to_factor = 128
   t.adafactor_decay_rate = 0.8
   t.adam_b1 = 0.9

@@ -242,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   tokens_seen = 0
   for step in range(state.step, t.steps):
     batch = data_lib.batch_at(tokens_nt=tokens_nt, step=step, batch_size=t.batch_size,
-                              seed=config.seed)
+                              seed=config.seed, length_group=t.length_group)
     # Trailing padding changes nothing in a causal LM: drop it, at a few lengths.
     batch = batch[:, :int(model_lib.bucket_lengths(np.array([(batch != 0).sum(1).max()]),
                                          multiple=32, max_len=batch.shape[1])[0])]

@@ -280,3 +280,19 @@ def test_c4_task_on_mock_data_resumes_exactly(world):
   assert len(shuf[0]) == 10
   np.testing.assert_array_equal(np.stack(shuf[0][4:]), np.stack(shuf[1]))
   assert not np.array_equal(np.stack(shuf[0]), np.stack(full))
+
+
+def test_length_grouped_batches_cover_each_example_once_per_epoch_and_resume():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(5, 120, size=50)
+  nb = 50 // 4
+  epoch0 = [data.length_grouped_indices(lengths_n=lengths, step=s, batch_size=4, seed=3, group=3)
+            for s in range(nb)]
+  flat = np.concatenate(epoch0)
+  assert len(set(flat.tolist())) == len(flat) == nb * 4  # No row twice within an epoch.
+  spread = np.mean([np.ptp(lengths[b]) for b in epoch0])
+  uniform = np.mean([np.ptp(lengths[data.batch_indices(n=50, step=s, batch_size=4, seed=3)])
+                     for s in range(nb)])
+  assert spread < 0.6 * uniform  # Similar lengths per batch.
+  again = data.length_grouped_indices(lengths_n=lengths, step=7, batch_size=4, seed=3, group=3)
+  np.testing.assert_array_equal(again, epoch0[7])  # A pure function of the step.
