@@ -1,32 +1,12 @@
-"""TrackStar on a 154M-parameter PaLM-style model (the paper's smallest scale).
+"""TrackStar on a 154M-parameter PaLM-style model (the paper's smallest scale) over C4.
 
-Shapes only differ from trackstar_8b; see that file for the data and mesh set-up.
+`:runlocal` shrinks it to run on a laptop CPU. See trackstar_8b.py for the full set-up.
 """
 
 from tda import config as config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  c.name = "trackstar_154m"
-  c.data.source = "c4"
-  c.data.vocab_size = 256_000
-  c.data.seq_len = 2048
-  m = c.model
-  m.d_model, m.n_layers, m.n_heads, m.head_dim, m.n_kv_heads = 512, 8, 8, 64, 1
-  m.d_ff, m.max_len, m.dtype = 1536, 2048, "bfloat16"
-  c.gradients.pooling = "block"
-  c.gradients.layers_per_block = 2
-  c.gradients.groups = ("attn_in", "attn_out", "mlp_in", "mlp_out")
-  c.gradients.embed_block = "first"
-  c.gradients.k_in = c.gradients.k_out = 64
-  c.hessian.lambda_ = 0.9
-  c.tables.dtype = "bfloat16"
-  c.tables.rows_per_shard = 1 << 20
-  c.index.method = "scann"
-  c.eval.trend_steps = ()
-  if arg == "runlocal":
-    c.data.vocab_size, c.data.seq_len, m.max_len = 2048, 128, 128
-    m.d_model, m.n_layers, m.d_ff, m.dtype = 64, 2, 128, "float32"
-    c.gradients.k_in = c.gradients.k_out = 8
-  return config_lib.finalize(c)
+  return config_lib.finalize(config_lib.c4_scale_config(
+      name="trackstar_154m", d_model=512, n_layers=8, n_heads=8, head_dim=64, d_ff=1536,
+      layers_per_block=2, model_axis=1, runlocal=arg == "runlocal"))

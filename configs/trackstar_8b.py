@@ -24,35 +24,17 @@ from tda import config as config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  c.name = "trackstar_8b"
-  c.data.source = "c4"
-  c.data.vocab_size = 256_000
-  c.data.seq_len = 2048
+  c = config_lib.c4_scale_config(
+      name="trackstar_8b", d_model=4096, n_layers=32, n_heads=16, head_dim=256, d_ff=14336,
+      layers_per_block=8, model_axis=16, runlocal=False)
   c.data.vocab_path = None   # Set to the model's SentencePiece file for a real run.
   c.world.source = "byo"     # T-REx facts/sentences from the released files.
-  m = c.model
-  m.d_model, m.n_layers, m.n_heads, m.head_dim, m.n_kv_heads = 4096, 32, 16, 256, 1
-  m.d_ff, m.max_len = 14336, 2048
-  m.dtype, m.param_dtype, m.remat = "bfloat16", "float32", True
-  g = c.gradients
-  g.pooling, g.layers_per_block = "block", 8
-  g.groups = ("attn_in", "attn_out", "mlp_in", "mlp_out")
-  g.embed_block = "first"
-  g.k_in = g.k_out = 64
-  g.batch_size = 256
-  g.length_bucket = 256
+  m, g, ix = c.model, c.gradients, c.index
+  m.remat = True
+  g.batch_size, g.length_bucket = 256, 256
   c.hessian.train_samples = 1_000_000
   c.hessian.lambda_ = 0.99
-  c.tables.dtype = "bfloat16"
-  c.tables.rows_per_shard = 1 << 20
-  ix = c.index
-  ix.method = "scann"
-  c.eval.trend_steps = ()
-  ix.num_leaves = 1000
-  ix.num_leaves_to_search = 50
-  ix.reorder = 1000
-  c.mesh.axes = (("data", -1), ("model", 16))
+  ix.num_leaves, ix.num_leaves_to_search, ix.reorder = 1000, 50, 1000
   c.eval.methods = ("trackstar", "bm25")
   if arg == "runlocal":
     c.world.source = "synthetic"

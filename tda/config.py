@@ -165,10 +165,54 @@ def base_config() -> ml_collections.ConfigDict:
   ev.dense_model = "all-MiniLM-L6-v2"
   ev.trend_steps = (100, 200)    # Earlier checkpoints for the model-quality trend ((): none).
 
+  # --- Cost planning (tda.plan) -------------------------------------------
+  c.plan = pl = ml_collections.ConfigDict()
+  pl.rows = _int()               # Rows to featurise; None: 365M if data.source == 'c4'.
+  pl.mean_tokens = _float()      # None: 160e9 / 365e6 for c4, else data.seq_len.
+  pl.mfu = 0.4                   # Share of peak bf16 FLOP/s assumed.
+  pl.queries = 5000              # Queries for the retrieval estimate.
+  pl.topology = "v5e-256"        # Chip for estimates (tda.compile_check.TOPOLOGIES).
+
   # --- Sharding (tda.sharding) --------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = (("data", -1), ("model", 1))
 
+  return c
+
+
+def c4_scale_config(*, name: str, d_model: int, n_layers: int, n_heads: int, head_dim: int,
+                    d_ff: int, layers_per_block: int, model_axis: int,
+                    runlocal: bool) -> ml_collections.ConfigDict:
+  """The paper's setting for a PaLM-shaped model over C4 (unlocked; caller finalizes).
+
+  bf16 compute, 256k vocab, 2048-token passages, the paper's block pooling into
+  64 × 64 blocks (attention and MLP, in and out apart; embedding pooled into block 0),
+  λ = 0.9, bfloat16 tables of 2^20 rows, ScaNN retrieval. `runlocal` shrinks the
+  model and data so the same config runs on a laptop CPU.
+  """
+  c = base_config()
+  c.name = name
+  c.data.source = "c4"
+  c.data.vocab_size, c.data.seq_len = 256_000, 2048
+  m = c.model
+  m.d_model, m.n_layers, m.n_heads, m.head_dim, m.n_kv_heads = (
+      d_model, n_layers, n_heads, head_dim, 1)
+  m.d_ff, m.max_len, m.dtype = d_ff, 2048, "bfloat16"
+  g = c.gradients
+  g.pooling, g.layers_per_block = "block", layers_per_block
+  g.groups = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+  g.embed_block = "first"
+  g.k_in = g.k_out = 64
+  c.hessian.lambda_ = 0.9
+  c.tables.dtype, c.tables.rows_per_shard = "bfloat16", 1 << 20
+  c.index.method = "scann"
+  c.eval.trend_steps = ()
+  c.mesh.axes = (("data", -1), ("model", model_axis))
+  if runlocal:
+    c.data.vocab_size, c.data.seq_len, m.max_len = 2048, 128, 128
+    m.d_model, m.n_layers, m.d_ff, m.dtype = 64, 2, 128, "float32"
+    g.k_in = g.k_out = 8
+    c.mesh.axes = (("data", -1), ("model", 1))
   return c
 
 
