@@ -64,17 +64,7 @@ def load_results(*, workdir: str) -> dict[str, list[dict[str, Any]]]:
         "stage first, or point --workdir at a run that has results/proponents/.")
   out = {}
   for path in paths:
-    method = os.path.basename(path)[:-len(".jsonl")]
-    rows = []
-    with open(path) as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-    out[method] = rows
+    out[os.path.basename(path)[:-len(".jsonl")]] = workdir_lib.read_jsonl(path)
   return out
 
 

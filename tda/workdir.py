@@ -119,6 +119,17 @@ def write_jsonl(path: str, rows) -> None:
   os.replace(tmp, path)
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
+def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed value) of each non-blank line; bad JSON names path:line."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        yield lineno, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: bad JSON: {e.msg}") from e
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  return [row for _, row in iter_jsonl(path)]

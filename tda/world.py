@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import os
 import random
 import re
@@ -632,20 +631,13 @@ def _read_jsonl(path: str, what: str, required: Sequence[str]) -> list[dict[str,
   if not os.path.exists(path):
     raise FileNotFoundError(f"load_byo: {what} file {path} does not exist")
   rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: bad JSON in the {what} file: {e.msg}") from e
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-      missing = [k for k in required if k not in row]
-      if missing:
-        raise ValueError(f"{path}:{lineno}: {what} row lacks field(s) {missing}")
-      rows.append({**row, "_line": lineno})
+  for lineno, row in workdir_lib.iter_jsonl(path):
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in required if k not in row]
+    if missing:
+      raise ValueError(f"{path}:{lineno}: {what} row lacks field(s) {missing}")
+    rows.append({**row, "_line": lineno})
   return rows
 
 
