@@ -147,12 +147,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.index = ix = ml_collections.ConfigDict()
   ix.method = "exact"            # 'exact' | 'scann'
   ix.k = 10
-  ix.num_leaves = _int()         # None: derived from the row count.
+  # ScaNN (per table shard); None: derived from the shard's row count (see
+  # tda.index.ScannIndex.build). scripts/bench_retrieval.py measures the trade-off.
+  ix.num_leaves = _int()
   ix.num_leaves_to_search = _int()
-  ix.dims_per_block = 2
-  ix.aq_threshold = 0.2
-  ix.reorder = _int()
+  ix.dims_per_block = 2          # Asymmetric hashing: 4-bit code per 2 dims.
+  ix.aq_threshold = 0.2          # Anisotropic quantization (score-aware loss).
+  ix.reorder = _int()            # Candidates rescored exactly (float32 dot).
   ix.training_sample_size = _int()
+  ix.soar_lambda = 1.0           # SOAR spilled assignment; None: off.
+  ix.spherical = False           # Spherical k-means for the partition tree.
+  ix.avq = _float()              # Anisotropic k-means for the tree; None: off.
   ix.chunk_rows = 65536
 
   # --- Evaluation (tda.evaluation) ----------------------------------------

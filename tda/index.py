@@ -203,16 +203,23 @@ class ScannIndex:
             num_leaves_to_search: int | None = None, dims_per_block: int = 2,
             aq_threshold: float = 0.2, reorder: int | None = None,
             training_sample_size: int | None = None, soar_lambda: float | None = None,
-            spherical: bool = False) -> "ScannIndex":
+            spherical: bool = False, avq: float | None = None) -> "ScannIndex":
     """Builds a tree (k-means) + asymmetric-hashing index with exact reorder.
 
-    Defaults from the row count n: num_leaves ~ sqrt(n), search ~ 5% of leaves
+    Defaults from the row count n: num_leaves ~ sqrt(n), search 10% of leaves
     (at least 8 when available), training on min(n, 100k) rows, reorder 100
     candidates (raised to 10 k at search time). Below 2,048 rows the index is a
-    brute-force scorer (still exact). `soar_lambda` (e.g. 1.0) turns on SOAR
-    spilled assignment: each row also joins a second, near-orthogonal leaf, which
-    raises recall per searched leaf on spread-out data; `spherical` uses
-    spherical k-means for the tree.
+    brute-force scorer (still exact). `soar_lambda` (the config's default 1.0)
+    turns on SOAR spilled assignment: each row also joins a second leaf chosen
+    to be near-orthogonal in residual, which raises recall per searched leaf;
+    `spherical` uses spherical k-means and `avq` anisotropic k-means for the tree.
+
+    Measured with scripts/bench_retrieval.py (200k synthetic rows, d = 1,024,
+    447 leaves, 2-dim blocks): with 2-dim blocks a reorder of 100 already gives
+    the partition's recall, so the leaves searched set recall@10: 0.93 / 0.97 /
+    0.983 / 0.993 at 4 / 7 / 10 / 15% of leaves with SOAR (λ = 1), 0.95 at 10%
+    without. Spherical k-means, avq and training on every row each moved recall
+    at 10-15% of leaves by at most 0.003.
     """
     x_nd = np.asarray(vectors_nd)
     if x_nd.ndim != 2 or x_nd.shape[0] == 0:
@@ -230,16 +237,16 @@ class ScannIndex:
     else:
       nl = num_leaves or max(2, int(round(math.sqrt(n))))
       nl = min(nl, n)
-      ns = num_leaves_to_search or min(nl, max(8, int(math.ceil(0.05 * nl))))
+      ns = num_leaves_to_search or min(nl, max(8, int(math.ceil(0.10 * nl))))
       ts_ = min(n, training_sample_size or 100_000)
       if not 1 <= ns <= nl:
         raise ValueError(f"num_leaves_to_search must be in [1, {nl}], got {ns}")
       params = {"kind": "tree_ah", "num_leaves": nl, "num_leaves_to_search": ns,
                 "dims_per_block": dims_per_block, "aq_threshold": aq_threshold,
                 "reorder": reorder, "training_sample_size": ts_,
-                "soar_lambda": soar_lambda, "spherical": spherical}
+                "soar_lambda": soar_lambda, "spherical": spherical, "avq": avq}
       searcher = (b.tree(num_leaves=nl, num_leaves_to_search=ns, training_sample_size=ts_,
-                         soar_lambda=soar_lambda, spherical=spherical)
+                         soar_lambda=soar_lambda, spherical=spherical, avq=avq)
                   .score_ah(dims_per_block, anisotropic_quantization_threshold=aq_threshold)
                   .reorder(reorder).build())
     return cls(searcher=searcher, n=n, d=d, params=params)
@@ -328,6 +335,6 @@ def search_table(*, table: Table, queries_qd, k: int, method: str = "scann",
 def index_params_from_config(index_cfg) -> dict:
   """ScannIndex.build keywords from the `index` config section (None: default)."""
   keys = ("num_leaves", "num_leaves_to_search", "dims_per_block", "aq_threshold",
-          "reorder", "training_sample_size", "soar_lambda", "spherical")
+          "reorder", "training_sample_size", "soar_lambda", "spherical", "avq")
   out = {k: index_cfg.get(k, None) for k in keys}
   return {k: v for k, v in out.items() if v is not None}

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jax
 import ml_collections
 
 from tda import compile_check
@@ -217,6 +218,9 @@ def main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
+  # Shapes only (jax.eval_shape): the host CPU backend suffices, and keeps an installed
+  # libtpu from probing for a TPU that a planning machine does not have.
+  jax.config.update("jax_platforms", "cpu")
   cr = None
   if f.compile_report:
     with open(f.compile_report) as fh:

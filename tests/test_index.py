@@ -134,3 +134,41 @@ def test_scann_loads_after_tensorflow_import():
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK 2 2.0" in out.stdout
+
+
+def test_index_config_knobs_reach_scann():
+  from tda import config as config_lib
+  cfg = config_lib.base_config()
+  p = index.index_params_from_config(cfg.index)
+  # Unset (None) knobs are left to the row-count defaults; set ones pass through.
+  assert p == {"dims_per_block": 2, "aq_threshold": 0.2, "soar_lambda": 1.0,
+               "spherical": False}
+  x = _lowrank(5000, 32, 7)
+  q = _unit(x[:10] + 0.3 * _lowrank(10, 32, 8))
+  idx = index.ScannIndex.build(vectors_nd=x, **p)
+  assert idx.params["soar_lambda"] == 1.0
+  assert idx.params["num_leaves_to_search"] == 8  # 10% of 71 leaves, at least 8.
+  s, i = idx.search(q, 5)
+  np.testing.assert_allclose(s, np.einsum("qkd,qd->qk", x[i], q), atol=1e-5)
+
+
+def test_bench_retrieval_small_run(tmp_path):
+  """The benchmark script end to end at toy size: every figure it promises is printed."""
+  out_json = tmp_path / "bench.json"
+  r = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "bench_retrieval.py"), "--rows", "6000",
+       "--dim", "32", "--queries", "50", "--tune_queries", "50", "--rows_per_shard", "2048",
+       "--tmpdir", str(tmp_path), "--json", str(out_json)],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  import json
+  out = json.loads(out_json.read_text())
+  for key in ("scann_recall_at_10", "scann_over_exact_qps", "scann_build_s",
+              "int8_top10_overlap", "int8_size_ratio", "frontier_on_tune_queries"):
+    assert key in out, key
+  assert out["scann_recall_at_10"] >= 0.9
+  assert out["scann_score_max_abs_err"] < 1e-5  # Exact reorder.
+  # d = 32: the per-row scale and the ids weigh more than at d = 1,024 (0.25).
+  assert 0.25 <= out["int8_size_ratio"] < 0.4 and out["int8_top10_overlap"] >= 0.9
+  assert 0.0 < out["data_stats"]["energy_top64"] <= 1.0 + 1e-6
+  assert not list(tmp_path.glob("bench_tables_*"))  # Tables removed after.
