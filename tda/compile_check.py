@@ -230,6 +230,16 @@ def is_oom(err: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg
 
 
+def hbm_limit_from_error(msg: str) -> float | None:
+  """The HBM bytes XLA may use per chip, as its compile-time OOM message states it.
+
+  v5e reports "... available HBM (15.75G)"; v4 "Used 31.04G of 30.75G hbm".
+  """
+  m = (re.search(r"available HBM \(([\d.]+)G\)", msg) or
+       re.search(r"Used [\d.]+G of ([\d.]+)G hbm", msg))
+  return float(m.group(1)) * GIB if m else None
+
+
 def compile_report(lowered, *, hbm_bytes: float | None) -> dict[str, Any]:
   """Compiles; per-chip memory and FLOPs, or `fits: False` with XLA's reason."""
   t0 = time.time()
@@ -240,9 +250,8 @@ def compile_report(lowered, *, hbm_bytes: float | None) -> dict[str, Any]:
       raise
     line = next((l for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l or
                  "memory" in l), str(e)[:300])
-    avail = re.search(r"available HBM \(([\d.]+)G\)", str(e))
     return {"fits": False, "error": line.strip()[:400], "compile_s": time.time() - t0,
-            "hbm_available_bytes": float(avail.group(1)) * GIB if avail else None}
+            "hbm_available_bytes": hbm_limit_from_error(str(e))}
   ma = compiled.memory_analysis()
   mem = {f: int(getattr(ma, f + "_size_in_bytes", 0) or 0)
          for f in ("argument", "output", "temp", "generated_code", "alias")}
@@ -413,7 +422,9 @@ def format_report(report: dict[str, Any]) -> str:
            f"{report['hbm_gib']} GiB; jax {report['jax']}, libtpu {report['libtpu']})"]
   for name, r in report["steps"].items():
     if not r["fits"]:
-      lines.append(f"  {name:9s} DOES NOT FIT: {r.get('error', 'over HBM')}")
+      why = r.get("error") or (f"compiles, but needs {_size(r['total_bytes'])} per chip "
+                               f"of {report['hbm_gib']} GiB HBM")
+      lines.append(f"  {name:9s} DOES NOT FIT: {why}")
       continue
     m = r["memory_bytes"]
     lines.append(

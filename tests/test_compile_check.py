@@ -128,7 +128,25 @@ def test_oom_is_a_does_not_fit_result():
   assert rep["hbm_available_bytes"] == 15.75 * GIB  # v5e: what XLA may use of 16 GiB.
 
 
+def test_hbm_limit_parsed_from_both_oom_message_forms():
+  v4 = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. "
+        "Ran out of memory in memory space hbm. Used 31.04G of 30.75G hbm. Exceeded hbm "
+        "capacity by 305.55M.")
+  assert cc.hbm_limit_from_error(v4) == 30.75 * GIB
+  assert cc.hbm_limit_from_error("... exceeds the available HBM (15.75G) ...") == 15.75 * GIB
+  assert cc.hbm_limit_from_error("RESOURCE_EXHAUSTED: something else") is None
+
+
 @needs_libtpu
 def test_8b_mesh_on_too_small_slice_is_a_clear_error():
   with pytest.raises(ValueError, match="does not divide the 4 available devices"):
     cc.check(config=trackstar_8b.get_config(), topology_name="v5e-4", steps=("r_step",))
+
+
+def test_report_names_why_a_step_does_not_fit():
+  base = {"config": "c", "topology": "v5e-256", "chips": 256, "device_kind": "TPU v5 lite",
+          "mesh": {"data": 16, "model": 16}, "hbm_gib": 16.0, "jax": "x", "libtpu": "y"}
+  over = {**base, "steps": {"gradients": {"fits": False, "total_bytes": 16.96 * GIB}}}
+  assert "needs 16.96 GiB per chip of 16.0 GiB HBM" in cc.format_report(over)
+  oom = {**base, "steps": {"gradients": {"fits": False, "error": "RESOURCE_EXHAUSTED: x"}}}
+  assert "DOES NOT FIT: RESOURCE_EXHAUSTED: x" in cc.format_report(oom)
