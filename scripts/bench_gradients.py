@@ -42,6 +42,7 @@ def main(argv):
   import jax
   import numpy as np
   from tda import correction as corr_lib
+  from tda import featurize
   from tda import gradients as grad_lib
   from tda import model as model_lib
   from tda import projection as proj
@@ -63,9 +64,7 @@ def main(argv):
   for _ in range(3):  # A real (non-zero) Adafactor state.
     params, opt_state, _ = step(params, opt_state, tokens)
 
-  plan = proj.make_plan(param_shapes=params, pooling=g.pooling, k_in=g.k_in, k_out=g.k_out,
-                        layers_per_block=g.layers_per_block, groups=g.groups,
-                        embed_block=g.embed_block)
+  plan = featurize.plan_from_config(config, params)
   mats = proj.plan_matrices(seed=g.seed, plan=plan)
   corrs = corr_lib.member_corrections(opt_state=opt_state, plan=plan, eps=g.eps)
   kinds, arrays = grad_lib.correction_kinds(corrs), grad_lib.correction_arrays(corrs)

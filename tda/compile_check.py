@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tda import correction as corr_lib
+from tda import featurize
 from tda import gradients as grad_lib
 from tda import model as model_lib
 from tda import projection as proj
@@ -142,13 +143,9 @@ def _abstract(tree, shardings):
 
 def model_and_plan(config: ml_collections.ConfigDict):
   """(model, abstract params, projection plan) as `tda.featurize` builds them."""
-  g = config.gradients
   model = model_lib.Transformer(model_lib.model_config(config))
   params = model_lib.param_shapes(model, config.data.seq_len)
-  plan = proj.make_plan(param_shapes=params, pooling=g.pooling, k_in=g.k_in, k_out=g.k_out,
-                        layers_per_block=g.layers_per_block, groups=g.groups,
-                        embed_block=g.embed_block)
-  return model, params, plan
+  return model, params, featurize.plan_from_config(config, params)
 
 
 def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int):

@@ -63,12 +63,18 @@ class Engine:
   correction_counts: dict[str, int]
 
 
+def plan_from_config(config, param_shapes) -> proj.Plan:
+  """The projection plan the `gradients` config section asks for, over these params."""
+  g = config.gradients
+  return proj.make_plan(param_shapes=param_shapes, pooling=g.pooling, k_in=g.k_in,
+                        k_out=g.k_out, layers_per_block=g.layers_per_block,
+                        groups=g.groups, embed_block=g.embed_block)
+
+
 def make_engine(config, *, model, state, variants=None) -> Engine:
   """The kernel set-up for one checkpoint (model, params and optimizer state)."""
   g = config.gradients
-  plan = proj.make_plan(param_shapes=state.params, pooling=g.pooling, k_in=g.k_in,
-                        k_out=g.k_out, layers_per_block=g.layers_per_block,
-                        groups=g.groups, embed_block=g.embed_block)
+  plan = plan_from_config(config, state.params)
   mats = proj.plan_matrices(seed=g.seed, plan=plan)
   corrs = (corr_lib.member_corrections(opt_state=state.opt_state, plan=plan, eps=g.eps,
                                        adam_v=g.adam_v) if g.correction else None)
@@ -160,7 +166,8 @@ def run_gradients_stage(ctx) -> dict[str, Any]:
       "d": eng.plan.dim, "blocks": [(b.name, b.dim, len(b.members)) for b in eng.plan.blocks],
       "lambda": whiteners.lam, "num_queries": len(queries.ids),
       "train_samples": int(len(sample)), "bad_query_ids": q["bad_ids"],
-      "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(), "correction_members": eng.correction_counts,
+      "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(),
+      "correction_members": eng.correction_counts,
       "checkpoint_step": eng.step, "kernel": config.gradients.kernel,
       "timings_s": {"queries": t_q, "train_sample": t_p, "hessian": t_h},
   }
