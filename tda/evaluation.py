@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from tda import config as config_lib
+from tda import methods as methods_lib
 from tda import model_eval
 from tda import report
 from tda import retrieval
@@ -45,7 +46,7 @@ def tailpatch_sample(*, n_queries: int, n: int, seed: int) -> np.ndarray:
 def run_stage(ctx) -> dict[str, Any]:
   config, workdir = ctx.config, ctx.workdir
   ev = config.eval
-  retrieval.check_methods(ev.methods)
+  methods_lib.check(ev.methods)
   fingerprint = {"eval": ev.to_dict(), "retrieval": wd.committed(workdir, retrieval.STAGE)}
   if wd.check_fingerprint(workdir, STAGE, fingerprint):
     return wd.read_json(os.path.join(wd.stage_dir(workdir, STAGE), "metrics.json"))
@@ -79,7 +80,7 @@ def run_stage(ctx) -> dict[str, Any]:
     r = rankings[m]
     abs_qk, rel_qk = tp[m]
     methods[m] = report.MethodResult(
-        name=m, family="baseline" if m in retrieval.BASELINES else "gradient",
+        name=m, family=methods_lib.get(m).family,
         query_ids=list(queries.ids), top_ids=r["top_ids"],
         top_scores=np.asarray(r["top_scores"], np.float32), bottom_ids=r["bottom_ids"],
         bottom_scores=np.asarray(r["bottom_scores"], np.float32),

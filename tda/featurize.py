@@ -33,6 +33,7 @@ from tda import correction as corr_lib
 from tda import distributed
 from tda import gradients as grad_lib
 from tda import hessian
+from tda import methods as methods_lib
 from tda import projection as proj
 from tda import sharding
 from tda import tables as tables_lib
@@ -43,15 +44,7 @@ GRADIENTS, TABLES = "gradients", "tables"
 
 
 def gradient_methods(config) -> list[str]:
-  return [m for m in config.eval.methods if m in hessian.METHODS]
-
-
-def table_groups(methods: list[str]) -> dict[str, list[str]]:
-  """Table name -> methods served by it (same MethodSpec, same table)."""
-  groups: dict[Any, list[str]] = {}
-  for m in methods:
-    groups.setdefault(hessian.method_spec(m), []).append(m)
-  return {ms[0]: ms for ms in groups.values()}
+  return methods_lib.gradient(config.eval.methods)
 
 
 @dataclasses.dataclass
@@ -107,12 +100,11 @@ def _fingerprint(ctx) -> dict[str, Any]:
 
 def _variants(config) -> list[str]:
   """The gradient variants the configured methods need."""
-  return [v for v in ("raw", "corrected")
-          if any(hessian.method_spec(m).variant == v for m in gradient_methods(config))]
+  return methods_lib.variants(config.eval.methods)
 
 
 def _need_correction(methods) -> bool:
-  return any(hessian.method_spec(m).correction for m in methods)
+  return any(methods_lib.switches(m).correction for m in methods)
 
 
 def run_gradients_stage(ctx) -> dict[str, Any]:
@@ -120,7 +112,7 @@ def run_gradients_stage(ctx) -> dict[str, Any]:
   methods = gradient_methods(config)
   if _need_correction(methods) and not config.gradients.correction:
     raise ValueError("gradients.correction is off but methods "
-                     f"{[m for m in methods if hessian.method_spec(m).correction]} need it")
+                     f"{[m for m in methods if methods_lib.switches(m).correction]} need it")
   fingerprint = _fingerprint(ctx)
   sdir = wd.stage_dir(workdir, GRADIENTS)
   if wd.check_fingerprint(workdir, GRADIENTS, fingerprint):
@@ -177,11 +169,11 @@ def run_gradients_stage(ctx) -> dict[str, Any]:
       np.save(os.path.join(tmp, f"r_train_{v}.npy"), r_train[v].astype(np.float32))
       np.save(os.path.join(tmp, f"r_eval_{v}.npy"), r_eval[v].astype(np.float32))
     np.save(os.path.join(tmp, "query_loss.npy"), q["loss"])
-    for table, ms in table_groups(methods).items():
+    for table, ms in methods_lib.table_groups(methods).items():
       w = whiteners.matrices[table]
       if w is not None:
         np.save(os.path.join(tmp, f"whitener_{table}.npy"), w)
-      final = whiteners.transform(method=table, vectors_nd=q[hessian.method_spec(table).variant])
+      final = whiteners.transform(method=table, vectors_nd=q[methods_lib.switches(table).variant])
       np.save(os.path.join(tmp, f"queries_final_{table}.npy"), final)
     wd.write_json(os.path.join(tmp, "query_ids.json"), queries.ids)
     wd.write_json(os.path.join(tmp, "summary.json"), summary)
@@ -213,7 +205,7 @@ def table_path(workdir: str, table: str) -> str:
 def run_tables_stage(ctx) -> dict[str, Any]:
   config, workdir = ctx.config, ctx.workdir
   methods = gradient_methods(config)
-  groups = table_groups(methods)
+  groups = methods_lib.table_groups(methods)
   fingerprint = {**_fingerprint(ctx), "tables": config.tables.to_dict()}
   sdir = wd.stage_dir(workdir, TABLES)
   if wd.committed(workdir, TABLES) is not None:
@@ -243,7 +235,7 @@ def run_tables_stage(ctx) -> dict[str, Any]:
     f = eng.featurizer(tokens_nt=tok, mask_nt=(tok != 0).astype(np.float32), ids=ids)
     bad_ids += f["bad_ids"]
     for name, w in writers.items():
-      spec = hessian.method_spec(name)
+      spec = methods_lib.switches(name)
       x = hessian.apply(vectors_nd=f[spec.variant], whitener=whiteners[name], unit=spec.unit)
       x[f["bad_rows"]] = 0.0
       w.write(x, ids, start_row=lo)

@@ -37,40 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-R_NONE, R_TRAIN, R_MIXED = "none", "train", "mixed"
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-  """One row of DESIGN.md's ablation table."""
-  correction: bool   # Divide by sqrt(V) (optimizer second moment).
-  r: str             # 'none' | 'train' | 'mixed'
-  unit: bool         # Unit-normalise after whitening (score = cosine).
-
-  @property
-  def variant(self) -> str:
-    return "corrected" if self.correction else "raw"
-
-
-# DESIGN.md §2 ablation table; 'trackstar_no_task_r' is TrackStar with R_train
-# only, which by that table's columns is the same computation as Exp. 5.
-METHODS = {
-    "trak": MethodSpec(False, R_TRAIN, False),
-    "exp1": MethodSpec(False, R_NONE, False),
-    "exp2": MethodSpec(False, R_NONE, True),
-    "exp3": MethodSpec(False, R_TRAIN, True),
-    "exp4": MethodSpec(True, R_NONE, True),
-    "exp5": MethodSpec(True, R_TRAIN, True),
-    "trackstar_no_task_r": MethodSpec(True, R_TRAIN, True),
-    "trackstar": MethodSpec(True, R_MIXED, True),
-}
-
-
-def method_spec(name: str) -> MethodSpec:
-  if name not in METHODS:
-    raise ValueError(f"unknown method {name!r}; known gradient methods: {sorted(METHODS)}")
-  return METHODS[name]
-
+from tda import methods as methods_lib
 
 @jax.jit
 def _gram(x_nd):
@@ -154,7 +121,7 @@ class Whiteners:
 
   def transform(self, *, method: str, vectors_nd: np.ndarray) -> np.ndarray:
     return apply(vectors_nd=vectors_nd, whitener=self.matrices[method],
-                 unit=method_spec(method).unit)
+                 unit=methods_lib.switches(method).unit)
 
 
 def build_whiteners(*, methods: Sequence[str], r_train: dict[str, np.ndarray],
@@ -164,7 +131,7 @@ def build_whiteners(*, methods: Sequence[str], r_train: dict[str, np.ndarray],
   """Whitening matrix per method; shared R^{-1/2} computed once per (variant, R).
 
   Args:
-    methods: method names (keys of METHODS).
+    methods: gradient method names (`tda.methods`).
     r_train, r_eval: per variant ('raw'/'corrected'), mean autocorrelations.
     lam: λ or 'auto' (module docstring); auto is chosen on the corrected variant.
     damping, top_k, overlap, block_sizes: see `inv_sqrt`, `auto_lambda`.
@@ -173,13 +140,13 @@ def build_whiteners(*, methods: Sequence[str], r_train: dict[str, np.ndarray],
   chosen = None
   out = {}
   for name in methods:
-    spec = method_spec(name)
-    if spec.r == R_NONE:
+    spec = methods_lib.switches(name)
+    if spec.r == methods_lib.R_NONE:
       out[name] = None
       continue
     key = (spec.variant, spec.r)
     if key not in cache:
-      if spec.r == R_TRAIN:
+      if spec.r == methods_lib.R_TRAIN:
         r = normalized(r_train[spec.variant])
       else:
         if chosen is None:

@@ -28,37 +28,19 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure  # No pyplot: no global state, no GUI backend.
 
+from tda import methods as methods_lib
 from tda import metrics as metrics_lib
 from tda import workdir as workdir_lib
 
 FAMILIES = ("gradient", "baseline")
-# Table rows in the paper's order: (method name, label).
-TABLE_ROWS = (
-    ("bm25", "BM25"),
-    ("dense", "Dense (Gecko stand-in)"),
-    ("trak", "TRAK"),
-    ("exp1", "Exp. 1 (Pruthi et al., 2020)"),
-    ("exp2", "Exp. 2 (Han & Tsvetkov, 2022)"),
-    ("exp3", "Exp. 3 (Choe et al., 2024)"),
-    ("exp4", "Exp. 4 (Akyürek et al., 2022; Xia et al., 2024)"),
-    ("exp5", "Exp. 5"),
-    ("trackstar", "TrackStar"),
-    ("trackstar_no_task_r", "TrackStar w/o task-specific R"),
-)
-# The paper's T-REx numbers (DESIGN.md §2): MRR, recall@10, tail-patch in
-# percentage points of target probability. Dense compares against Gecko.
-PAPER_TREX = {
-    "bm25": (0.592, 0.773, 0.41),
-    "dense": (0.620, 0.794, 0.31),
-    "trak": (0.001, 0.001, -0.02),
-    "exp1": (0.064, 0.114, 0.35),
-    "exp2": (0.266, 0.358, 0.65),
-    "exp3": (0.290, 0.399, 0.85),
-    "exp4": (0.300, 0.413, 0.71),
-    "trackstar": (0.365, 0.496, 0.90),
-}
-LADDER = ("exp1", "exp2", "exp3", "exp4", "exp5", "trackstar")
 TRAK_NEAR_ZERO_MRR = 0.05
+
+
+def _paper(name: str) -> tuple[float | None, float | None, float | None]:
+  """The paper's T-REx (MRR, recall@10, tail-patch pp) of a method, or Nones."""
+  m = methods_lib.METHODS.get(name)
+  return m.paper if m is not None and m.paper is not None else (None, None, None)
+
 _RESERVED = ("methods", "timings_s", "model_eval", "num_queries", "paper_orderings")
 _FACT_KEYS = ("fact_id", "example_id", "relation", "subject", "object",
               "inputs_plaintext", "targets_plaintext", "frequency", "bucket",
@@ -228,7 +210,7 @@ def paper_orderings(*, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str
 
   out = {}
   grad = [m for m, e in methods.items() if e.get("family") == "gradient"]
-  base = [m for m in ("bm25", "dense") if m in methods]
+  base = [m for m, e in methods.items() if e.get("family") == "baseline"]
   if base and grad:
     lo = min(base, key=lambda m: val(m, "mrr"))
     hi = max(grad, key=lambda m: val(m, "mrr"))
@@ -244,12 +226,12 @@ def paper_orderings(*, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str
           f"TrackStar's {label} >= every other gradient method's",
           val("trackstar", key) >= val(best, key),
           {"trackstar": val("trackstar", key), "best_other": {best: val(best, key)}})
-  for b in ("bm25", "dense"):
+  for b in base:
     ts, bv = val("trackstar", "tailpatch_abs"), val(b, "tailpatch_abs")
     if ts is not None and bv is not None:
       out[f"trackstar_tailpatch_gt_{b}"] = _claim(
           f"TrackStar's tail-patch > {b}'s", ts > bv, {"trackstar": ts, b: bv})
-  ladder = [m for m in LADDER if m in methods]
+  ladder = [m for m in methods_lib.LADDER if m in methods]
   for lo, hi in zip(ladder, ladder[1:]):
     weak = lo == "exp5" and hi == "trackstar"  # Paper: exp5 <= trackstar.
     a, b = val(lo, "mrr"), val(hi, "mrr")
@@ -269,9 +251,7 @@ def paper_orderings(*, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str
 # --- Tables -------------------------------------------------------------------
 
 def _rows_in_order(names: Sequence[str]) -> list[tuple[str, str]]:
-  known = [(m, label) for m, label in TABLE_ROWS if m in names]
-  rest = sorted(set(names) - {m for m, _ in TABLE_ROWS})
-  return known + [(m, m) for m in rest]
+  return [(m, methods_lib.label(m)) for m in methods_lib.in_table_order(names)]
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -318,7 +298,7 @@ def write_tables(*, results_dir: str, methods: dict[str, dict[str, Any]],
   md_rows, csv_rows = [], []
   for m, label in order:
     e = methods[m]
-    p = PAPER_TREX.get(m, (None, None, None))
+    p = _paper(m)
     md_rows.append([label, _num(e["mrr"]), _num(e["recall_at_10"]),
                     _pct(e["tailpatch_abs"]), _pct(e["tailpatch_rel"], digits=1),
                     _num(p[0]), _num(p[1]), _pct(p[2], scale=1.0)])

@@ -18,20 +18,12 @@ from typing import Any
 import numpy as np
 
 from tda import featurize
-from tda import hessian
+from tda import methods as methods_lib
 from tda import index as index_lib
 from tda import tables as tables_lib
 from tda import workdir as wd
 
 STAGE = "retrieval"
-BASELINES = ("bm25", "dense")
-
-
-def check_methods(methods) -> None:
-  known = set(hessian.METHODS) | set(BASELINES)
-  unknown = [m for m in methods if m not in known]
-  if unknown:
-    raise ValueError(f"unknown method(s) {unknown} in eval.methods; known: {sorted(known)}")
 
 
 def _ranking(ids_top, s_top, ids_bot, s_bot) -> dict[str, Any]:
@@ -57,7 +49,7 @@ def gradient_rankings(ctx, *, k: int) -> tuple[dict[str, dict[str, Any]], dict[s
                                            "summary.json"))["excluded_ids"])
   gdir = wd.stage_dir(workdir, featurize.GRADIENTS)
   out, timings = {}, {}
-  for table_name, methods in featurize.table_groups(featurize.gradient_methods(config)).items():
+  for table_name, methods in methods_lib.table_groups(config.eval.methods).items():
     t0 = time.time()
     table = tables_lib.Table.open(featurize.table_path(workdir, table_name),
                                   expect=featurize.table_meta(ctx, table_name))
@@ -100,7 +92,7 @@ def baseline_rankings(ctx, *, methods, k: int) -> tuple[dict[str, dict[str, Any]
 
 def run_stage(ctx) -> dict[str, Any]:
   config, workdir = ctx.config, ctx.workdir
-  check_methods(config.eval.methods)
+  methods_lib.check(config.eval.methods)
   fingerprint = {"index": config.index.to_dict(), "methods": list(config.eval.methods),
                  "tables": wd.committed(workdir, featurize.TABLES)}
   if wd.check_fingerprint(workdir, STAGE, fingerprint):
@@ -108,12 +100,12 @@ def run_stage(ctx) -> dict[str, Any]:
   k = config.index.k
   rankings, timings = gradient_rankings(ctx, k=k)
   base, info = baseline_rankings(
-      ctx, methods=[m for m in config.eval.methods if m in BASELINES], k=k)
+      ctx, methods=methods_lib.baselines(config.eval.methods), k=k)
   rankings.update(base)
   _, queries = ctx.arrays
   summary = {"methods": sorted(rankings), "k": k, "index_method": config.index.method,
-             "timings_s": {**timings, **{m: v for m, v in info.items() if m in BASELINES}},
-             **{k_: v for k_, v in info.items() if k_ not in BASELINES}}
+             "timings_s": {**timings, **{m: v for m, v in info.items() if m in rankings}},
+             **{k_: v for k_, v in info.items() if k_ not in rankings}}
   with wd.atomic_stage(workdir, STAGE, fingerprint) as tmp:
     wd.write_json(os.path.join(tmp, "query_ids.json"), queries.ids)
     for m, r in rankings.items():

@@ -29,13 +29,11 @@ from typing import Any, Iterable, Sequence
 from absl import app
 from absl import flags
 
+from tda import methods as methods_lib
 from tda import workdir as workdir_lib
 
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "viewer_template.html")
-# Methods listed first in the selectors, in this order; others follow by name.
-METHOD_ORDER = ("trackstar", "bm25", "dense", "gecko", "exp5", "exp4", "exp3",
-                "exp2", "exp1", "trak")
 REQUIRED_FIELDS = ("example_id", "inputs_plaintext", "targets_plaintext",
                    "proponents", "proponent_ids", "proponent_scores")
 # Query-level fields that must agree between method files of the same query.
@@ -69,8 +67,7 @@ def load_results(*, workdir: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def _sorted_methods(methods: Iterable[str]) -> list[str]:
-  rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-  return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
+  return methods_lib.in_viewer_order(methods)
 
 
 def _round_score(x: Any) -> float | None:

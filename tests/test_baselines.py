@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tda import baselines
+from tda import methods as methods_lib
 
 # Each query's fact is stated by exactly one passage (the planted one); the rest
 # share names, cities or the relation with it, so retrieval has to match jointly.
@@ -123,7 +124,7 @@ def test_select_top_bottom_matches_lexsort_reference_with_many_ties():
     (dict(passage_ids=["a", "a"], passage_texts=["x", "y"], query_texts=["x"], k=1),
      "not unique"),
 ])
-@pytest.mark.parametrize("method", baselines.METHODS)
+@pytest.mark.parametrize("method", methods_lib.baselines(methods_lib.METHODS))
 def test_bad_inputs_raise(method, kwargs, match):
   # Input checks run before the dense model is touched, so this needs no extra.
   with pytest.raises(ValueError, match=match):
@@ -131,7 +132,7 @@ def test_bad_inputs_raise(method, kwargs, match):
 
 
 def test_unknown_method_raises():
-  with pytest.raises(ValueError, match="unknown baseline method 'bm26'"):
+  with pytest.raises(ValueError, match="unknown method 'bm26'"):
     baselines.run_baseline(method="bm26", passage_ids=IDS, passage_texts=TEXTS,
                            query_texts=QUERIES, k=1)
 

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 
 from tda import hessian
+from tda import methods as methods_lib
+
+GRADIENT = methods_lib.gradient(methods_lib.METHODS)
 
 
 def _data(n=400, d=24, seed=0):
@@ -57,10 +60,10 @@ def test_each_ablation_switch_changes_only_what_it_claims():
   q_raw, q_cor = _data(n=50, seed=3), _data(n=50, seed=4)
   r_train = {"raw": raw.T @ raw / len(raw), "corrected": cor.T @ cor / len(cor)}
   r_eval = {"raw": q_raw.T @ q_raw / 50, "corrected": q_cor.T @ q_cor / 50}
-  wh = hessian.build_whiteners(methods=list(hessian.METHODS), r_train=r_train, r_eval=r_eval,
+  wh = hessian.build_whiteners(methods=GRADIENT, r_train=r_train, r_eval=r_eval,
                                lam=0.9, damping=0.1, top_k=4, overlap=0.9, block_sizes=None)
   x = {"raw": raw[:20], "corrected": cor[:20]}
-  g = {m: wh.transform(method=m, vectors_nd=x[hessian.METHODS[m].variant]) for m in hessian.METHODS}
+  g = {m: wh.transform(method=m, vectors_nd=x[methods_lib.switches(m).variant]) for m in GRADIENT}
   unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
   np.testing.assert_allclose(g["exp1"], raw[:20], rtol=1e-6)             # Nothing applied.
   np.testing.assert_allclose(g["exp2"], unit(raw[:20]), rtol=1e-5)       # + unit norm only.
@@ -71,10 +74,14 @@ def test_each_ablation_switch_changes_only_what_it_claims():
   np.testing.assert_allclose(g["trackstar_no_task_r"], g["exp5"])
   assert not np.allclose(g["trackstar"], g["exp5"])                      # Only R differs...
   assert wh.matrices["trackstar"] is not wh.matrices["exp5"]
-  assert hessian.METHODS["trackstar"].variant == hessian.METHODS["exp5"].variant  # ...not the variant.
+  assert methods_lib.switches("trackstar").variant == methods_lib.switches("exp5").variant  # ...not the variant.
   assert wh.lam == 0.9
 
 
 def test_unknown_method_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown method 'trakk'"):
-    hessian.method_spec("trakk")
+    methods_lib.switches("trakk")
+  with pytest.raises(ValueError, match=r"unknown method\(s\) \['trakk'\] in eval.methods"):
+    methods_lib.check(["trackstar", "trakk"])
+  with pytest.raises(ValueError, match="not a gradient method"):
+    methods_lib.switches("bm25")
