@@ -15,10 +15,6 @@ import ml_collections
 # Paper frequency buckets (DESIGN.md §3): facts stated in 1, 2-3, 4-10, 11-30 passages.
 DEFAULT_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11-30", 11, 30))
 
-# Stages `tda.run` knows, in pipeline order.
-ALL_STAGES = ("world", "vocab", "train", "model_eval", "gradients", "tables",
-              "retrieval", "evaluation", "viewer")
-
 
 def _str():
   """A None default that `--config.x=...` can still override with a str."""
@@ -38,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "base"
   c.seed = 0
-  c.stages = ",".join(ALL_STAGES)  # Comma-separated subset of ALL_STAGES.
+  c.stages = "all"  # 'all', or a comma-separated subset of tda.stages.NAMES.
 
   # --- The embedded fact world (tda.world) -------------------------------
   c.world = w = ml_collections.ConfigDict()
@@ -160,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   ix.avq = _float()              # Anisotropic k-means for the tree; None: off.
   ix.chunk_rows = 65536
 
-  # --- Evaluation (tda.evaluation) ----------------------------------------
+  # --- Evaluation (tda.stages.evaluation) ---------------------------------
   c.eval = ev = ml_collections.ConfigDict()
   ev.methods = ("trak", "exp1", "exp2", "exp3", "exp4", "exp5", "trackstar",
                 "trackstar_no_task_r", "bm25", "dense")

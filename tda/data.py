@@ -41,7 +41,7 @@ except RuntimeError:  # TF already initialised its devices elsewhere.
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 # Bump when the trainer options below change, so old vocab stages conflict.
-_TRAINER_VERSION = 1
+TRAINER_VERSION = 1
 _SPLIT = "train"
 # Smallest useful vocab: 256 byte-fallback pieces + PAD/EOS/UNK + a few pieces.
 _MIN_VOCAB = 300
@@ -98,7 +98,7 @@ def train_vocab(*, texts: Iterable[str], vocab_size: int, model_prefix: str) -> 
   return path
 
 
-def _check_vocab_file(path: str) -> int:
+def check_vocab_file(path: str) -> int:
   """Validates a SentencePiece model follows the seqio ids; returns its size."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"SentencePiece model {path!r} does not exist.")
@@ -109,47 +109,9 @@ def _check_vocab_file(path: str) -> int:
   return sp.get_piece_size()
 
 
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def build_vocab(config, workdir: str) -> str:
-  """Stage 'vocab': the SentencePiece model path to use for this run.
-
-  `data.vocab_path` set: validated and used as is (nothing written). Else a
-  vocab is trained on `<workdir>/world/passages.jsonl` into
-  `<workdir>/vocab/spm.model`, committed atomically; a rerun with the same
-  passages and size skips, a different one raises `WorkdirConflict`.
-  """
-  vocab_path, vocab_size = config.data.vocab_path, config.data.vocab_size
-  if vocab_path:
-    _check_vocab_file(vocab_path)
-    return vocab_path
-  passages = os.path.join(workdir, "world", "passages.jsonl")
-  if not os.path.isfile(passages):
-    raise FileNotFoundError(f"{passages} not found: run the 'world' stage first "
-                            "or set data.vocab_path.")
-  fingerprint = {"vocab_size": vocab_size, "passages_sha256": _file_sha256(passages),
-                 "trainer_version": _TRAINER_VERSION}
-  out = os.path.join(wd.stage_dir(workdir, "vocab"), "spm.model")
-  if wd.check_fingerprint(workdir, "vocab", fingerprint):
-    logging.info("vocab: committed with the same fingerprint, reusing %s", out)
-    return out
-  with wd.atomic_stage(workdir, "vocab", fingerprint) as tmp:
-    path = train_vocab(texts=(r["text"] for r in wd.read_jsonl(passages)),
-                       vocab_size=vocab_size, model_prefix=os.path.join(tmp, "spm"))
-    wd.write_json(os.path.join(tmp, "vocab_info.json"),
-                  {"piece_size": _check_vocab_file(path), "requested": vocab_size})
-  return out
-
-
 def get_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
   """The seqio vocabulary of a SentencePiece model file (validated)."""
-  _check_vocab_file(path)
+  check_vocab_file(path)
   return seqio.SentencePieceVocabulary(path)
 
 
@@ -223,7 +185,7 @@ def register_world_tasks(*, world_dir: str, vocab_path: str) -> dict[str, str]:
   """
   world_dir = os.path.abspath(world_dir)
   vocab = get_vocabulary(vocab_path)
-  h = _short_hash(world_dir, _file_sha256(vocab_path))
+  h = _short_hash(world_dir, wd.file_sha256(vocab_path))
   corpus = _register(
       f"tda_world_corpus_{h}",
       source=seqio.FunctionDataSource(
@@ -255,7 +217,7 @@ def register_c4_task(*, vocab_path: str, tfds_name: str,
                      tfds_data_dir: str | None = None) -> str:
   """Registers the C4 pretraining task (TFDS "text" -> "targets" + EOS)."""
   vocab = get_vocabulary(vocab_path)
-  h = _short_hash(tfds_name, str(tfds_data_dir), _file_sha256(vocab_path))
+  h = _short_hash(tfds_name, str(tfds_data_dir), wd.file_sha256(vocab_path))
   return _register(
       f"tda_c4_{h}",
       source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir),
@@ -376,11 +338,10 @@ def tokenized_queries(*, task_name: str, seq_len: int,
                      target_lens=np.array([len(t) for t in targets], np.int32))
 
 
-def load_world(config, workdir: str, vocab_path: str) -> tuple[CorpusArrays, QueryArrays]:
-  """Stage helper: registers the world tasks and returns corpus and query arrays."""
-  seq_len = config.data.seq_len
-  names = register_world_tasks(world_dir=os.path.join(workdir, "world"),
-                               vocab_path=vocab_path)
+def world_arrays(*, world_dir: str, vocab_path: str,
+                 seq_len: int) -> tuple[CorpusArrays, QueryArrays]:
+  """A committed world's corpus and query arrays, tokenised through its seqio tasks."""
+  names = register_world_tasks(world_dir=world_dir, vocab_path=vocab_path)
   return (tokenized_corpus(task_name=names["corpus"], seq_len=seq_len),
           tokenized_queries(task_name=names["queries"], seq_len=seq_len))
 

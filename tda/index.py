@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tda import config as config_lib
 from tda import sharding
 from tda.tables import Table, TableError
 
-# Defaults of the `index` config section (see the report snippet).
-DEFAULT_CHUNK_ROWS = 16_384
+# Rows scored per step when a caller gives none: the `index.chunk_rows` config default.
+DEFAULT_CHUNK_ROWS = config_lib.base_config().index.chunk_rows
 _BRUTE_FORCE_BELOW = 2_048  # Fewer rows: a tree/AH index is not worth training.
 
 

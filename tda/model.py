@@ -18,7 +18,7 @@ without those collections costs nothing extra.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -259,3 +259,19 @@ def bucket_lengths(lengths_n, *, multiple: int, max_len: int):
   """
   b = -(-np.maximum(np.asarray(lengths_n), 2) // multiple) * multiple
   return np.minimum(b, max_len)
+
+
+def fixed_batches(n: int, batch: int) -> Iterator[tuple[slice, int]]:
+  """(rows, padding) covering range(n) in order, `batch` rows at a time.
+
+  Every call then runs at one fixed batch shape (nothing recompiles): pad each
+  slice with `pad_rows(x[rows], padding)` and keep the first `rows` outputs.
+  """
+  for s in range(0, n, batch):
+    rows = slice(s, min(s + batch, n))
+    yield rows, batch - (rows.stop - rows.start)
+
+
+def pad_rows(x: np.ndarray, padding: int, value=0) -> np.ndarray:
+  """`x` with `padding` rows of `value` appended on axis 0."""
+  return np.pad(x, ((0, padding),) + ((0, 0),) * (np.ndim(x) - 1), constant_values=value)

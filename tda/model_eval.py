@@ -1,4 +1,4 @@
-"""Model-evaluation stage: does the trained model know each queried fact?
+"""Model evaluation: does the trained model know each queried fact?
 
 `query_accuracy` is greedy exact match of the target: the greedy continuation of
 the prompt equals the target tokens iff at every target position the argmax of
@@ -13,18 +13,13 @@ probability (product over target tokens), and, when `model_eval.num_samples`
 from __future__ import annotations
 
 import collections
-import logging
-import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from tda import model as model_lib
-from tda import workdir as wd
 
 
 def make_scorer(model: model_lib.Transformer):
@@ -87,12 +82,11 @@ def evaluate_queries(*, model, params, queries, targets, vocab, batch_size: int,
   n = len(tokens)
   out = []
   rng = jax.random.key(seed)
-  for s in range(0, n, batch_size):
-    sl = slice(s, min(s + batch_size, n))
-    pad = batch_size - (sl.stop - sl.start)
-    tb = np.pad(tokens[sl], ((0, pad), (0, 0)))
-    mb = np.pad(mask[sl], ((0, pad), (0, 0)))
-    pl = np.pad(plen[sl], (0, pad), constant_values=1)
+  for sl, pad in model_lib.fixed_batches(n, batch_size):
+    s = sl.start
+    tb = model_lib.pad_rows(tokens[sl], pad)
+    mb = model_lib.pad_rows(mask[sl], pad)
+    pl = model_lib.pad_rows(plen[sl], pad, value=1)
     prompts = np.where(np.arange(tb.shape[1])[None, :] < pl[:, None], tb, 0)
     lp, ok = scorer(params, tb, mb)
     gen = np.asarray(greedy(params, prompts, pl, rng))
@@ -133,48 +127,3 @@ def summarize(*, per_query: list[dict[str, Any]], facts: list[dict[str, Any]],
       "mean_target_prob": float(np.mean([r["target_prob"] for r in per_query])),
       "num_queries": len(per_query),
   }
-
-
-STAGE = "model_eval"
-
-
-def load_predictions(workdir: str) -> dict[str, dict[str, Any]]:
-  """Per-query model results of the committed stage, keyed by example id."""
-  rows = wd.read_jsonl(os.path.join(wd.stage_dir(workdir, STAGE), "predictions.jsonl"))
-  return {r["example_id"]: r for r in rows}
-
-
-def run_stage(ctx) -> dict[str, Any]:
-  """Writes results/model_eval.json (and the stage's per-query predictions)."""
-  from tda import config as config_lib
-  from tda import train
-  config, workdir = ctx.config, ctx.workdir
-  me = config.model_eval
-  step = train.latest_step(workdir)
-  fingerprint = {"model_eval": me.to_dict(), "train_step": step,
-                 "train": train.fingerprint(config)}
-  res = os.path.join(workdir, "results")
-  if wd.check_fingerprint(workdir, STAGE, fingerprint):
-    return wd.read_json(os.path.join(wd.stage_dir(workdir, STAGE), "model_eval.json"))
-  model, state, _ = ctx.trained
-  _, queries = ctx.arrays
-  facts = ctx.world.facts
-  by_fact = {f["fact_id"]: f for f in facts}
-  t0 = time.time()
-  per_query = evaluate_queries(model=model, params=state.params, queries=queries,
-                               targets=[by_fact[f]["targets_plaintext"] for f in queries.fact_ids],
-                               vocab=ctx.vocab, batch_size=me.batch_size,
-                               max_new_tokens=me.max_new_tokens, num_samples=me.num_samples,
-                               temperature=me.temperature, seed=config.seed)
-  summary = summarize(per_query=per_query, facts=facts,
-                      bucket_order=[b for b, _, _ in config_lib.bucket_ranges(config)])
-  summary["wall_s"] = time.time() - t0
-  summary["train_step"] = step
-  with wd.atomic_stage(workdir, STAGE, fingerprint) as tmp:
-    wd.write_jsonl(os.path.join(tmp, "predictions.jsonl"), per_query)
-    wd.write_json(os.path.join(tmp, "model_eval.json"), summary)
-  os.makedirs(res, exist_ok=True)
-  wd.write_json(os.path.join(res, "model_eval.json"), summary)
-  logging.info("query accuracy %.3f; by bucket %s", summary["query_accuracy"],
-               summary["accuracy_by_bucket"])
-  return summary

@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import socket
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from tda.workdir import read_json, write_json
+from tda.workdir import json_roundtrip, read_json, write_json
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "bfloat16", "int8")
@@ -104,11 +103,6 @@ def _shard_id(s: int) -> str:
   return f"{s:06d}"
 
 
-def _canon(obj: Any) -> Any:
-  """JSON round trip, so tuples/lists and key order compare equal to what is stored."""
-  return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 def _dir_digest(root: str) -> tuple[str, int]:
   """sha256 over every file under `root` except the commit record, and their size."""
   h = hashlib.sha256()
@@ -128,7 +122,7 @@ def _dir_digest(root: str) -> tuple[str, int]:
 
 def _header(*, d: int, dtype: str, rows_per_shard: int, meta: dict) -> dict:
   return {"format_version": FORMAT_VERSION, "d": d, "dtype": dtype,
-          "rows_per_shard": rows_per_shard, "meta": _canon(meta)}
+          "rows_per_shard": rows_per_shard, "meta": json_roundtrip(meta)}
 
 
 def _diff(have: dict, want: dict, keys) -> list[str]:
@@ -445,7 +439,7 @@ class Table:
       raise TableError(f"{path}: format_version {m.get('format_version')} != {FORMAT_VERSION}")
     if expect:
       have = {**m["meta"], **{k: m[k] for k in ("d", "dtype", "rows_per_shard")}}
-      diff = _diff(have, _canon(expect), sorted(expect))
+      diff = _diff(have, json_roundtrip(expect), sorted(expect))
       if diff:
         raise TableError(f"table {path} does not match what was expected: {'; '.join(diff)}")
     return cls(path=path, manifest=m)

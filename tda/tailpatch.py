@@ -64,13 +64,9 @@ def tailpatch_pairs(*, fn, params, opt_state, passages_pt: np.ndarray,
   """Before/after target probabilities for each (passage, query) row pair."""
   n = len(passages_pt)
   before, after = np.zeros(n, np.float64), np.zeros(n, np.float64)
-  for s in range(0, n, chunk):
-    sl = slice(s, min(s + chunk, n))
-    pad = chunk - (sl.stop - sl.start)
-    p = np.pad(passages_pt[sl], ((0, pad), (0, 0)))
-    q = np.pad(queries_pl[sl], ((0, pad), (0, 0)))
-    m = np.pad(qmasks_pl[sl], ((0, pad), (0, 0)))
-    b, a = fn(params, opt_state, p, q, m)
+  for sl, pad in model_lib.fixed_batches(n, chunk):
+    b, a = fn(params, opt_state, model_lib.pad_rows(passages_pt[sl], pad),
+              model_lib.pad_rows(queries_pl[sl], pad), model_lib.pad_rows(qmasks_pl[sl], pad))
     before[sl] = np.asarray(b)[:sl.stop - sl.start]
     after[sl] = np.asarray(a)[:sl.stop - sl.start]
   return before, after

@@ -1,4 +1,4 @@
-"""Training stage: optax Adafactor (factored V, as the paper's models) or Adam,
+"""Training: optax Adafactor (factored V, as the paper's models) or Adam,
 orbax checkpoints holding params, the full optimizer state, the step and the data
 position, and exact resume after interruption.
 
@@ -25,8 +25,6 @@ import orbax.checkpoint as ocp
 from tda import model as model_lib
 from tda import sharding
 from tda import workdir as wd
-
-STAGE = "train"
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -71,15 +69,10 @@ class TrainState:
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a training run's checkpoints depend on."""
   return {"model": dataclasses.asdict(model_lib.model_config(config)),
           "train": config.train.to_dict(), "seed": config.seed,
           "data.seq_len": config.data.seq_len}
-
-
-def commit(workdir: str, fingerprint_: dict[str, Any], summary: dict[str, Any]) -> None:
-  """Marks training finished (the checkpoints themselves are committed by orbax)."""
-  wd.write_json(os.path.join(workdir, STAGE, wd.MARKER),
-                {"fingerprint": fingerprint_, "summary": summary})
 
 
 def checkpoint_manager(path: str, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
@@ -134,37 +127,33 @@ def abstract_state(config, model, tx) -> TrainState:
   return jax.eval_shape(lambda: init_state(config, model, tx))
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, STAGE, "checkpoints")
-
-
-def available_steps(workdir: str) -> list[int]:
+def available_steps(checkpoint_dir: str) -> list[int]:
   """Steps of all finalized checkpoints.
 
   Read from the folder names (orbax finalizes a step by renaming its temp folder
   to the step number), not through a CheckpointManager, whose creation is a
   collective in multi-process jobs: any one process may ask.
   """
-  d = checkpoint_dir(workdir)
-  if not os.path.isdir(d):
+  if not os.path.isdir(checkpoint_dir):
     return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+  return sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit())
 
 
-def latest_step(workdir: str) -> int | None:
+def latest_step(checkpoint_dir: str) -> int | None:
   """Step of the newest checkpoint (None when there is none)."""
-  steps = available_steps(workdir)
+  steps = available_steps(checkpoint_dir)
   return steps[-1] if steps else None
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """Restores (model, TrainState, meta) of the committed training run."""
+def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
+                 step: int | None = None):
+  """Restores (model, TrainState, meta) from the checkpoints in `checkpoint_dir`."""
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
-  mngr = checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None)
+  mngr = checkpoint_manager(checkpoint_dir, max_to_keep=None)
   if mngr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}; run the train stage")
-  _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir(workdir))
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}; run the train stage")
+  _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir)
   # Replicated on every device of every process (orbax restores global arrays in a
   # multi-process job), then handed to the caller as host arrays: featurisation is
   # per process, on its own devices.
@@ -188,14 +177,15 @@ def _check_checkpoint_shape(config, meta: dict[str, Any], where: str) -> None:
         "restore or overwrite it: use another --workdir.")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *,
+def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
           tokens_nt: np.ndarray,
           on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-  """Trains (or resumes training) and returns a summary.
+  """Trains (or resumes training from the newest checkpoint) and returns a summary.
 
   Args:
     config: the run config.
-    workdir: run folder; checkpoints go to `<workdir>/train/checkpoints`.
+    checkpoint_dir: the orbax checkpoints' folder (resumed when it holds some; a
+      checkpoint of another model shape is refused).
     tokens_nt: the tokenised corpus [N, seq_len] (0 = pad).
     on_step: optional callback after each step (tests use it).
 
@@ -205,28 +195,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   from tda import data as data_lib  # TF-free path for modules that do not train.
 
   t = config.train
-  fingerprint_ = fingerprint(config)
-  meta_path = os.path.join(workdir, STAGE, "fingerprint.json")
-  if os.path.exists(meta_path):
-    have = wd.read_json(meta_path)
-    if have != wd.json_roundtrip(fingerprint_):
-      mngr = checkpoint_manager(checkpoint_dir(workdir), max_to_keep=None)
-      if mngr.latest_step() is not None:
-        _check_checkpoint_shape(config, read_meta(mngr), checkpoint_dir(workdir))
-      raise wd.WorkdirConflict(
-          f"{os.path.join(workdir, STAGE)} holds a training run with a different setup "
-          f"(differs in: {', '.join(wd.diff_keys(have, fingerprint_))}); refusing to "
-          "overwrite it: use another --workdir.")
-  else:
-    os.makedirs(os.path.join(workdir, STAGE), exist_ok=True)
-    wd.write_json(meta_path, fingerprint_)
-
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
-  mngr = checkpoint_manager(checkpoint_dir(workdir), max_to_keep=t.max_to_keep)
+  mngr = checkpoint_manager(checkpoint_dir, max_to_keep=t.max_to_keep)
   mesh = sharding.make_mesh(config)
   if mngr.latest_step() is not None:
-    _check_checkpoint_shape(config, read_meta(mngr), checkpoint_dir(workdir))
+    _check_checkpoint_shape(config, read_meta(mngr), checkpoint_dir)
     state, meta = restore(mngr, abstract_state(config, model, tx))
     logging.info("resumed training at step %d (data position %d examples)",
                  state.step, meta.get("data_position", -1))

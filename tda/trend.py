@@ -4,7 +4,8 @@ For earlier checkpoints of the same training run (shorter training = a weaker
 model; `eval.trend_steps`) and for the final one, compute the model's query
 accuracy and TrackStar's share of top-10 proponents that entail the queried fact
 (precision@10), then plot one against the other (`results/fig_trend.png`).
-Each checkpoint gets its own optimizer state, R_train/R_eval and whitening; the
+Each checkpoint gets its own optimizer state, R_train/R_eval and whitening, fitted
+exactly as the 'gradients' stage fits them (`tda.featurize.fit_whiteners`); the
 corpus vectors are computed in memory (no tables), with exact search.
 """
 
@@ -17,17 +18,15 @@ from typing import Any
 import numpy as np
 
 from tda import featurize
-from tda import hessian
 from tda import index as index_lib
 from tda import metrics
 from tda import model_eval
-from tda import train as train_lib
 
 
 def checkpoint_point(ctx, *, step: int) -> dict[str, Any]:
   """Model quality and TrackStar's precision@10 at one checkpoint."""
   config = ctx.config
-  model, state, _ = train_lib.load_trained(config, ctx.workdir, step)
+  model, state, _ = ctx.restore(step)
   corpus, queries = ctx.arrays
   world = ctx.world
   facts = {f["fact_id"]: f for f in world.facts}
@@ -39,17 +38,15 @@ def checkpoint_point(ctx, *, step: int) -> dict[str, Any]:
   q = eng.featurizer(tokens_nt=queries.tokens_nl, mask_nt=queries.loss_mask_nl, ids=queries.ids)
   c = eng.featurizer(tokens_nt=corpus.tokens_nt,
                      mask_nt=(corpus.tokens_nt != 0).astype(np.float32), ids=corpus.ids)
-  r_train = hessian.autocorrelation(vectors_nd=c["corrected"])
-  r_eval = hessian.autocorrelation(vectors_nd=q["corrected"])
-  h = config.hessian
-  wh = hessian.build_whiteners(
-      methods=["trackstar"], r_train={"corrected": r_train[0] / r_train[1]},
-      r_eval={"corrected": r_eval[0] / r_eval[1]},
-      lam="auto" if h.lambda_auto else h.lambda_, damping=h.damping, top_k=h.auto_top_k,
-      overlap=h.auto_overlap, block_sizes=None)
-  qv = wh.transform(method="trackstar", vectors_nd=q["corrected"])
-  cv = wh.transform(method="trackstar", vectors_nd=c["corrected"])
-  _, rows = index_lib.exact_search(queries_qd=qv, vectors_nd=cv, k=10)
+  sample = featurize.hessian_sample(config, len(corpus.ids))
+  fit = featurize.fit_whiteners(
+      config, methods=["trackstar"], queries={"corrected": q["corrected"]},
+      train={"corrected": c["corrected"][sample]},
+      block_sizes=[b.dim for b in eng.plan.blocks])
+  qv = fit.whiteners.transform(method="trackstar", vectors_nd=q["corrected"])
+  cv = fit.whiteners.transform(method="trackstar", vectors_nd=c["corrected"])
+  _, rows = index_lib.exact_search(queries_qd=qv, vectors_nd=cv, k=10,
+                                   chunk_rows=config.index.chunk_rows)
   top_ids = [[corpus.ids[j] for j in r] for r in rows]
   att = metrics.attribution(top_ids=top_ids,
                             relevant=[set(facts[f]["passage_ids"]) for f in queries.fact_ids])
@@ -60,7 +57,7 @@ def checkpoint_point(ctx, *, step: int) -> dict[str, Any]:
 
 def trend_points(ctx, *, steps) -> list[dict[str, Any]]:
   out = []
-  available = train_lib.available_steps(ctx.workdir)
+  available = ctx.checkpoint_steps
   for step in steps:
     if step not in available:
       raise ValueError(f"eval.trend_steps has {step}, but the checkpoints kept are "

@@ -101,31 +101,6 @@ def test_train_vocab_bad_inputs(tmp_path):
     data.train_vocab(texts=["", ""], vocab_size=400, model_prefix=str(tmp_path / "x"))
 
 
-def test_build_vocab_commits_skips_and_conflicts(world, tmp_path):
-  workdir = str(tmp_path / "run")
-  _write_world(os.path.join(workdir, "world"), world["passages"], world["facts"])
-  path = data.build_vocab(_config(), workdir)
-  assert path == os.path.join(workdir, "vocab", "spm.model")
-  with open(path, "rb") as f1, open(world["vocab_path"], "rb") as f2:
-    assert f1.read() == f2.read()
-  assert wd.read_json(os.path.join(workdir, "vocab", "vocab_info.json"))["piece_size"] \
-      == world["vocab"].vocab_size
-  mtime = os.path.getmtime(path)
-  assert data.build_vocab(_config(), workdir) == path  # Skipped, not retrained.
-  assert os.path.getmtime(path) == mtime
-  with pytest.raises(wd.WorkdirConflict, match="vocab_size"):
-    data.build_vocab(_config(vocab_size=512), workdir)
-  # An explicit vocab_path is validated and used; nothing is written.
-  other = str(tmp_path / "other")
-  assert data.build_vocab(_config(vocab_path=world["vocab_path"]), other) \
-      == world["vocab_path"]
-  assert not os.path.exists(other)
-  with pytest.raises(FileNotFoundError, match="nope.model"):
-    data.build_vocab(_config(vocab_path=str(tmp_path / "nope.model")), other)
-  with pytest.raises(FileNotFoundError, match="world"):
-    data.build_vocab(_config(), other)
-
-
 # --- Tasks and arrays ----------------------------------------------------------
 
 

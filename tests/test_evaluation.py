@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from tda import evaluation
+from tda import methods as methods_lib
 from tda import model as model_lib
-from tda import retrieval
 from tda import tailpatch
 from tda import train as train_lib
+from tda.stages import evaluation
 from tests import helpers
 
 
@@ -71,7 +71,7 @@ def test_tailpatch_methods_share_pairs_and_mark_unevaluated_rows():
 
 def test_unknown_method_and_missing_ground_truth_are_clear_errors():
   with pytest.raises(ValueError, match="unknown method.*'bm26'"):
-    retrieval.check_methods(["trackstar", "bm26"])
+    methods_lib.check(["trackstar", "bm26"])
   with pytest.raises(ValueError, match="missing from the corpus"):
     evaluation.check_ground_truth(facts=[{"fact_id": "F1", "passage_ids": ["p9"]}],
                                   passage_ids={"p1"})

@@ -88,10 +88,10 @@ def test_workdir_with_other_model_shape_is_refused(tmp_path):
   toks = helpers.random_tokens(16, 32, 512, seed=1)
   w = str(tmp_path)
   train_lib.train(c, w, tokens_nt=toks)
-  before = sorted(os.listdir(train_lib.checkpoint_dir(w)))
+  before = sorted(os.listdir(w))
   other = helpers.tiny_config(**{"train.steps": 2, "model.d_model": 96})
   with pytest.raises(wd.WorkdirConflict, match="d_model"):
     train_lib.train(other, w, tokens_nt=toks)
   with pytest.raises(wd.WorkdirConflict, match="d_model"):
     train_lib.load_trained(other, w)
-  assert sorted(os.listdir(train_lib.checkpoint_dir(w))) == before
+  assert sorted(os.listdir(w)) == before

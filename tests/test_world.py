@@ -1,4 +1,4 @@
-"""Tests for tda.world: the synthetic fact world, the BYO loader and the stage."""
+"""The synthetic fact world (tda.synthetic_world) and the BYO loader (tda.world)."""
 
 import collections
 import hashlib
@@ -7,13 +7,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tda import config as config_lib
-from tda import workdir as workdir_lib
+from tda import synthetic_world
 from tda import world as world_lib
+from tests import entailment
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "byo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +32,7 @@ def _kwargs(**overrides):
 
 @pytest.fixture(scope="module")
 def world():
-  t0 = time.perf_counter()
-  w = world_lib.generate_world(**_kwargs())
-  # Requirement: the default world generates in well under 5 s.
-  assert time.perf_counter() - t0 < 5.0
-  return w
+  return synthetic_world.generate_world(**_kwargs())
 
 
 def _digest(w):
@@ -45,16 +41,16 @@ def _digest(w):
 
 
 def test_same_seed_same_world_other_seed_differs(world):
-  again = world_lib.generate_world(**_kwargs())
+  again = synthetic_world.generate_world(**_kwargs())
   assert again.passages == world.passages and again.facts == world.facts
-  other = world_lib.generate_world(**_kwargs(seed=1))
+  other = synthetic_world.generate_world(**_kwargs(seed=1))
   assert _digest(other) != _digest(world)
   assert ({f["subject"] for f in other.facts} != {f["subject"] for f in world.facts})
 
 
 def test_byte_identical_across_processes(world):
   code = ("import hashlib, json\n"
-          "from tda import config as c, world\n"
+          "from tda import config as c, synthetic_world as world\n"
           "cfg = c.base_config(); w = cfg.world\n"
           "x = world.generate_world(seed=w.seed, relations=w.relations, "
           "bucket_ranges=c.bucket_ranges(cfg), facts_per_bucket=w.facts_per_bucket, "
@@ -113,7 +109,7 @@ def test_ground_truth_is_exact(world):
   for p in world.passages:
     for f in world.facts:
       listed = p["id"] in f["passage_ids"]
-      if world_lib.entails(text=p["text"], fact=f) != listed:
+      if entailment.entails(text=p["text"], fact=f) != listed:
         wrong.append((p["id"], f["fact_id"], listed))
   assert not wrong
 
@@ -141,20 +137,20 @@ def test_entails_checker():
   no = ["Ann Lee visited Paris last summer.", "Ann Leeds was born in Paris.",
         "Ann Lee was born in Parisville.", "Ann Lee was born in Rome. Paris is big.",
         "Bob Stone was born in Paris.", "Paris is the birthplace of Ann Leeds."]
-  assert [world_lib.entails(text=t, fact=fact) for t in yes] == [True] * len(yes)
-  assert [world_lib.entails(text=t, fact=fact) for t in no] == [False] * len(no)
+  assert [entailment.entails(text=t, fact=fact) for t in yes] == [True] * len(yes)
+  assert [entailment.entails(text=t, fact=fact) for t in no] == [False] * len(no)
   with pytest.raises(ValueError, match="relation"):
-    world_lib.entails(text="x", fact={**fact, "relation": "spouse"})
+    entailment.entails(text="x", fact={**fact, "relation": "spouse"})
 
 
 def test_query_phrasing_in_templates_and_corpus(world):
-  for name, rel in world_lib.RELATIONS.items():
+  for name, rel in synthetic_world.RELATIONS.items():
     assert rel.templates[0] == rel.query + " {O}."
     assert len(set(rel.templates)) >= 4
   text = {p["id"]: p["text"] for p in world.passages}
   uses = slots = seen = 0
   for f in world.facts:
-    assert f["inputs_plaintext"] == world_lib.RELATIONS[f["relation"]].query.format(
+    assert f["inputs_plaintext"] == synthetic_world.RELATIONS[f["relation"]].query.format(
         S=f["subject"])
     assert f["targets_plaintext"] == f["object"] and f["object"][0] != " "
     assert re.fullmatch(r"F\d{6}", f["fact_id"])
@@ -199,11 +195,11 @@ def test_subject_uniqueness(world):
 ])
 def test_bad_config_raises_naming_key(overrides, key):
   with pytest.raises(ValueError, match=re.escape(key)):
-    world_lib.generate_world(**_kwargs(**overrides))
+    synthetic_world.generate_world(**_kwargs(**overrides))
 
 
 def test_small_world_respects_config():
-  w = world_lib.generate_world(**_kwargs(
+  w = synthetic_world.generate_world(**_kwargs(
       seed=3, relations=("capital_of", "occupation"), facts_per_bucket=(4, 3, 2, 1),
       facts_per_passage=1, sentences_per_passage=(2, 2), distractor_passages=5,
       filler_passages=4))
@@ -284,57 +280,3 @@ def test_byo_errors(tmp_path):
   only = [l for l in sents if "Nokia" not in l]
   with pytest.raises(ValueError, match=r"no entailing sentence.*trex_P159_005"):
     _byo(sentences_path=_write(tmp_path / "s2.jsonl", only))
-
-
-# --- Stage ----------------------------------------------------------------------
-
-
-def _small_config(**world):
-  c = config_lib.base_config()
-  c.world.facts_per_bucket = (3, 3, 2, 1)
-  c.world.distractor_passages = 4
-  c.world.filler_passages = 3
-  for k, v in world.items():
-    setattr(c.world, k, v)
-  return config_lib.finalize(c)
-
-
-def _snapshot(d):
-  out = {}
-  for name in sorted(os.listdir(d)):
-    p = os.path.join(d, name)
-    with open(p, "rb") as f:
-      out[name] = (os.stat(p).st_mtime_ns, f.read())
-  return out
-
-
-def test_build_world_commits_skips_and_refuses_changes(tmp_path):
-  wd = str(tmp_path / "run")
-  c = _small_config()
-  stats = world_lib.build_world(c, wd)
-  d = os.path.join(wd, "world")
-  assert sorted(os.listdir(d)) == ["COMMITTED.json", "facts.jsonl", "passages.jsonl",
-                                   "stats.json"]
-  assert stats["facts"] == 9 and stats["kinds"]["filler"] == 3
-  w = world_lib.load_world(wd)
-  direct = world_lib.generate_world(**_kwargs(facts_per_bucket=(3, 3, 2, 1),
-                                              distractor_passages=4, filler_passages=3))
-  assert w.passages == direct.passages and w.facts == direct.facts
-  before = _snapshot(d)
-  assert world_lib.build_world(c, wd) == json.loads(json.dumps(stats))  # Skipped.
-  assert _snapshot(d) == before
-  with pytest.raises(workdir_lib.WorkdirConflict, match="seed"):
-    world_lib.build_world(_small_config(seed=7), wd)
-  assert _snapshot(d) == before
-  assert sorted(os.listdir(wd)) == ["world"]
-
-
-def test_build_world_byo(tmp_path):
-  c = _small_config(source="byo", byo_corpus=os.path.join(FIXTURES, "corpus.jsonl"),
-                    byo_facts=os.path.join(FIXTURES, "facts.jsonl"),
-                    byo_sentences=os.path.join(FIXTURES, "sentences.jsonl"))
-  stats = world_lib.build_world(c, str(tmp_path))
-  assert stats["facts"] == 10 and stats["passages"] == 20
-  assert len(world_lib.load_world(str(tmp_path)).facts) == 10
-  with pytest.raises(FileNotFoundError, match="no committed"):
-    world_lib.load_world(str(tmp_path / "empty"))

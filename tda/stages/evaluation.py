@@ -1,11 +1,12 @@
 """Stage 'evaluation': attribution metrics, tail-patch influence, tables, plots and
-per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3).
+per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3), and the
+model-quality trend over earlier checkpoints (`tda.trend`).
 
 All methods are scored on the same queries: MRR and recall@10 against the
 ground-truth entailing passages of each fact, and tail-patch on the top-k
 proponents of a fixed, seeded sample of `eval.tailpatch_queries` queries (the
 same sample for every method; each distinct (query, passage) pair is
-tail-patched once). Outputs go to `<workdir>/results/` (see `tda.report`).
+tail-patched once). The report (`tda.report`) is published to `<workdir>/results/`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ import numpy as np
 
 from tda import config as config_lib
 from tda import methods as methods_lib
-from tda import model_eval
 from tda import report
-from tda import retrieval
 from tda import tailpatch
+from tda import trend
 from tda import workdir as wd
 
 STAGE = "evaluation"
+NEEDS_MODEL = True
+
+
+def fingerprint(ctx) -> dict[str, Any]:
+  return {"eval": ctx.config.eval.to_dict(),
+          "upstream": ctx.upstream("world", "vocab", "train", "model_eval", "gradients",
+                                   "retrieval")}
 
 
 def check_ground_truth(*, facts, passage_ids: set[str]) -> None:
@@ -43,17 +50,13 @@ def tailpatch_sample(*, n_queries: int, n: int, seed: int) -> np.ndarray:
   return np.sort(np.random.default_rng([seed, 7]).choice(n_queries, size=n, replace=False))
 
 
-def run_stage(ctx) -> dict[str, Any]:
-  config, workdir = ctx.config, ctx.workdir
+def run(ctx, out_dir: str) -> dict[str, Any]:
+  config = ctx.config
   ev = config.eval
-  methods_lib.check(ev.methods)
-  fingerprint = {"eval": ev.to_dict(), "retrieval": wd.committed(workdir, retrieval.STAGE)}
-  if wd.check_fingerprint(workdir, STAGE, fingerprint):
-    return wd.read_json(os.path.join(wd.stage_dir(workdir, STAGE), "metrics.json"))
   world = ctx.world
   passages = {p["id"]: p["text"] for p in world.passages}
   check_ground_truth(facts=world.facts, passage_ids=set(passages))
-  rankings = retrieval.load_rankings(workdir)
+  rankings = ctx.rankings
   corpus, queries = ctx.arrays
   facts_by_id = {f["fact_id"]: f for f in world.facts}
   facts = [facts_by_id[f] for f in queries.fact_ids]
@@ -85,29 +88,26 @@ def run_stage(ctx) -> dict[str, Any]:
         top_scores=np.asarray(r["top_scores"], np.float32), bottom_ids=r["bottom_ids"],
         bottom_scores=np.asarray(r["bottom_scores"], np.float32),
         tailpatch_abs=abs_qk, tailpatch_rel=rel_qk)
-  timings = {**_all_timings(workdir), **ctx.timings}
+  timings = {**_all_timings(ctx.results_dir), **ctx.timings}
   timings["evaluation.tailpatch"] = t_tail
-  retr = wd.read_json(os.path.join(wd.stage_dir(workdir, retrieval.STAGE), "summary.json"))
+  results = os.path.join(out_dir, "results")
+  os.makedirs(results)
+  model_eval = ctx.summary("model_eval")
   metrics = report.write_report(
-      results_dir=os.path.join(workdir, "results"), methods=methods, facts=facts,
-      passages=passages, predictions=model_eval.load_predictions(workdir),
+      results_dir=results, methods=methods, facts=facts, passages=passages,
+      predictions=ctx.predictions,
       bucket_order=[b for b, _, _ in config_lib.bucket_ranges(config)],
-      timings_s=timings, model_eval=wd.read_json(
-          os.path.join(wd.stage_dir(workdir, model_eval.STAGE), "model_eval.json")),
+      timings_s=timings, model_eval=model_eval,
       extra={"tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
-             "retrieval": retr, "gradients": wd.read_json(os.path.join(
-                 wd.stage_dir(workdir, "gradients"), "summary.json"))})
+             "retrieval": ctx.summary("retrieval"), "gradients": ctx.summary("gradients")})
   if "trackstar" in metrics["methods"] and jax.process_count() == 1:
-    metrics["trend"] = _trend(ctx, metrics)
-    wd.write_json(os.path.join(workdir, "results", "metrics.json"), metrics)
-  with wd.atomic_stage(workdir, STAGE, fingerprint) as tmp:
-    wd.write_json(os.path.join(tmp, "metrics.json"), metrics)
+    metrics["trend"] = _trend(ctx, metrics, results)
+    wd.write_json(os.path.join(results, "metrics.json"), metrics)
   return metrics
 
 
-def _trend(ctx, metrics) -> list[dict[str, Any]]:
+def _trend(ctx, metrics, results: str) -> list[dict[str, Any]]:
   """Model-quality trend over earlier checkpoints plus the final model; plots it."""
-  from tda import trend
   t0 = time.time()
   final_step = metrics["model_eval"]["train_step"]
   points = trend.trend_points(ctx, steps=[s for s in ctx.config.eval.trend_steps
@@ -118,16 +118,16 @@ def _trend(ctx, metrics) -> list[dict[str, Any]]:
                  "recall_at_10": metrics["methods"]["trackstar"]["recall_at_10"]})
   report.plot_trend(points=[{"x": p["query_accuracy"], "y": p["precision_at_10"],
                              "label": f"{p['step']} steps"} for p in points],
-                    path=os.path.join(ctx.workdir, "results", "fig_trend.png"))
+                    path=os.path.join(results, "fig_trend.png"))
   metrics["timings_s"]["evaluation.trend"] = time.time() - t0
   return points
 
 
-def _all_timings(workdir: str) -> dict[str, float]:
+def _all_timings(results_dir: str) -> dict[str, float]:
   """Wall time of each stage so far (this run's, else the last run that ran it)."""
-  path = os.path.join(workdir, "results", "timings.json")
+  path = os.path.join(results_dir, "timings.json")
   out: dict[str, float] = {}
   if os.path.exists(path):
-    for run in wd.read_json(path)["runs"]:
-      out.update(run)
+    for run_ in wd.read_json(path)["runs"]:
+      out.update(run_)
   return out

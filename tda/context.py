@@ -1,0 +1,156 @@
+"""What a stage reads: the run's config, its workdir, and typed accessors to the
+committed outputs of earlier stages (each loaded lazily, once per run).
+
+A stage never opens another stage's files or imports its internals; it asks the
+context (`ctx.world`, `ctx.arrays`, `ctx.trained`, `ctx.gradients`, `ctx.table(...)`,
+`ctx.rankings`, ...). Each accessor calls the owning stage module's `load`, so a
+stage's file layout is written and read in one module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+from tda import workdir as wd
+
+
+@dataclasses.dataclass
+class Context:
+  """One run's config, workdir, stage timings and lazily loaded upstream outputs."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+  _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def cached(self, key: str, make: Callable[[], Any]) -> Any:
+    """`make()`, computed once per run under `key`."""
+    if key not in self._cache:
+      self._cache[key] = make()
+    return self._cache[key]
+
+  # --- Committed stages --------------------------------------------------------
+
+  def stage_dir(self, stage: str) -> str:
+    """The committed folder of `stage` (a clear error when it is not committed)."""
+    if wd.committed(self.workdir, stage) is None:
+      raise FileNotFoundError(
+          f"stage '{stage}' is not committed in {self.workdir}: run it first "
+          f"(--config.stages must include it, or an earlier run must have).")
+    return wd.stage_dir(self.workdir, stage)
+
+  def summary(self, stage: str) -> dict[str, Any]:
+    """The committed `summary.json` of `stage`."""
+    return wd.read_json(os.path.join(self.stage_dir(stage), wd.SUMMARY))
+
+  def upstream(self, *stages: str) -> dict[str, str]:
+    """{stage: digest of its committed fingerprint}: for a downstream fingerprint,
+    so a stage reruns (or is refused) when anything it was computed from changed."""
+    return {s: wd.digest(wd.committed(self.workdir, s) or {}) for s in stages}
+
+  @property
+  def results_dir(self) -> str:
+    """`<workdir>/results/`: where committed stages publish their `results/` files."""
+    return os.path.join(self.workdir, "results")
+
+  # --- Typed accessors ---------------------------------------------------------
+
+  @property
+  def world(self):
+    """The committed `tda.world.World`."""
+    from tda.stages import world
+    return self.cached("world", lambda: world.load(self))
+
+  @property
+  def vocab_path(self) -> str:
+    """The SentencePiece model of this run."""
+    from tda.stages import vocab
+    return self.cached("vocab_path", lambda: vocab.load(self))
+
+  @property
+  def vocab(self):
+    """The run's seqio vocabulary."""
+    from tda import data
+    return self.cached("vocab", lambda: data.get_vocabulary(self.vocab_path))
+
+  @property
+  def arrays(self):
+    """(CorpusArrays, QueryArrays): the world tokenised with the run's vocabulary."""
+    from tda import data
+    return self.cached("arrays", lambda: data.world_arrays(
+        world_dir=self.stage_dir("world"), vocab_path=self.vocab_path,
+        seq_len=self.config.data.seq_len))
+
+  @property
+  def checkpoint_dir(self) -> str:
+    """The orbax checkpoints every model-reading stage uses."""
+    from tda.stages import train
+    return train.checkpoint_dir(self)
+
+  @property
+  def checkpoint_steps(self) -> list[int]:
+    from tda import train as train_lib
+    return train_lib.available_steps(self.checkpoint_dir)
+
+  @property
+  def checkpoint_step(self) -> int:
+    """The step of the final checkpoint (the one attributed)."""
+    steps = self.checkpoint_steps
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.checkpoint_dir}; run the train stage")
+    return steps[-1]
+
+  @property
+  def trained(self):
+    """(model, TrainState, meta) of the final checkpoint."""
+    return self.cached("trained", lambda: self.restore(None))
+
+  def restore(self, step: int | None):
+    """(model, TrainState, meta) of the checkpoint at `step` (None: the final one)."""
+    from tda import train as train_lib
+    return train_lib.load_trained(self.config, self.checkpoint_dir, step)
+
+  @property
+  def engine(self):
+    """The gradient engine (`tda.featurize.Engine`) of the final checkpoint."""
+    from tda import featurize
+    from tda import methods as methods_lib
+
+    def make():
+      model, state, _ = self.trained
+      return featurize.make_engine(
+          self.config, model=model, state=state,
+          variants=tuple(methods_lib.variants(self.config.eval.methods)) or None)
+    return self.cached("engine", make)
+
+  @property
+  def predictions(self) -> dict[str, dict[str, Any]]:
+    """The model's per-query results (`model_eval`), keyed by example id."""
+    from tda.stages import model_eval
+    return self.cached("predictions", lambda: model_eval.load(self))
+
+  @property
+  def gradients(self):
+    """The `gradients` stage's outputs (`tda.stages.gradients.Outputs`)."""
+    from tda.stages import gradients
+    return self.cached("gradients", lambda: gradients.load(self))
+
+  def table(self, name: str):
+    """The committed gradient table `name`, checked against what it must hold."""
+    from tda.stages import tables
+    return tables.load(self, name)
+
+  @property
+  def excluded_ids(self) -> set[str]:
+    """Passages whose gradients were non-finite: in no table's results."""
+    from tda.stages import tables
+    return tables.excluded_ids(self)
+
+  @property
+  def rankings(self) -> dict[str, dict[str, Any]]:
+    """Every method's proponents and opponents (`retrieval`), keyed by method."""
+    from tda.stages import retrieval
+    return self.cached("rankings", lambda: retrieval.load(self))
