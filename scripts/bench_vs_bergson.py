@@ -111,6 +111,7 @@ def prepare(a) -> dict:
   import jax
   import numpy as np
   import sentencepiece as spm
+  from tda import batches
   from tda import config as config_lib
   from tda import convert_hf
   from tda import data as data_lib
@@ -155,8 +156,8 @@ def prepare(a) -> dict:
     step = jax.jit(train_lib.make_train_step(model, tx))
     losses = []
     for s in range(a.steps):
-      batch = data_lib.batch_at(tokens_nt=tokens_nt, step=s, batch_size=config.train.batch_size,
-                                seed=config.seed)
+      batch = batches.batch_at(tokens_nt=tokens_nt, step=s, batch_size=config.train.batch_size,
+                               seed=config.seed)
       params, opt_state, loss = step(params, opt_state, batch)
       if s % 50 == 0 or s == a.steps - 1:
         losses.append((s + 1, float(loss)))
