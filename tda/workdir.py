@@ -133,3 +133,11 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   return [row for _, row in iter_jsonl(path)]
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a UTF-8 text file via write-then-rename (newlines kept as given)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  os.replace(tmp, path)
