@@ -7,7 +7,7 @@ paper's public viewer, PAIR-code/pretraining-tda; DESIGN.md §3) and writes
 `<workdir>/results/viewer.html`: data embedded as JSON in a
 `<script type="application/json">`, vanilla JS and CSS inline, no network.
 
-    python -m tda.viewer --workdir=W [--out=PATH]
+    python -m tda.viewer --workdir=W [--out=PATH] [--json]
 
 Passage texts are untrusted: the page builds them from DOM text nodes and
 `<mark>` elements only (never innerHTML), the JSON blob escapes every `<`, `>`
@@ -30,6 +30,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from tda import cli
 from tda import json_values
 from tda import methods as methods_lib
 from tda import workdir as workdir_lib
@@ -357,6 +358,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run workdir holding results/proponents/.")
   flags.DEFINE_string("out", None, "Output path (default <workdir>/results/viewer.html).")
   flags.DEFINE_integer("page_size", 50, "Queries per page.")
+  cli.define_json_flag()
 
 
 def main(argv: Sequence[str]) -> None:
@@ -366,7 +368,10 @@ def main(argv: Sequence[str]) -> None:
   if not fv.workdir:
     raise app.UsageError("--workdir is required")
   path = write_viewer(workdir=fv.workdir, out_path=fv.out, page_size=fv.page_size)
-  print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB); open it in a browser.")
+  if fv.json:
+    cli.print_json({"path": path, "bytes": os.path.getsize(path)})
+  else:
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB); open it in a browser.")
 
 
 if __name__ == "__main__":
