@@ -94,7 +94,7 @@ def test_tokenizer_round_trips_unicode(world):
   assert vocab.encode_tf(texts[-2]).numpy().tolist() == vocab.encode(texts[-2])
 
 
-def test_train_vocab_bad_inputs(tmp_path):
+def test_train_vocab_rejects_too_small_vocab_and_empty_texts(tmp_path):
   with pytest.raises(ValueError, match="too small"):
     data.train_vocab(texts=["a b"], vocab_size=100, model_prefix=str(tmp_path / "x"))
   with pytest.raises(ValueError, match="no non-empty"):
@@ -194,7 +194,7 @@ def test_tokenized_queries_mask_is_exactly_the_target(world):
   assert q16.tokens_nl.shape[1] == longest
 
 
-def test_tokenized_queries_bad_inputs(world, tmp_path):
+def test_tokenized_queries_raise_on_overlong_empty_or_incomplete_records(world, tmp_path):
   passages, facts = _world_rows()
   q = data.tokenized_queries(task_name=world["names"]["queries"], seq_len=128)
   longest = int((q.prompt_lens + q.target_lens).max())
