@@ -4,7 +4,7 @@ One run, on this machine's CPU:
   1. prep: the fact world (`tda.world.generate_world`, default config), a
      SentencePiece vocab trained on it, and our Llama-style model
      (`block='sequential'`, `scale_embeddings=False`; default 4 layers, d_model
-     256, d_ff 688, 4 heads (MHA), tied vocab 8192 ≈ the issue's 7.4M-parameter
+     256, d_ff 688, 4 heads (MHA), tied vocab 8192 ≈ a 7.4M-parameter
      Llama, whose untied head we share) trained for `--steps` Adafactor steps on
      the world's passages (128-token documents);
   2. conversion (`tda.convert_hf.save_hf`): LlamaForCausalLM + tokenizer +

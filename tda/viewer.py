@@ -1,10 +1,9 @@
 """Offline results viewer: one self-contained HTML page for the proponents.
 
-`result_rows` builds a method's rows in the viewer's JSONL schema (what
-`tda.report` writes to `<workdir>/results/proponents/<method>.jsonl`). The page
-reads `<workdir>/results/proponents/<method>.jsonl` (the JSONL schema of the
-paper's public viewer, PAIR-code/pretraining-tda; DESIGN.md §3) and writes
-`<workdir>/results/viewer.html`: data embedded as JSON in a
+`result_rows` builds a method's rows in the viewer's JSONL schema (that of the
+paper's public results viewer; DESIGN.md §3), which `tda.report` writes to
+`<workdir>/results/proponents/<method>.jsonl`. The page reads those files and
+writes `<workdir>/results/viewer.html`: data embedded as JSON in a
 `<script type="application/json">`, vanilla JS and CSS inline, no network.
 
     python -m tda.viewer --workdir=W [--out=PATH] [--json]
