@@ -103,6 +103,33 @@ def _check_method(m: MethodResult, n_q: int, passages: dict[str, str]) -> None:
                          f"with k <= {width} proponents")
 
 
+def _check_inputs(*, methods: dict[str, MethodResult], passages: dict[str, str],
+                  extra: dict[str, Any] | None) -> list[str]:
+  """The query ids every method shares; raises on any malformed method or `extra`."""
+  if not methods:
+    raise ValueError("write_report: no methods")
+  clash = sorted(set(extra or {}) & set(_RESERVED))
+  if clash:
+    raise ValueError(f"write_report: extra keys {clash} would overwrite metrics.json's own")
+  ref = next(iter(methods))
+  query_ids = [str(q) for q in methods[ref].query_ids]
+  if not query_ids:
+    raise ValueError(f"write_report: method '{ref}' has no queries")
+  for name, m in methods.items():
+    if m.name != name:
+      raise ValueError(f"methods['{name}'] has name {m.name!r}; they must agree")
+    ids = [str(q) for q in m.query_ids]
+    if ids != query_ids:
+      diff = next((i for i, (a, b) in enumerate(zip(ids, query_ids)) if a != b),
+                  min(len(ids), len(query_ids)))
+      raise ValueError(
+          f"method '{name}' is on different queries than '{ref}' ({len(ids)} vs "
+          f"{len(query_ids)} queries; first difference at position {diff}): every "
+          "method must list the same query ids in the same order")
+    _check_method(m, len(query_ids), passages)
+  return query_ids
+
+
 def _index_facts(facts: list[dict[str, Any]], query_ids: Sequence[str],
                  passages: dict[str, str], bucket_order: Sequence[str]) -> list[dict]:
   by_ex = {}
@@ -131,8 +158,9 @@ def _index_facts(facts: list[dict[str, Any]], query_ids: Sequence[str],
 
 # --- Metrics ------------------------------------------------------------------
 
-def _method_metrics(m: MethodResult, facts_q: list[dict], bucket_order) -> tuple[dict, dict]:
-  """(metrics.json entry, per-query arrays) of one method."""
+def _method_metrics(m: MethodResult, facts_q: list[dict],
+                    bucket_order: Sequence[str]) -> dict[str, Any]:
+  """One method's metrics.json entry."""
   att = metrics_lib.attribution(top_ids=m.top_ids,
                                 relevant=[set(f["passage_ids"]) for f in facts_q], k=10)
   n_q = len(facts_q)
@@ -153,7 +181,7 @@ def _method_metrics(m: MethodResult, facts_q: list[dict], bucket_order) -> tuple
   entry["by_bucket"] = {b: {**g["mean"], "n": g["n"],
                             "n_tailpatched": g["count"]["tailpatch_abs"]}
                         for b, g in groups.items()}
-  return entry, {"rank": att["rank"], **values}
+  return entry
 
 
 # --- Entry point --------------------------------------------------------------
@@ -186,33 +214,11 @@ def write_report(*, results_dir: str, methods: dict[str, MethodResult],
       fact, an unknown bucket, a passage id missing from `passages`, malformed
       arrays, or `extra` shadowing a reserved key.
   """
-  if not methods:
-    raise ValueError("write_report: no methods")
-  clash = sorted(set(extra or {}) & set(_RESERVED))
-  if clash:
-    raise ValueError(f"write_report: extra keys {clash} would overwrite metrics.json's own")
+  query_ids = _check_inputs(methods=methods, passages=passages, extra=extra)
   names = list(methods)
-  ref = names[0]
-  query_ids = [str(q) for q in methods[ref].query_ids]
-  if not query_ids:
-    raise ValueError(f"write_report: method '{ref}' has no queries")
-  for name in names:
-    m = methods[name]
-    if m.name != name:
-      raise ValueError(f"methods['{name}'] has name {m.name!r}; they must agree")
-    ids = [str(q) for q in m.query_ids]
-    if ids != query_ids:
-      diff = next((i for i, (a, b) in enumerate(zip(ids, query_ids)) if a != b),
-                  min(len(ids), len(query_ids)))
-      raise ValueError(
-          f"method '{name}' is on different queries than '{ref}' ({len(ids)} vs "
-          f"{len(query_ids)} queries; first difference at position {diff}): every "
-          "method must list the same query ids in the same order")
-    _check_method(m, len(query_ids), passages)
   facts_q = _index_facts(facts, query_ids, passages, bucket_order)
 
-  entries = {name: _method_metrics(methods[name], facts_q, bucket_order)[0]
-             for name in names}
+  entries = {name: _method_metrics(methods[name], facts_q, bucket_order) for name in names}
   out = {
       "methods": entries,
       "timings_s": dict(timings_s),
