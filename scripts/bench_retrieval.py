@@ -5,21 +5,22 @@
 
 Rows are synthetic stand-ins for gradient tables: low-rank signal plus isotropic
 noise, unit-normalised. Queries are unit vectors correlated with random rows (a
-row plus fresh low-rank signal plus noise). `data_stats` prints how structured
+row plus fresh low-rank signal plus noise). `data_stats` reports how structured
 they are (energy in the top 64 principal directions; the k-th best score over the
-score spread); `--compare_workdir` prints the same for a real TrackStar table
+score spread); `--compare_workdir` reports the same for a real TrackStar table
 from a finished `tda.run` (the default world's table is far closer to isotropic,
 energy_top64 0.15 against 0.85 here, with a similar top-10 contrast, so these
 rows are the easier case for a partitioning index).
 
 ScaNN's search knobs (leaves searched, reorder) are tuned on held-out queries;
-the recall/speed frontier of that grid is printed too. All timings come from one
+the recall/speed frontier of that grid is reported too. All timings come from one
 process; exact search batches every query into one matmul per row chunk.
 Memory: the float32 rows ([rows, dim]) plus ScaNN's own float32 copy for
 reordering; tables are written and searched shard by shard.
 
 Goals: scann_recall_at_10 >= 0.99, scann_over_exact_qps >= 20,
-int8_top10_overlap >= 0.98.
+int8_top10_overlap >= 0.98. Progress goes to stderr; the figures to stdout, as a
+table or, with `--json`, as one JSON object on one line.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def write_synthetic_results(*, workdir: str, n_queries: int = 20,
                             n_proponents: int = 10, n_opponents: int = 3,
                             methods: Sequence[str] = ("trackstar", "bm25"),
                             seed: int = 0) -> list[str]:
-  """Writes plausible `results/proponents/<method>.jsonl` files for tests.
+  """Writes plausible `results/proponents/<method>.jsonl` files (demos, tests).
 
   Each query has a pool of fact passages (entail the fact) and distractors
   mentioning the subject; each method ranks a random mix of them, so MRR and
