@@ -5,27 +5,29 @@
 
 Lowers and compiles, for the config's mesh on *compile-only* TPU devices
 (`jax.experimental.topologies`, needs the `.[tpu]` extra, libtpu pinned by
-`jax[tpu]==0.10.2`), the three programs a corpus-scale run repeats:
+`jax[tpu]==0.10.2`) of a slice in `tda.topology.TOPOLOGIES`, the three programs a
+corpus-scale run repeats, one step function each:
 
-  * `gradients`: the factored per-example gradient kernel
+  * `gradients` (`check_gradients`): the factored per-example gradient kernel
     (`tda.gradients.make_factored_kernel`) at the full sequence length, parameters
     sharded by `tda.sharding.param_shardings`, the batch over DATA — the layout the
     `Featurizer` uses. Parameters, optimizer state and corrections are only
     `jax.eval_shape`d: nothing of the model is ever allocated.
-  * `r_step`: one accumulation step of R = Σ φφᵀ (DESIGN.md §2), R [d, d] float32
-    sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on 16 × 16 chips a
-    4,096² = 64 MiB tile each), the φ rows arriving as the kernel emits them, P(DATA).
-  * `scoring`: one chunk of exact search, `tda.index._chunk_topk` itself, on a 1-D
-    DATA mesh over every chip (as `tda.index` builds it): queries replicated,
-    table rows split over chips, local top-k then a merge.
+  * `r_step` (`check_r_step`): one accumulation step of R = Σ φφᵀ (DESIGN.md §2),
+    R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
+    16 × 16 chips a 4,096² = 64 MiB tile each), the φ rows arriving as the kernel
+    emits them, P(DATA).
+  * `scoring` (`check_scoring`): one chunk of exact search, `tda.index._chunk_topk`
+    itself, on a 1-D DATA mesh over every chip (as `tda.index` builds it): queries
+    replicated, table rows split over chips, local top-k then a merge.
 
 Per program it reports XLA's per-chip memory (`memory_analysis()`) against the
 chip's HBM and per-chip FLOPs (`cost_analysis()`: the SPMD-partitioned module, so
 per chip; our model is an unrolled Python loop of layers, not a `scan`, so every
 layer is counted; with `model.remat` the recomputed forward is counted too). A
 program that does not fit fails to compile with RESOURCE_EXHAUSTED; that is
-reported as `fits: False`, and `--search_batch` finds the largest gradient batch
-that fits by doubling then bisection.
+reported as `fits: False`, and `--search_batch` (`search_gradient_batch`) finds
+the largest gradient batch that fits by doubling then bisection.
 
 Without libtpu, `topology='cpu'` compiles on the host's (forced) CPU devices:
 argument and output sizes are right, temporaries and OOM are not (tests only).
