@@ -18,16 +18,17 @@ Prints `factored_over_train_step` (goal <= 0.9) and `reference_over_factored`
 
 from __future__ import annotations
 
-import json
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from tda import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/trackstar_tiny.py",
                                           "Experiment config (model and gradient settings).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_JSON = cli.define_json_flag()
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
 
@@ -37,8 +38,8 @@ def _peak_bytes(jitted, *args) -> int:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
-def main(argv):
-  del argv
+def measure() -> dict:
+  """Times and peak memory of each kernel; the figures `main` reports."""
   import jax
   import numpy as np
   from tda import correction as corr_lib
@@ -121,21 +122,30 @@ def main(argv):
     res[f"{name}_peak_bytes"] = peak[name]
   res["forward_share_of_factored"] = per_ex["forward"] / per_ex["factored"]
   res["activation_grads_share_of_factored"] = per_ex["activation_grads"] / per_ex["factored"]
+  return res
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  with cli.stdout_to_stderr(_JSON.value):
+    res = measure()
   if _JSON.value:
-    print(json.dumps(res, indent=1, sort_keys=True))
+    cli.print_json(res)
     return
-  print(f"model {res['params']:,} params, batch {b} x {t} tokens, d = {plan.dim}, "
-        f"{res['devices']} device(s), median of {_ROUNDS.value} interleaved rounds")
+  print(f"model {res['params']:,} params, batch {res['batch']} x {res['seq_len']} tokens, "
+        f"d = {res['d']}, {res['devices']} device(s), median of {_ROUNDS.value} "
+        "interleaved rounds")
   print(f"{'kernel':<26}{'examples/s':>12}{'tokens/s':>12}{'peak MiB':>10}")
-  for name in runs:
+  for name in [k[:-len("_examples_per_s")] for k in res if k.endswith("_examples_per_s")]:
     print(f"{name:<26}{res[name + '_examples_per_s']:>12.1f}{res[name + '_tokens_per_s']:>12.0f}"
           f"{res[name + '_peak_bytes'] / 2**20:>10.1f}")
   print(f"factored_over_train_step   {res['factored_over_train_step']:.3f}  (goal <= 0.9)")
   print(f"  corrected variant only   {res['factored_corrected_only_over_train_step']:.3f}")
   print(f"reference_over_factored    {res['reference_over_factored']:.1f}  (goal >= 20)")
   print("where the factored kernel's time goes (share of its time): forward "
-        f"{per_ex['forward'] / per_ex['factored']:.2f}, + backward to activations "
-        f"{per_ex['activation_grads'] / per_ex['factored']:.2f}, the rest is projection")
+        f"{res['forward_share_of_factored']:.2f}, + backward to activations "
+        f"{res['activation_grads_share_of_factored']:.2f}, the rest is projection")
 
 
 if __name__ == "__main__":

@@ -1,46 +1,76 @@
 """Benchmark: ScaNN (+ exact rerank) vs exact JAX search, and int8 vs float32 tables.
 
-    python scripts/bench_retrieval.py --rows 1000000 --dim 1024 [--json out.json] \
-        [--compare_workdir W]
+    python scripts/bench_retrieval.py --rows=1000000 --dim=1024 [--json] \
+        [--compare_workdir=W]
 
 Rows are synthetic stand-ins for gradient tables: low-rank signal plus isotropic
 noise, unit-normalised. Queries are unit vectors correlated with random rows (a
-row plus fresh low-rank signal plus noise). `data_stats` prints how structured
+row plus fresh low-rank signal plus noise). `data_stats` reports how structured
 they are (energy in the top 64 principal directions; the k-th best score over the
-score spread); `--compare_workdir` prints the same for a real TrackStar table
+score spread); `--compare_workdir` reports the same for a real TrackStar table
 from a finished `tda.run` (the default world's table is far closer to isotropic,
 energy_top64 0.15 against 0.85 here, with a similar top-10 contrast, so these
 rows are the easier case for a partitioning index).
 
 ScaNN's search knobs (leaves searched, reorder) are tuned on held-out queries;
-the recall/speed frontier of that grid is printed too. All timings come from one
+the recall/speed frontier of that grid is reported too. All timings come from one
 process; exact search batches every query into one matmul per row chunk.
 Memory: the float32 rows ([rows, dim]) plus ScaNN's own float32 copy for
 reordering; tables are written and searched shard by shard.
 
 Goals: scann_recall_at_10 >= 0.99, scann_over_exact_qps >= 20,
-int8_top10_overlap >= 0.98.
+int8_top10_overlap >= 0.98. Progress goes to stderr; the figures to stdout, as a
+table or, with `--json`, as one JSON object on one line.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
+from absl import logging
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tda import cli  # noqa: E402
 from tda import index as index_lib  # noqa: E402
 from tda import tables  # noqa: E402
 
 GEN_CHUNK = 65_536
+
+flags.DEFINE_integer("rows", 1_000_000, "Synthetic table rows.")
+flags.DEFINE_integer("dim", 1024, "Row dimension.")
+flags.DEFINE_integer("queries", 1000, "Timed queries.")
+flags.DEFINE_integer("k", 10, "Results per query.")
+flags.DEFINE_integer("rank", 64, "Rank of the rows' low-rank signal.")
+flags.DEFINE_float("signal", 0.7, "Low-rank share of each row.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_integer("num_leaves", None, "ScaNN leaves (default: its rule).")
+flags.DEFINE_integer("num_leaves_to_search", None, "ScaNN leaves searched (default: its rule).")
+flags.DEFINE_integer("dims_per_block", 2, "ScaNN AH dims per block.")
+flags.DEFINE_float("soar_lambda", 1.0, "SOAR lambda; <= 0: off.")
+flags.DEFINE_integer(
+    "tune_queries", 200, "Held-out queries to pick leaves_to_search/reorder on (0: no tuning).")
+flags.DEFINE_float(
+    "target_recall", 0.995, "Tuning picks the fastest setting reaching this on tune queries.")
+flags.DEFINE_float("aq_threshold", 0.2, "ScaNN anisotropic threshold.")
+flags.DEFINE_integer("reorder", None, "ScaNN exact-rerank count (default: its rule).")
+flags.DEFINE_integer("training_sample_size", None, "ScaNN training sample (default: its rule).")
+flags.DEFINE_integer("chunk_rows", index_lib.DEFAULT_CHUNK_ROWS, "Rows per exact-search matmul.")
+flags.DEFINE_integer("rows_per_shard", 131_072, "Table rows per shard.")
+flags.DEFINE_bool("skip_tables", False, "Skip the int8/float32 table part.")
+flags.DEFINE_string(
+    "compare_workdir", None, "A finished tda.run workdir: also report its TrackStar "
+    "table's statistics next to the synthetic rows'.")
+flags.DEFINE_string("tmpdir", None, "Where tables go (removed after).")
+_JSON = cli.define_json_flag()
 
 
 def synth_rows(*, rows: int, dim: int, rank: int, signal: float, seed: int) -> tuple:
@@ -86,13 +116,15 @@ def write_table(path, x_nd, dtype, rows_per_shard):
   return tables.Table.open(path)
 
 
-def tune(idx, tune_qd, x_nd, k, args) -> dict:
-  """Fastest (leaves_to_search, reorder) reaching target recall on held-out queries."""
+def tune(idx, tune_qd, x_nd, k, *, chunk_rows: int,
+         target_recall: float) -> tuple[dict, dict]:
+  """Fastest (leaves_to_search, reorder) reaching target recall on held-out queries,
+  and the recall/speed frontier of the grid."""
   _, ref = index_lib.exact_search(queries_qd=tune_qd, vectors_nd=x_nd, k=k,
-                                  chunk_rows=args.chunk_rows)
+                                  chunk_rows=chunk_rows)
   nl = idx.params.get("num_leaves")
   if nl is None:
-    return {}
+    return {}, {}
   grid = []
   reorders = (100, 200, 400, 1000) if idx.params["dims_per_block"] <= 2 else (
       200, 400, 1000, 2500)  # 2-dim blocks rarely need a long reorder.
@@ -103,9 +135,9 @@ def tune(idx, tune_qd, x_nd, k, args) -> dict:
       t = time.perf_counter()
       _, got = idx.search(tune_qd, k, leaves_to_search=leaves, reorder=reorder)
       grid.append((overlap(got, ref), time.perf_counter() - t, leaves, reorder))
-      print(f"  tune L={leaves} R={reorder}: recall {grid[-1][0]:.4f} "
-            f"{len(tune_qd) / grid[-1][1]:.0f} qps", flush=True)
-  ok = [g for g in grid if g[0] >= args.target_recall]
+      logging.info("  tune L=%d R=%d: recall %.4f %.0f qps", leaves, reorder, grid[-1][0],
+                   len(tune_qd) / grid[-1][1])
+  ok = [g for g in grid if g[0] >= target_recall]
   best = min(ok, key=lambda g: g[1]) if ok else max(grid, key=lambda g: (g[0], -g[1]))
   # The recall/speed frontier: for each recall level, the fastest setting reaching it.
   frontier = {}
@@ -145,41 +177,13 @@ def workdir_stats(workdir: str, method: str = "trackstar") -> dict:
   return {"path": t.path, "rows": int(x_nd.shape[0]), **data_stats(x_nd, q_qd)}
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--rows", type=int, default=1_000_000)
-  ap.add_argument("--dim", type=int, default=1024)
-  ap.add_argument("--queries", type=int, default=1000)
-  ap.add_argument("--k", type=int, default=10)
-  ap.add_argument("--rank", type=int, default=64)
-  ap.add_argument("--signal", type=float, default=0.7, help="low-rank share of each row")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--num_leaves", type=int, default=None)
-  ap.add_argument("--num_leaves_to_search", type=int, default=None)
-  ap.add_argument("--dims_per_block", type=int, default=2)
-  ap.add_argument("--soar_lambda", type=float, default=1.0, help="<= 0: off")
-  ap.add_argument("--tune_queries", type=int, default=200,
-                  help="held-out queries to pick leaves_to_search/reorder on (0: no tuning)")
-  ap.add_argument("--target_recall", type=float, default=0.995,
-                  help="tuning picks the fastest setting reaching this on tune queries")
-  ap.add_argument("--aq_threshold", type=float, default=0.2)
-  ap.add_argument("--reorder", type=int, default=None)
-  ap.add_argument("--training_sample_size", type=int, default=None)
-  ap.add_argument("--chunk_rows", type=int, default=index_lib.DEFAULT_CHUNK_ROWS)
-  ap.add_argument("--rows_per_shard", type=int, default=131_072)
-  ap.add_argument("--skip_tables", action="store_true")
-  ap.add_argument("--compare_workdir", default=None,
-                  help="a finished tda.run workdir: also print its TrackStar table's "
-                       "statistics next to the synthetic rows'")
-  ap.add_argument("--tmpdir", default=None, help="where tables go (removed after)")
-  ap.add_argument("--json", nargs="?", const="-", default=None,
-                  help="write results as JSON to this path ('-' or no value: stdout)")
-  args = ap.parse_args(argv)
+def run(args) -> dict:
+  """The benchmark; `args` has one attribute per flag."""
   out: dict = {"rows": args.rows, "dim": args.dim, "queries": args.queries, "k": args.k,
                "data": f"synthetic: rank-{args.rank} signal ({args.signal:.0%} of norm) "
                        "+ isotropic noise, unit-normalised; queries = row + fresh "
                        "signal + noise"}
-  print(f"# {out['data']}", flush=True)
+  logging.info("# %s", out["data"])
   k = args.k
 
   t = time.perf_counter()
@@ -190,10 +194,10 @@ def main(argv=None):
   q_qd, tune_qd = q_all[:args.queries], q_all[args.queries:]
   out["generate_s"] = time.perf_counter() - t
   out["data_stats"] = data_stats(x_nd, q_qd, k=k)
-  print(f"synthetic rows: {out['data_stats']}", flush=True)
+  logging.info("synthetic rows: %s", out["data_stats"])
   if args.compare_workdir:
     out["real_table_stats"] = workdir_stats(args.compare_workdir)
-    print(f"real table: {out['real_table_stats']}", flush=True)
+    logging.info("real table: %s", out["real_table_stats"])
 
   # Exact reference (JAX): warm up compilation on the first chunk, then time.
   index_lib.exact_search(queries_qd=q_qd, vectors_nd=x_nd[:args.chunk_rows], k=k,
@@ -205,7 +209,7 @@ def main(argv=None):
   ex_bs, ex_bi = index_lib.exact_search(queries_qd=q_qd, vectors_nd=x_nd, k=k,
                                         largest=False, chunk_rows=args.chunk_rows)
   out["exact_qps"] = args.queries / exact_s
-  print(f"exact: {exact_s:.1f}s, {out['exact_qps']:.1f} qps", flush=True)
+  logging.info("exact: %.1fs, %.1f qps", exact_s, out["exact_qps"])
 
   params = {k_: v for k_, v in dict(
       num_leaves=args.num_leaves, num_leaves_to_search=args.num_leaves_to_search,
@@ -217,17 +221,18 @@ def main(argv=None):
   idx = index_lib.ScannIndex.build(vectors_nd=x_nd, **params)
   out["scann_build_s"] = time.perf_counter() - t
   out["scann_params"] = idx.params
-  print(f"scann build: {out['scann_build_s']:.1f}s {idx.params}", flush=True)
+  logging.info("scann build: %.1fs %s", out["scann_build_s"], idx.params)
   knobs = {}
   if args.tune_queries:
-    knobs, frontier = tune(idx, tune_qd, x_nd, k, args)
+    knobs, frontier = tune(idx, tune_qd, x_nd, k, chunk_rows=args.chunk_rows,
+                           target_recall=args.target_recall)
     out["tuned_on_held_out_queries"] = knobs
     out["frontier_on_tune_queries"] = {
         r: {**f, "over_exact_qps": f["qps"] / out["exact_qps"]} for r, f in frontier.items()}
     for r, f in out["frontier_on_tune_queries"].items():
-      print(f"  recall >= {r}: {f['over_exact_qps']:.1f}x exact (L={f['leaves_to_search']}, "
-            f"R={f['reorder']}, recall {f['recall']:.4f})", flush=True)
-    print(f"tuned: {knobs}", flush=True)
+      logging.info("  recall >= %s: %.1fx exact (L=%d, R=%d, recall %.4f)", r,
+                   f["over_exact_qps"], f["leaves_to_search"], f["reorder"], f["recall"])
+    logging.info("tuned: %s", knobs)
   idx.search(q_qd[:10], k, **knobs)  # Warm-up.
   t = time.perf_counter()
   sc_s, sc_i = idx.search(q_qd, k, **knobs)
@@ -241,8 +246,8 @@ def main(argv=None):
   out["scann_score_max_abs_err"] = float(np.abs(exact_dots - sc_s).max())
   out["exact_top1_mean_score"] = float(ex_s[:, 0].mean())
   out["exact_top10_mean_score"] = float(ex_s[:, -1].mean())
-  print(f"scann: {scann_s:.2f}s, {out['scann_qps']:.1f} qps, "
-        f"recall@10 {out['scann_recall_at_10']:.4f}", flush=True)
+  logging.info("scann: %.2fs, %.1f qps, recall@10 %.4f", scann_s, out["scann_qps"],
+               out["scann_recall_at_10"])
   del idx
   gc.collect()
 
@@ -266,18 +271,22 @@ def main(argv=None):
     finally:
       shutil.rmtree(root, ignore_errors=True)
 
-  width = max(map(len, out))
-  for key, v in out.items():
-    print(f"{key:<{width}}  {v:.4g}" if isinstance(v, float) else f"{key:<{width}}  {v}")
-  if args.json:
-    blob = json.dumps(out, indent=1, default=str)
-    if args.json == "-":
-      print(blob)
-    else:
-      with open(args.json, "w") as f:
-        f.write(blob + "\n")
   return out
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  with cli.stdout_to_stderr(_JSON.value):
+    out = run(args)
+  if _JSON.value:
+    cli.print_json(out)
+    return
+  width = max(map(len, out))
+  for key, v in out.items():
+    print(f"{key:<{width}}  {v:.4g}" if isinstance(v, float) else f"{key:<{width}}  {v}")
+
+
 if __name__ == "__main__":
-  main()
+  app.run(main)

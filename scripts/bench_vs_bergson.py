@@ -4,7 +4,7 @@ One run, on this machine's CPU:
   1. prep: the fact world (`tda.world.generate_world`, default config), a
      SentencePiece vocab trained on it, and our Llama-style model
      (`block='sequential'`, `scale_embeddings=False`; default 4 layers, d_model
-     256, d_ff 688, 4 heads (MHA), tied vocab 8192 ≈ the issue's 7.4M-parameter
+     256, d_ff 688, 4 heads (MHA), tied vocab 8192 ≈ a 7.4M-parameter
      Llama, whose untied head we share) trained for `--steps` Adafactor steps on
      the world's passages (128-token documents);
   2. conversion (`tda.convert_hf.save_hf`): LlamaForCausalLM + tokenizer +
@@ -29,12 +29,12 @@ One run, on this machine's CPU:
      `collect_gradients` (token-budget batches of `batch * seq_len` tokens).
 
 Needs the `.[bench]` extra (bergson, torch CPU, transformers). Usage:
-  python scripts/bench_vs_bergson.py [--json out.json] [--workdir /tmp/bvb]
+  python scripts/bench_vs_bergson.py [--json] [--workdir=/tmp/bvb]
+`--json` prints every figure as one JSON object on stdout; without it, a summary.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -42,8 +42,14 @@ import subprocess
 import sys
 import time
 
+from absl import app
+from absl import flags
+from absl import logging
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from tda import cli  # noqa: E402
 
 _ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false", "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -53,30 +59,27 @@ os.environ.update({k: v for k, v in _ENV.items() if k not in os.environ})
 EPS = 1e-30  # bergson's Adafactor hooks add 1e-30 to row and column statistics.
 
 
-def _flags():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--json", default=None, help="also write the results here")
-  p.add_argument("--workdir", default="/tmp/bench_vs_bergson")
-  p.add_argument("--steps", type=int, default=300, help="Adafactor training steps")
-  p.add_argument("--vocab", type=int, default=8192)
-  p.add_argument("--d_model", type=int, default=256)
-  p.add_argument("--n_layers", type=int, default=4)
-  p.add_argument("--d_ff", type=int, default=688)
-  p.add_argument("--seq_len", type=int, default=128)
-  p.add_argument("--proj", type=int, default=16, help="projection size per side")
-  p.add_argument("--batch", type=int, default=16,
-                 help="documents per batch (ours); bergson's --token_batch_size = batch * seq_len")
-  p.add_argument("--bucket", type=int, default=16, help="our length bucket (tokens)")
-  p.add_argument("--threads", type=int, default=1,
-                 help="compute threads per side in the timed runs (0: library defaults)")
-  p.add_argument("--n_time", type=int, default=512, help="passages timed per pass")
-  p.add_argument("--n_check", type=int, default=256, help="passages in the agreement check")
-  p.add_argument("--n_queries", type=int, default=32)
-  p.add_argument("--repeats", type=int, default=2, help="A B rounds")
-  p.add_argument("--retrain", action="store_true", help="ignore a cached trained model")
-  p.add_argument("--worker", choices=("ours", "bergson"), default=None,
-                 help=argparse.SUPPRESS)
-  return p.parse_args()
+flags.DEFINE_string("workdir", "/tmp/bench_vs_bergson", "Where prep, runs and caches go.")
+flags.DEFINE_integer("steps", 300, "Adafactor training steps.")
+flags.DEFINE_integer("vocab", 8192, "Vocabulary size.")
+flags.DEFINE_integer("d_model", 256, "Model width.")
+flags.DEFINE_integer("n_layers", 4, "Layers.")
+flags.DEFINE_integer("d_ff", 688, "MLP width.")
+flags.DEFINE_integer("seq_len", 128, "Tokens per document.")
+flags.DEFINE_integer("proj", 16, "Projection size per side.")
+flags.DEFINE_integer("batch", 16, "Documents per batch (ours); bergson's --token_batch_size "
+                     "= batch * seq_len.")
+flags.DEFINE_integer("bucket", 16, "Our length bucket (tokens).")
+flags.DEFINE_integer("threads", 1, "Compute threads per side in the timed runs (0: library "
+                     "defaults).")
+flags.DEFINE_integer("n_time", 512, "Passages timed per pass.")
+flags.DEFINE_integer("n_check", 256, "Passages in the agreement check.")
+flags.DEFINE_integer("n_queries", 32, "Fact queries in the agreement check.")
+flags.DEFINE_integer("repeats", 2, "A B rounds.")
+flags.DEFINE_bool("retrain", False, "Ignore a cached trained model.")
+flags.DEFINE_enum("worker", None, ["ours", "bergson"],
+                  "Internal: run one side's timed pass and print its result as JSON.")
+_JSON = cli.define_json_flag()
 
 
 def _rss_mb() -> tuple[float, float]:
@@ -111,6 +114,7 @@ def prepare(a) -> dict:
   import jax
   import numpy as np
   import sentencepiece as spm
+  from tda import batches
   from tda import config as config_lib
   from tda import convert_hf
   from tda import data as data_lib
@@ -155,8 +159,8 @@ def prepare(a) -> dict:
     step = jax.jit(train_lib.make_train_step(model, tx))
     losses = []
     for s in range(a.steps):
-      batch = data_lib.batch_at(tokens_nt=tokens_nt, step=s, batch_size=config.train.batch_size,
-                                seed=config.seed)
+      batch = batches.batch_at(tokens_nt=tokens_nt, step=s, batch_size=config.train.batch_size,
+                               seed=config.seed)
       params, opt_state, loss = step(params, opt_state, batch)
       if s % 50 == 0 or s == a.steps - 1:
         losses.append((s + 1, float(loss)))
@@ -261,7 +265,7 @@ def check_agreement(a) -> dict:
     with open(os.path.join(run, "info.json")) as f:
       info = json.load(f)
     runs[name] = (np.array(load_gradients(run), np.float64), info, time.time() - t0)
-  cli = " ".join(cmd).replace(a.workdir, "$W")
+  bergson_cmd = " ".join(cmd).replace(a.workdir, "$W")
   order = list(runs["passages"][1]["grad_sizes"])
   if order != list(runs["queries"][1]["grad_sizes"]):
     raise AssertionError("bergson's module order differs between the two runs")
@@ -322,7 +326,7 @@ def check_agreement(a) -> dict:
       "max_loss_rel_diff": float(np.max(np.abs(outs["passages"]["loss"] - b_loss) / b_loss)),
       "n_passages": int(n), "n_queries": int(len(arrays["q_tok"])),
       "dim": int(sum(runs["passages"][1]["grad_sizes"].values())),
-      "modules": len(order), "bergson_cli": cli})
+      "modules": len(order), "bergson_cli": bergson_cmd})
   return res
 
 
@@ -403,10 +407,11 @@ def worker_bergson(a) -> dict:
 
 
 def _spawn(a, side: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--workdir", a.workdir]
+  cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}",
+         f"--workdir={a.workdir}", "--json"]
   for k in ("vocab", "d_model", "n_layers", "d_ff", "seq_len", "proj", "batch", "bucket",
             "n_time", "steps", "threads"):
-    cmd += [f"--{k}", str(getattr(a, k))]
+    cmd.append(f"--{k}={getattr(a, k)}")
   env = dict(os.environ)
   if a.threads:  # The same thread budget on both sides (torch: OpenMP; XLA: Eigen pool).
     env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
@@ -415,10 +420,9 @@ def _spawn(a, side: str) -> dict:
                           " intra_op_parallelism_threads=1").strip()
   t0 = time.time()
   r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-  if r.returncode or not lines:
+  if r.returncode:
     raise RuntimeError(f"{side} worker failed:\n{r.stderr[-3000:]}")
-  out = json.loads(lines[-1][len("RESULT "):])
+  out = json.loads(r.stdout)
   out["process_s"] = time.time() - t0
   return out
 
@@ -449,12 +453,8 @@ def timed(a) -> dict:
   return summary
 
 
-def main():
-  a = _flags()
-  if a.worker:
-    out = worker_ours(a) if a.worker == "ours" else worker_bergson(a)
-    print("RESULT " + json.dumps(out), flush=True)
-    return
+def run(a) -> dict:
+  """Prep, agreement and speed; every figure, and whether the two sides agree."""
   t0 = time.time()
   res = {"setup": {"model": f"Llama-style, {a.n_layers} layers, d_model {a.d_model}, d_ff "
                             f"{a.d_ff}, 4 heads, vocab {a.vocab}, tied", "seq_len": a.seq_len,
@@ -465,11 +465,11 @@ def main():
                    "normaliser": "Adafactor factored V (eps 1e-30)",
                    "loss": "summed token NLL (bergson loss_reduction='sum')",
                    "cpu_count": os.cpu_count()}}
-  print("[1/4] world, vocab, training, conversion ...", file=sys.stderr, flush=True)
+  logging.info("[1/3] world, vocab, training, conversion ...")
   res["prep"] = prepare(a)
-  print("[2/4] agreement (bergson build CLI vs our kernel) ...", file=sys.stderr, flush=True)
+  logging.info("[2/3] agreement (bergson build CLI vs our kernel) ...")
   res["agreement"] = check_agreement(a)
-  print("[3/4] speed, A B interleaved ...", file=sys.stderr, flush=True)
+  logging.info("[3/3] speed, A B interleaved ...")
   res["speed"] = timed(a)
   res["total_s"] = round(time.time() - t0, 1)
   ag, sp = res["agreement"], res["speed"]
@@ -478,14 +478,41 @@ def main():
   ok = (ag["passages_max_rel_err"] <= 1e-4 and ag["queries_max_rel_err"] <= 1e-4
         and ag["top10_sets_equal"].split("/")[0] == ag["top10_sets_equal"].split("/")[1])
   res["agreement_ok"] = bool(ok)
-  text = json.dumps(res, indent=1)
-  print(text)
-  if a.json:
-    with open(a.json, "w") as f:
-      f.write(text + "\n")
-  if not ok:
+  return res
+
+
+def _summary(res: dict) -> str:
+  ag, sp = res["agreement"], res["speed"]
+  return "\n".join([
+      f"{res['setup']['model']}, seq_len {res['setup']['seq_len']}, projection "
+      f"{res['setup']['projection_per_side']} per side, {res['setup']['threads_per_side']} "
+      "thread(s) per side",
+      f"agreement: {'ok' if res['agreement_ok'] else 'FAILED'}; relative error passages "
+      f"{ag['passages_max_rel_err']:.2e}, queries {ag['queries_max_rel_err']:.2e}; "
+      f"max score diff {ag['max_score_diff']:.2e}; top-10 sets equal {ag['top10_sets_equal']}",
+      f"speed: ours {sp['ours']['examples_per_s']} vs bergson {sp['bergson']['examples_per_s']}"
+      f" examples/s; ours / bergson {sp['ours_over_bergson_examples_per_s']}x (median of "
+      f"rounds {sp['ratio_per_round']})",
+      f"peak RSS: ours {sp['ours']['peak_rss_mb']} MiB, bergson "
+      f"{sp['bergson']['peak_rss_mb']} MiB; total {res['total_s']} s"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  a = flags.FLAGS
+  with cli.stdout_to_stderr(_JSON.value):
+    if a.worker:
+      res = worker_ours(a) if a.worker == "ours" else worker_bergson(a)
+    else:
+      res = run(a)
+  if _JSON.value:
+    cli.print_json(res)
+  else:
+    print("\n".join(f"{k}: {v}" for k, v in res.items()) if a.worker else _summary(res))
+  if not a.worker and not res["agreement_ok"]:
     sys.exit("agreement check failed (see 'agreement')")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,31 +1,33 @@
 """Compile the scale path for a TPU pod without a TPU: `python -m tda.compile_check`.
 
     python -m tda.compile_check --config=configs/trackstar_8b.py --topology=v5e-256 \
-        [--batch_per_chip=N] [--search_batch] [--json]
+        [--batch_per_chip=N] [--search_batch] [--json] [--output=R.json]
 
 Lowers and compiles, for the config's mesh on *compile-only* TPU devices
 (`jax.experimental.topologies`, needs the `.[tpu]` extra, libtpu pinned by
-`jax[tpu]==0.10.2`), the three programs a corpus-scale run repeats:
+`jax[tpu]==0.10.2`) of a slice in `tda.topology.TOPOLOGIES`, the three programs a
+corpus-scale run repeats, one step function each:
 
-  * `gradients`: the factored per-example gradient kernel
+  * `gradients` (`check_gradients`): the factored per-example gradient kernel
     (`tda.gradients.make_factored_kernel`) at the full sequence length, parameters
     sharded by `tda.sharding.param_shardings`, the batch over DATA — the layout the
     `Featurizer` uses. Parameters, optimizer state and corrections are only
     `jax.eval_shape`d: nothing of the model is ever allocated.
-  * `r_step`: one accumulation step of R = Σ φφᵀ (DESIGN.md §2), R [d, d] float32
-    sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on 16 × 16 chips a
-    4,096² = 64 MiB tile each), the φ rows arriving as the kernel emits them, P(DATA).
-  * `scoring`: one chunk of exact search, `tda.index._chunk_topk` itself, on a 1-D
-    DATA mesh over every chip (as `tda.index` builds it): queries replicated,
-    table rows split over chips, local top-k then a merge.
+  * `r_step` (`check_r_step`): one accumulation step of R = Σ φφᵀ (DESIGN.md §2),
+    R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
+    16 × 16 chips a 4,096² = 64 MiB tile each), the φ rows arriving as the kernel
+    emits them, P(DATA).
+  * `scoring` (`check_scoring`): one chunk of exact search, `tda.index._chunk_topk`
+    itself, on a 1-D DATA mesh over every chip (as `tda.index` builds it): queries
+    replicated, table rows split over chips, local top-k then a merge.
 
 Per program it reports XLA's per-chip memory (`memory_analysis()`) against the
 chip's HBM and per-chip FLOPs (`cost_analysis()`: the SPMD-partitioned module, so
 per chip; our model is an unrolled Python loop of layers, not a `scan`, so every
 layer is counted; with `model.remat` the recomputed forward is counted too). A
 program that does not fit fails to compile with RESOURCE_EXHAUSTED; that is
-reported as `fits: False`, and `--search_batch` finds the largest gradient batch
-that fits by doubling then bisection.
+reported as `fits: False`, and `--search_batch` (`search_gradient_batch`) finds
+the largest gradient batch that fits by doubling then bisection.
 
 Without libtpu, `topology='cpu'` compiles on the host's (forced) CPU devices:
 argument and output sizes are right, temporaries and OOM are not (tests only).
@@ -35,71 +37,33 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import re
 import time
 from typing import Any, Callable
 
+from absl import app
+from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tda import cli
 from tda import correction as corr_lib
 from tda import featurize
 from tda import gradients as grad_lib
 from tda import model as model_lib
 from tda import projection as proj
 from tda import sharding
+from tda import topology as topology_lib
+from tda import workdir as workdir_lib
 
 GIB = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  """A TPU slice, as `jax.experimental.topologies.get_topology_desc` names it."""
-  topology_name: str          # e.g. 'v5e:16x16'.
-  chip_config_name: str       # 'default' (one core per chip) or 'megacore'.
-  wrap: tuple[bool, bool, bool]
-  accelerator_type: str       # TPU_ACCELERATOR_TYPE for libtpu.
-  hbm_gib: float              # Per chip.
-  peak_bf16_tflops: float     # Per chip.
-  chips: int
-
-
-def _v5e(x, y, wrap=False):
-  return Topology(f"v5e:{x}x{y}", "default", (wrap, wrap, False), f"v5litepod-{x * y}",
-                  16.0, 197.0, x * y)
-
-
-def _cube(gen, cores_name, x, y, z, hbm, tflops, wrap=False):
-  return Topology(f"{gen}:{x}x{y}x{z}", "megacore", (wrap, wrap, wrap),
-                  f"{cores_name}-{2 * x * y * z}", hbm, tflops, x * y * z)
-
-
-# Cloud names (v4/v5p count TensorCores, two per megacore chip; v5e counts chips).
-TOPOLOGIES: dict[str, Topology] = {
-    "v5e-4": _v5e(2, 2), "v5e-8": _v5e(2, 4), "v5e-16": _v5e(4, 4),
-    "v5e-64": _v5e(8, 8), "v5e-256": _v5e(16, 16, wrap=True),
-    "v4-8": _cube("v4", "v4", 2, 2, 1, 32.0, 275.0),
-    "v4-32": _cube("v4", "v4", 2, 2, 4, 32.0, 275.0),
-    "v4-128": _cube("v4", "v4", 4, 4, 4, 32.0, 275.0, wrap=True),
-    "v4-512": _cube("v4", "v4", 4, 4, 16, 32.0, 275.0, wrap=True),
-    "v5p-8": _cube("v5", "v5p", 2, 2, 1, 95.0, 459.0),
-    "v5p-32": _cube("v5", "v5p", 2, 2, 4, 95.0, 459.0),
-    "v5p-128": _cube("v5", "v5p", 4, 4, 4, 95.0, 459.0, wrap=True),
-    "v5p-512": _cube("v5", "v5p", 4, 4, 16, 95.0, 459.0, wrap=True),
-}
-CPU = "cpu"  # Host devices: mesh-shape checks only.
-
-
-def topology(name: str) -> Topology:
-  if name not in TOPOLOGIES:
-    raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)} "
-                     f"(or {CPU!r} for the host's CPU devices)")
-  return TOPOLOGIES[name]
+STEPS = ("gradients", "r_step", "scoring")
 
 
 def libtpu_version() -> str | None:
@@ -115,9 +79,9 @@ def libtpu_version() -> str | None:
 
 def topology_devices(*, name: str) -> list[jax.Device]:
   """Compile-only devices of a TPU slice (no TPU needed), or the host's CPUs."""
-  if name == CPU:
+  if name == topology_lib.CPU:
     return jax.devices("cpu")
-  topo = topology(name)
+  topo = topology_lib.get(name)
   if libtpu_version() is None:
     raise RuntimeError(f"topology {name!r} needs libtpu: pip install -e '.[tpu]'")
   # libtpu otherwise probes GCE metadata and takes a per-machine lockfile that any
@@ -304,108 +268,147 @@ def search_largest(*, fits: Callable[[int], bool], start: int = 1, limit: int = 
       n = (lo + hi) // 2
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """What every step compiles against: the config on a slice's mesh."""
+  config: ml_collections.ConfigDict
+  devices: list[jax.Device]
+  mesh: Mesh
+  hbm: float | None              # Per-chip HBM bytes; None on the host's CPUs.
+  log: Callable[[str], None]
+
+  @property
+  def chips(self) -> int:
+    return len(self.devices)
+
+  @property
+  def n_data(self) -> int:
+    return self.mesh.shape.get(sharding.DATA, 1)
+
+
+def check_gradients(target: _Target, *, global_batch: int) -> dict[str, Any]:
+  """The factored gradient kernel at `global_batch` examples."""
+  n = target.chips
+  target.log(f"gradients: global batch {global_batch} on {n} chips")
+  lowered, info = lower_gradients(config=target.config, mesh=target.mesh, batch=global_batch)
+  rep = compile_report(lowered, hbm_bytes=target.hbm)
+  rep.update(info, global_batch=global_batch, batch_per_chip=global_batch / n,
+             batch_per_data_shard=global_batch // target.n_data)
+  target.log("gradients: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
+                              else "does not fit") + f" ({rep['compile_s']:.0f} s)")
+  return rep
+
+
+def search_gradient_batch(target: _Target, *, first: dict[str, Any]) -> dict[str, Any]:
+  """The largest gradient batch that compiles in HBM, from `check_gradients`'s report."""
+  n_data, hbm = target.n_data, target.hbm
+  start = first["global_batch"] // n_data
+  used = {}  # shards -> per-chip bytes of the probes that fit.
+  limit_bytes = [hbm or 0.0]  # What XLA says it can use, once an OOM tells us.
+  if first["fits"]:
+    used[start] = first["total_bytes"]
+
+  def fits(shards):
+    if shards == start:  # Compiled already.
+      return first["fits"]
+    r = compile_report(lower_gradients(config=target.config, mesh=target.mesh,
+                                       batch=shards * n_data)[0], hbm_bytes=hbm)
+    if r["fits"]:
+      used[shards] = r["total_bytes"]
+    elif r.get("hbm_available_bytes"):
+      limit_bytes[0] = min(limit_bytes[0], r["hbm_available_bytes"])
+    target.log(f"  batch {shards * n_data}: " + (
+        f"fits, {r['total_bytes'] / GIB:.2f} GiB/chip" if r["fits"] else
+        "does not fit") + f" ({r['compile_s']:.0f} s)")
+    return r["fits"]
+
+  def guess(lo, hi):
+    # Memory grows ~linearly with the batch: extrapolate to the HBM from the two
+    # largest probes that fit, and aim one below the boundary's far side.
+    if hbm is None or len(used) < 2:
+      return None
+    (n0, b0), (n1, b1) = sorted(used.items())[-2:]
+    slope = (b1 - b0) / (n1 - n0)
+    if slope <= 0:
+      return None
+    pred = n1 + int((limit_bytes[0] - b1) // slope)
+    return pred + 1 if pred == lo else pred
+
+  best, trials = search_largest(fits=fits, start=max(1, start), guess=guess)
+  return {"unit": "examples per DATA shard", "largest_global_batch": best * n_data,
+          "largest_batch_per_chip": best * n_data / target.chips,
+          "largest_batch_per_data_shard": best,
+          "trials_global_batch": [(t * n_data, ok) for t, ok in trials]}
+
+
+def check_r_step(target: _Target, *, d: int, r_batch: int) -> dict[str, Any]:
+  """One R accumulation step over `r_batch` φ rows (rounded up to the DATA axis)."""
+  rb = sharding.pad_to_multiple(r_batch, target.mesh)
+  target.log(f"r_step: R [{d}, {d}] float32 over P(data, model), {rb} rows")
+  rep = compile_report(lower_r_step(mesh=target.mesh, d=d, batch=rb), hbm_bytes=target.hbm)
+  rep.update(d=d, rows=rb, r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
+  return rep
+
+
+def check_scoring(target: _Target, *, d: int, queries: int) -> dict[str, Any]:
+  """One chunk of exact search for `queries` queries."""
+  index_cfg = target.config.index
+  lowered, chunk = lower_scoring(devices=target.devices, d=d, queries=queries,
+                                 chunk_rows=index_cfg.chunk_rows, k=index_cfg.k)
+  target.log(f"scoring: {queries} queries x {chunk} rows, top-{index_cfg.k}")
+  rep = compile_report(lowered, hbm_bytes=target.hbm)
+  rep.update(d=d, queries=queries, chunk_rows=chunk, k=index_cfg.k,
+             rows_sharding="P('data', None) over a 1-D mesh of every chip")
+  return rep
+
+
 def check(*, config: ml_collections.ConfigDict, topology_name: str,
           batch_per_chip: float = 1.0, search_batch: bool = False,
-          steps: tuple[str, ...] = ("gradients", "r_step", "scoring"),
-          r_batch: int = 4096, queries: int = 1024,
+          steps: tuple[str, ...] = STEPS, r_batch: int = 4096, queries: int = 1024,
           log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
   """Compiles the scale path for a topology; returns the report (see module doc).
 
   Args:
     config: the experiment config (mesh, model, gradients, index sections).
-    topology_name: a key of TOPOLOGIES, or 'cpu' (host devices, tests only).
+    topology_name: a key of `tda.topology.TOPOLOGIES`, or 'cpu' (host devices,
+      tests only).
     batch_per_chip: gradient examples per chip and step; the global batch is
       rounded up to a multiple of the DATA axis (the Featurizer's rule).
     search_batch: also find the largest gradient batch that compiles in HBM.
-    steps: which programs to compile.
+    steps: which programs to compile (of STEPS).
     r_batch: φ rows per R step (rounded up to a multiple of the DATA axis).
     queries: queries scored per search step.
     log: progress sink.
   """
-  unknown = set(steps) - {"gradients", "r_step", "scoring"}
+  unknown = set(steps) - set(STEPS)
   if unknown:
-    raise ValueError(f"unknown steps {sorted(unknown)}; known: gradients, r_step, scoring")
+    raise ValueError(f"unknown steps {sorted(unknown)}; known: {', '.join(STEPS)}")
   if batch_per_chip <= 0:
     raise ValueError(f"batch_per_chip must be > 0, got {batch_per_chip}")
-  topo = None if topology_name == CPU else topology(topology_name)
+  topo = None if topology_name == topology_lib.CPU else topology_lib.get(topology_name)
   devices = topology_devices(name=topology_name)
   mesh = sharding.make_mesh(config, devices=devices)
-  n = len(devices)
-  hbm = None if topo is None else topo.hbm_gib * GIB
+  target = _Target(config=config, devices=devices, mesh=mesh,
+                   hbm=None if topo is None else topo.hbm_gib * GIB, log=log)
   report: dict[str, Any] = {
       "config": config.name, "topology": topology_name,
-      "device_kind": devices[0].device_kind, "chips": n,
+      "device_kind": devices[0].device_kind, "chips": target.chips,
       "mesh": dict(mesh.shape), "hbm_gib": None if topo is None else topo.hbm_gib,
       "peak_bf16_tflops": None if topo is None else topo.peak_bf16_tflops,
       "libtpu": libtpu_version(), "jax": jax.__version__, "steps": {}}
-  n_data = mesh.shape.get(sharding.DATA, 1)
-  global_batch = sharding.pad_to_multiple(max(1, round(batch_per_chip * n)), mesh)
   d = None
   if "gradients" in steps:
-    log(f"gradients: global batch {global_batch} on {n} chips")
-    lowered, info = lower_gradients(config=config, mesh=mesh, batch=global_batch)
-    d = info["d"]
-    rep = compile_report(lowered, hbm_bytes=hbm)
-    rep.update(info, global_batch=global_batch, batch_per_chip=global_batch / n,
-               batch_per_data_shard=global_batch // n_data)
-    log(f"gradients: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
-                          else "does not fit") + f" ({rep['compile_s']:.0f} s)")
-    report["steps"]["gradients"] = rep
+    global_batch = sharding.pad_to_multiple(max(1, round(batch_per_chip * target.chips)), mesh)
+    grad = report["steps"]["gradients"] = check_gradients(target, global_batch=global_batch)
+    d = grad["d"]
     if search_batch:
-      used = {}  # shards -> per-chip bytes of the probes that fit.
-      limit_bytes = [hbm or 0.0]  # What XLA says it can use, once an OOM tells us.
-      if rep["fits"]:
-        used[global_batch // n_data] = rep["total_bytes"]
-
-      def fits(shards):
-        if shards == global_batch // n_data:  # Compiled above already.
-          return rep["fits"]
-        r = compile_report(lower_gradients(config=config, mesh=mesh,
-                                           batch=shards * n_data)[0], hbm_bytes=hbm)
-        if r["fits"]:
-          used[shards] = r["total_bytes"]
-        elif r.get("hbm_available_bytes"):
-          limit_bytes[0] = min(limit_bytes[0], r["hbm_available_bytes"])
-        log(f"  batch {shards * n_data}: " + (
-            f"fits, {r['total_bytes'] / GIB:.2f} GiB/chip" if r["fits"] else
-            "does not fit") + f" ({r['compile_s']:.0f} s)")
-        return r["fits"]
-
-      def guess(lo, hi):
-        # Memory grows ~linearly with the batch: extrapolate to the HBM from the two
-        # largest probes that fit, and aim one below the boundary's far side.
-        if hbm is None or len(used) < 2:
-          return None
-        (n0, b0), (n1, b1) = sorted(used.items())[-2:]
-        slope = (b1 - b0) / (n1 - n0)
-        if slope <= 0:
-          return None
-        pred = n1 + int((limit_bytes[0] - b1) // slope)
-        return pred + 1 if pred == lo else pred
-
-      best, trials = search_largest(fits=fits, start=max(1, global_batch // n_data),
-                                    guess=guess)
-      report["batch_search"] = {
-          "unit": "examples per DATA shard", "largest_global_batch": best * n_data,
-          "largest_batch_per_chip": best * n_data / n,
-          "largest_batch_per_data_shard": best,
-          "trials_global_batch": [(t * n_data, ok) for t, ok in trials]}
+      report["batch_search"] = search_gradient_batch(target, first=grad)
   if d is None:
     d = model_and_plan(config)[2].dim
   if "r_step" in steps:
-    rb = sharding.pad_to_multiple(r_batch, mesh)
-    log(f"r_step: R [{d}, {d}] float32 over P(data, model), {rb} rows")
-    rep = compile_report(lower_r_step(mesh=mesh, d=d, batch=rb), hbm_bytes=hbm)
-    rep.update(d=d, rows=rb, r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
-    report["steps"]["r_step"] = rep
+    report["steps"]["r_step"] = check_r_step(target, d=d, r_batch=r_batch)
   if "scoring" in steps:
-    lowered, chunk = lower_scoring(devices=devices, d=d, queries=queries,
-                                   chunk_rows=config.index.chunk_rows, k=config.index.k)
-    log(f"scoring: {queries} queries x {chunk} rows, top-{config.index.k}")
-    rep = compile_report(lowered, hbm_bytes=hbm)
-    rep.update(d=d, queries=queries, chunk_rows=chunk, k=config.index.k,
-               rows_sharding="P('data', None) over a 1-D mesh of every chip")
-    report["steps"]["scoring"] = rep
+    report["steps"]["scoring"] = check_scoring(target, d=d, queries=queries)
   return report
 
 
@@ -440,38 +443,37 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv):
-  del argv
-  from absl import flags
-  from absl import logging
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  report = check(config=f.config, topology_name=f.topology, batch_per_chip=f.batch_per_chip,
-                 search_batch=f.search_batch, steps=tuple(f.steps), r_batch=f.r_batch,
-                 queries=f.queries,
-                 log=logging.info)
-  if f.output:
-    with open(f.output, "w") as fh:
-      json.dump(report, fh, indent=1, default=str)
-  print(json.dumps(report, indent=1, default=str) if f.json else format_report(report))
+  with cli.stdout_to_stderr(f.json):
+    report = check(config=f.config, topology_name=f.topology,
+                   batch_per_chip=f.batch_per_chip, search_batch=f.search_batch,
+                   steps=tuple(f.steps), r_batch=f.r_batch, queries=f.queries,
+                   log=logging.info)
+    if f.output:
+      workdir_lib.write_json(f.output, report)
+  if f.json:
+    cli.print_json(report)
+  else:
+    print(format_report(report))
 
 
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
+def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                   lock_config=True)
-  flags.DEFINE_string("topology", "v5e-256",
-                      f"One of {', '.join(TOPOLOGIES)}, or 'cpu' (tests only).")
+  flags.DEFINE_string("topology", "v5e-256", f"One of {', '.join(topology_lib.TOPOLOGIES)}, "
+                      f"or {topology_lib.CPU!r} (tests only).")
   flags.DEFINE_float("batch_per_chip", 1.0, "Gradient examples per chip and step.")
   flags.DEFINE_bool("search_batch", False, "Find the largest gradient batch that fits.")
-  flags.DEFINE_list("steps", ["gradients", "r_step", "scoring"], "Programs to compile.")
+  flags.DEFINE_list("steps", list(STEPS), "Programs to compile.")
   flags.DEFINE_integer("queries", 1024, "Queries per scoring step.")
   flags.DEFINE_integer("r_batch", 4096, "φ rows per R accumulation step.")
-  flags.DEFINE_bool("json", False, "Print the report as JSON.")
+  cli.define_json_flag()
   flags.DEFINE_string("output", None, "Also write the JSON report here (tda.plan reads it).")
   flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(main)

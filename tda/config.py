@@ -172,7 +172,7 @@ def base_config() -> ml_collections.ConfigDict:
   pl.mean_tokens = _float()      # None: 160e9 / 365e6 for c4, else data.seq_len.
   pl.mfu = 0.4                   # Share of peak bf16 FLOP/s assumed.
   pl.queries = 5000              # Queries for the retrieval estimate.
-  pl.topology = "v5e-256"        # Chip for estimates (tda.compile_check.TOPOLOGIES).
+  pl.topology = "v5e-256"        # Chip for estimates (tda.topology.TOPOLOGIES).
 
   # --- Sharding (tda.sharding) --------------------------------------------
   c.mesh = ml_collections.ConfigDict()

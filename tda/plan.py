@@ -29,30 +29,26 @@ cost_analysis agrees; see the cross-check).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from absl import app
+from absl import flags
 import jax
 import ml_collections
+from ml_collections import config_flags
 
+from tda import cli
 from tda import compile_check
 from tda import model as model_lib
 from tda import projection as proj
+from tda import topology as topology_lib
+from tda import workdir as workdir_lib
 
 C4_ROWS = 365_000_000        # C4 en passages (DESIGN.md §1, §5).
 C4_TOKENS = 160e9            # > 160B tokens (DESIGN.md §1): ~438 tokens a passage.
-DEFAULT_MFU = 0.4
-DEFAULT_QUERIES = 5_000      # Order of the T-REx query set.
 TIB = float(1 << 40)
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 INT8_SCALE_BYTES = 4         # tda.tables: float32 per-row scale.
-
-
-def _opt(config, section, key, default):
-  """A config key that may not be declared yet (see the report's config snippet)."""
-  sec = config.get(section) if hasattr(config, "get") else None
-  val = sec.get(key) if sec is not None and hasattr(sec, "get") else None
-  return default if val is None else val
 
 
 def table_bytes(*, rows: int, d: int) -> dict[str, dict[str, float]]:
@@ -104,18 +100,20 @@ def make_plan_report(*, config: ml_collections.ConfigDict, rows: int | None = No
   seq_len = config.data.seq_len
   _, params, plan = compile_check.model_and_plan(config)
   c4 = config.data.source == "c4"
-  rows = rows or _opt(config, "plan", "rows", C4_ROWS if c4 else None)
+  pl = config.plan
+  if rows is None:
+    rows = pl.rows if pl.rows is not None else (C4_ROWS if c4 else None)
   if rows is not None and rows < 1:
     raise ValueError(f"plan.rows must be >= 1, got {rows}")
-  mfu = mfu or _opt(config, "plan", "mfu", DEFAULT_MFU)
+  mfu = pl.mfu if mfu is None else mfu
   if not 0 < mfu <= 1:
     raise ValueError(f"plan.mfu must be in (0, 1], got {mfu}")
-  queries = queries or _opt(config, "plan", "queries", DEFAULT_QUERIES)
-  topology_name = (topology_name or (compile_report or {}).get("topology")
-                   or _opt(config, "plan", "topology", "v5e-256"))
-  topo = compile_check.topology(topology_name)
-  mean_tokens = mean_tokens or _opt(config, "plan", "mean_tokens",
-                                    C4_TOKENS / C4_ROWS if c4 else seq_len)
+  queries = pl.queries if queries is None else queries
+  topology_name = (topology_name or (compile_report or {}).get("topology") or pl.topology)
+  topo = topology_lib.get(topology_name)
+  if mean_tokens is None:
+    mean_tokens = (pl.mean_tokens if pl.mean_tokens is not None
+                   else C4_TOKENS / C4_ROWS if c4 else seq_len)
   # Length buckets pad each example up to a multiple of length_bucket: ~half a bucket.
   run_tokens = min(seq_len, mean_tokens + g.length_bucket / 2)
   variants = 2 if g.correction else 1
@@ -215,36 +213,35 @@ def format_plan(rep: dict[str, Any]) -> str:
 
 
 def main(argv):
-  del argv
-  from absl import flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   # Shapes only (jax.eval_shape): the host CPU backend suffices, and keeps an installed
   # libtpu from probing for a TPU that a planning machine does not have.
   jax.config.update("jax_platforms", "cpu")
-  cr = None
-  if f.compile_report:
-    with open(f.compile_report) as fh:
-      cr = json.load(fh)
-  rep = make_plan_report(config=f.config, rows=f.rows, topology_name=f.topology, mfu=f.mfu,
-                         queries=f.queries, compile_report=cr)
-  print(json.dumps(rep, indent=1, default=str) if f.json else format_plan(rep))
+  with cli.stdout_to_stderr(f.json):
+    cr = workdir_lib.read_json(f.compile_report) if f.compile_report else None
+    rep = make_plan_report(config=f.config, rows=f.rows, topology_name=f.topology,
+                           mfu=f.mfu, queries=f.queries, compile_report=cr)
+  if f.json:
+    cli.print_json(rep)
+  else:
+    print(format_plan(rep))
 
 
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
+def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                   lock_config=True)
   flags.DEFINE_integer("rows", None, "Rows (examples) to featurise; default plan.rows / C4.")
-  flags.DEFINE_string("topology", None, "Chip for the estimates (tda.compile_check names).")
-  flags.DEFINE_float("mfu", None, f"Utilisation of peak bf16 FLOP/s (default {DEFAULT_MFU}).")
-  flags.DEFINE_integer("queries", None, f"Queries to retrieve for (default {DEFAULT_QUERIES}).")
+  flags.DEFINE_string("topology", None, "Chip for the estimates (tda.topology names; "
+                      "default plan.topology).")
+  flags.DEFINE_float("mfu", None, "Utilisation of peak bf16 FLOP/s (default plan.mfu).")
+  flags.DEFINE_integer("queries", None, "Queries to retrieve for (default plan.queries).")
   flags.DEFINE_string("compile_report", None, "JSON from tda.compile_check --output.")
-  flags.DEFINE_bool("json", False, "Print JSON.")
+  cli.define_json_flag()
   flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(main)

@@ -2,7 +2,7 @@
 orbax checkpoints holding params, the full optimizer state, the step and the data
 position, and exact resume after interruption.
 
-The data position is the step: `tda.data.batch_at(step=...)` is a pure function of
+The data position is the step: `tda.batches.batch_at(step=...)` is a pure function of
 (step, seed), so a resumed run sees exactly the batches the uninterrupted run saw.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from tda import batches
 from tda import model as model_lib
 from tda import sharding
 from tda import workdir as wd
@@ -192,8 +193,6 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
   Returns:
     Summary dict: steps, final loss, wall time, tokens/s.
   """
-  from tda import data as data_lib  # TF-free path for modules that do not train.
-
   t = config.train
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
@@ -215,8 +214,8 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
   t0, start_step, loss = time.time(), state.step, float("nan")
   tokens_seen = 0
   for step in range(state.step, t.steps):
-    batch = data_lib.batch_at(tokens_nt=tokens_nt, step=step, batch_size=t.batch_size,
-                              seed=config.seed, length_group=t.length_group)
+    batch = batches.batch_at(tokens_nt=tokens_nt, step=step, batch_size=t.batch_size,
+                             seed=config.seed, length_group=t.length_group)
     # Trailing padding changes nothing in a causal LM: drop it, at a few lengths.
     batch = batch[:, :int(model_lib.bucket_lengths(np.array([(batch != 0).sum(1).max()]),
                                          multiple=32, max_len=batch.shape[1])[0])]

@@ -1,11 +1,12 @@
 """Offline results viewer: one self-contained HTML page for the proponents.
 
-Reads `<workdir>/results/proponents/<method>.jsonl` (the JSONL schema of the
-paper's public viewer, PAIR-code/pretraining-tda; DESIGN.md §3) and writes
-`<workdir>/results/viewer.html`: data embedded as JSON in a
+`result_rows` builds a method's rows in the viewer's JSONL schema (that of the
+paper's public results viewer; DESIGN.md §3), which `tda.report` writes to
+`<workdir>/results/proponents/<method>.jsonl`. The page reads those files and
+writes `<workdir>/results/viewer.html`: data embedded as JSON in a
 `<script type="application/json">`, vanilla JS and CSS inline, no network.
 
-    python -m tda.viewer --workdir=W [--out=PATH]
+    python -m tda.viewer --workdir=W [--out=PATH] [--json]
 
 Passage texts are untrusted: the page builds them from DOM text nodes and
 `<mark>` elements only (never innerHTML), the JSON blob escapes every `<`, `>`
@@ -21,14 +22,15 @@ import glob
 import hashlib
 import html
 import json
-import math
 import os
-import random
 from typing import Any, Iterable, Sequence
 
 from absl import app
 from absl import flags
+import numpy as np
 
+from tda import cli
+from tda import json_values
 from tda import methods as methods_lib
 from tda import workdir as workdir_lib
 
@@ -39,6 +41,71 @@ REQUIRED_FIELDS = ("example_id", "inputs_plaintext", "targets_plaintext",
 # Query-level fields that must agree between method files of the same query.
 _MUST_AGREE = ("inputs_plaintext", "targets_plaintext")
 _SCORE_DIGITS = 7  # Significant digits kept for embedded scores (display shows 4).
+
+
+def result_rows(*, facts: Sequence[dict[str, Any]], passages: dict[str, str],
+                predictions: dict[str, dict[str, Any]], top_ids: Sequence[Sequence[str]],
+                top_scores: Any, bottom_ids: Sequence[Sequence[str]] | None = None,
+                bottom_scores: Any = None, tailpatch_abs: Any = None,
+                tailpatch_rel: Any = None) -> list[dict[str, Any]]:
+  """One method's rows in this viewer's JSONL schema (DESIGN.md §3).
+
+  Args:
+    facts: the fact record (tda.world schema) of each query, in query order.
+    passages: passage id -> text; covers every proponent and opponent id.
+    predictions: example id -> {"correct", "prediction", "model_confidence",
+      "temperature_samples"} (tda.model_eval); a missing query gets nulls.
+    top_ids, top_scores: [q][k] proponent ids and scores, best first.
+    bottom_ids, bottom_scores: [q][k'] opponent ids and scores, or None.
+    tailpatch_abs, tailpatch_rel: [q, k_tp] tail-patch results per proponent
+      (NaN rows: not tail-patched), or None.
+
+  Returns:
+    One row per query, with every field of REQUIRED_FIELDS.
+  """
+  finite = json_values.finite_or_none
+  rows = []
+  tp_abs = None if tailpatch_abs is None else np.asarray(tailpatch_abs, np.float64)
+  tp_rel = None if tailpatch_rel is None else np.asarray(tailpatch_rel, np.float64)
+  for q, f in enumerate(facts):
+    pred = predictions.get(f["example_id"]) or {}
+    rel = set(f["passage_ids"])
+    ids = [str(i) for i in top_ids[q]]
+    opp = [] if bottom_ids is None else [str(i) for i in bottom_ids[q]]
+    tp_row = tp_rel_row = None
+    if tp_abs is not None and np.isfinite(tp_abs[q]).any():
+      tp_row = [finite(v) for v in tp_abs[q]]
+      tp_rel_row = [finite(v) for v in tp_rel[q]]
+    correct = pred.get("correct")
+    rows.append({
+        "example_id": f["example_id"],
+        "inputs_plaintext": f["inputs_plaintext"],
+        "targets_plaintext": f["targets_plaintext"],
+        "proponents": [passages[i] for i in ids],
+        "proponent_ids": ids,
+        "proponent_scores": [finite(s) for s in top_scores[q]],
+        "proponent_correct": [i in rel for i in ids],
+        "opponents": [passages[i] for i in opp],
+        "opponent_ids": opp,
+        "opponent_scores": ([] if bottom_scores is None
+                            else [finite(s) for s in bottom_scores[q]]),
+        "fact_id": f["fact_id"],
+        "relation": f["relation"],
+        "groundtruth": {"subject": f["subject"], "relation": f["relation"],
+                        "object": f["object"]},
+        "subject": f["subject"],
+        "object": f["object"],
+        "c4_frequency": int(f["frequency"]),
+        "c4_frequency_bucket": str(f["bucket"]),
+        "has_trex_sentence": int(f["frequency"]) > 0,
+        "model_confidence": finite(pred.get("model_confidence")),
+        "temperature_samples": list(pred.get("temperature_samples") or []),
+        "model_prediction": pred.get("prediction"),
+        "model_correct": None if correct is None else bool(correct),
+        "proponent_tailpatch_abs": tp_row,
+        "proponent_tailpatch_rel": tp_rel_row,
+    })
+  return rows
 
 
 def load_results(*, workdir: str) -> dict[str, list[dict[str, Any]]]:
@@ -71,14 +138,9 @@ def _sorted_methods(methods: Iterable[str]) -> list[str]:
 
 
 def _round_score(x: Any) -> float | None:
-  if x is None:
-    return None
-  x = float(x)
-  if not math.isfinite(x):
-    # JSON has no NaN/Infinity; JSON.parse in the page would reject them.
-    return None
-  if x == 0.0:
-    return 0.0
+  x = json_values.finite_or_none(x)  # JSON.parse in the page rejects NaN/Infinity.
+  if x is None or x == 0.0:
+    return x
   return float(f"{x:.{_SCORE_DIGITS}g}")
 
 
@@ -285,101 +347,8 @@ def write_viewer(*, workdir: str, out_path: str | None = None,
                      title=f"TrackStar results: {os.path.basename(os.path.abspath(workdir))}")
   out_path = out_path or os.path.join(workdir, "results", "viewer.html")
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = f"{out_path}.tmp-{os.getpid()}"  # Write-then-rename: no half pages.
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(page)
-  os.replace(tmp, out_path)
+  workdir_lib.write_text(out_path, page)  # Write-then-rename: no half pages.
   return out_path
-
-
-# --- Synthetic results (tests, demos) ---------------------------------------
-
-_FIRST = ("Ada", "Jacques", "Mei", "Omar", "Ines", "Kofi", "Lena", "Ravi", "Sofia",
-          "Tomas", "Yuki", "Zara", "Bruno", "Chloe", "Dmitri", "Elif")
-_LAST = ("Laurent", "Okafor", "Tanaka", "Silva", "Novak", "Haddad", "Berg",
-         "Moreau", "Kowalski", "Mensah", "Rossi", "Ivanova", "Quispe", "Lindqvist")
-_PLACES = ("Paris", "Lagos", "Osaka", "Lima", "Prague", "Beirut", "Oslo", "Accra",
-           "Turin", "Kraków", "Quito", "Tartu", "Porto", "Izmir")
-_RELATIONS = (("place_of_birth", "{s} was born in the city of", "{s} was born in {o}."),
-              ("citizenship", "{s} is a citizen of", "{s} holds citizenship of {o}."),
-              ("headquarters", "{s} is headquartered in", "The offices of {s} are in {o}."))
-_FILLER = ("The museum reopened after a long renovation.",
-           "Local markets sell fresh bread every morning.",
-           "The river floods most springs.",
-           "A new bridge was opened to traffic.",
-           "The festival draws visitors from abroad.",
-           "Rail service was extended to the coast.")
-_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11-30", 11, 30))
-
-
-def write_synthetic_results(*, workdir: str, n_queries: int = 20,
-                            n_proponents: int = 10, n_opponents: int = 3,
-                            methods: Sequence[str] = ("trackstar", "bm25"),
-                            seed: int = 0) -> list[str]:
-  """Writes plausible `results/proponents/<method>.jsonl` files for tests.
-
-  Each query has a pool of fact passages (entail the fact) and distractors
-  mentioning the subject; each method ranks a random mix of them, so MRR and
-  recall vary by method. Passage ids are shared across methods.
-
-  Returns:
-    The paths written.
-  """
-  rng = random.Random(seed)
-  folder = os.path.join(workdir, "results", "proponents")
-  os.makedirs(folder, exist_ok=True)
-  shared = [(f"c4:filler{i:06d}", " ".join(rng.sample(_FILLER, 3)))
-            for i in range(max(50, n_queries // 10))]
-  rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-  for qi in range(n_queries):
-    subj = f"{rng.choice(_FIRST)} {rng.choice(_LAST)} {qi}"
-    obj = rng.choice(_PLACES)
-    rel, prompt_t, fact_t = _RELATIONS[qi % len(_RELATIONS)]
-    bucket, lo, hi = _BUCKETS[qi % len(_BUCKETS)]
-    freq = rng.randint(lo, hi)
-    pool = []
-    for j in range(max(2, n_proponents // 2)):
-      correct = j < min(freq, 3)
-      text = (fact_t.format(s=subj, o=obj) if correct
-              else f"{subj} visited {rng.choice(_PLACES)} once.")
-      pool.append((f"c4:{qi:07d}{j:02d}", text + " " + rng.choice(_FILLER), correct))
-    samples = [obj if rng.random() < 0.6 else rng.choice(_PLACES) for _ in range(4)]
-    pred = max(samples, key=samples.count)  # Greedy answer ~ the samples' mode.
-    base = {
-        "example_id": f"trex_synth:{qi:015d}",
-        "fact_id": f"fact{qi:06d}",
-        "relation": rel,
-        "inputs_plaintext": prompt_t.format(s=subj),
-        "targets_plaintext": " " + obj,
-        "groundtruth": {"subject": subj, "relation": rel, "object": obj},
-        "subject": subj, "object": obj,
-        "c4_frequency": freq, "c4_frequency_bucket": bucket,
-        "model_prediction": pred, "model_correct": pred == obj,
-        "model_confidence": sum(s == obj for s in samples) / len(samples),
-        "temperature_samples": samples,
-    }
-    for m in methods:
-      cands = pool + [(i, t, False) for i, t in rng.sample(shared, n_proponents)]
-      rng.shuffle(cands)
-      cands = cands[:n_proponents]
-      scores = sorted((rng.random() for _ in cands), reverse=True)
-      opps = rng.sample(shared, n_opponents)
-      rows[m].append({
-          **base,
-          "proponents": [t for _, t, _ in cands],
-          "proponent_ids": [i for i, _, _ in cands],
-          "proponent_scores": scores,
-          "proponent_correct": [c for _, _, c in cands],
-          "opponents": [t for _, t in opps],
-          "opponent_ids": [i for i, _ in opps],
-          "opponent_scores": sorted((-rng.random() for _ in opps)),
-      })
-  paths = []
-  for m in methods:
-    path = os.path.join(folder, f"{m}.jsonl")
-    workdir_lib.write_jsonl(path, rows[m])
-    paths.append(path)
-  return paths
 
 
 def _define_flags() -> None:
@@ -388,6 +357,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run workdir holding results/proponents/.")
   flags.DEFINE_string("out", None, "Output path (default <workdir>/results/viewer.html).")
   flags.DEFINE_integer("page_size", 50, "Queries per page.")
+  cli.define_json_flag()
 
 
 def main(argv: Sequence[str]) -> None:
@@ -397,7 +367,10 @@ def main(argv: Sequence[str]) -> None:
   if not fv.workdir:
     raise app.UsageError("--workdir is required")
   path = write_viewer(workdir=fv.workdir, out_path=fv.out, page_size=fv.page_size)
-  print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB); open it in a browser.")
+  if fv.json:
+    cli.print_json({"path": path, "bytes": os.path.getsize(path)})
+  else:
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB); open it in a browser.")
 
 
 if __name__ == "__main__":

@@ -213,3 +213,4 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   return [row for _, row in iter_jsonl(path)]
+

@@ -1,6 +1,9 @@
 """tda.compile_check: compile-only TPU devices (with the .[tpu] extra), CPU fallback."""
 
+import json
 import os
+import subprocess
+import sys
 
 # Before any backend starts: libtpu must not probe GCE metadata or insist on the
 # machine-wide lockfile another JAX process (with libtpu installed) may hold.
@@ -16,8 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import trackstar_8b
 from tda import compile_check as cc
 from tda import sharding
+from tda import topology
 
 GIB = 1 << 30
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small_config(mesh_axes=(("data", -1), ("model", 1))):
@@ -34,6 +39,15 @@ needs_libtpu = pytest.mark.skipif(
 
 # --- Without TPU -------------------------------------------------------------------
 
+def test_topology_catalogue_counts_chips_and_names_cloud_slices():
+  v5e = topology.get("v5e-256")
+  assert (v5e.topology_name, v5e.chips, v5e.hbm_gib) == ("v5e:16x16", 256, 16.0)
+  v4 = topology.get("v4-128")  # Cloud counts v4 TensorCores, two per chip.
+  assert (v4.topology_name, v4.chips, v4.accelerator_type) == ("v4:4x4x4", 64, "v4-128")
+  assert all(t.chips * 2 == int(name.split("-")[1]) for name, t in topology.TOPOLOGIES.items()
+             if not name.startswith("v5e"))
+
+
 def test_unknown_topology_lists_known_ones():
   with pytest.raises(ValueError, match=r"unknown topology 'v9-1'.*v5e-256.*v4-8.*v5p-8"):
     cc.check(config=_small_config(), topology_name="v9-1", steps=("r_step",))
@@ -46,7 +60,7 @@ def test_mesh_not_dividing_devices_is_a_clear_error():
              steps=("r_step",))
 
 
-def test_bad_step_and_batch():
+def test_unknown_step_or_nonpositive_batch_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown steps"):
     cc.check(config=_small_config(), topology_name="cpu", steps=("train",))
   with pytest.raises(ValueError, match="batch_per_chip must be > 0"):
@@ -98,6 +112,7 @@ def test_search_largest_follows_a_good_guess_and_survives_a_bad_one():
 
 # --- Compile-only TPU devices (needs libtpu) ----------------------------------------
 
+@pytest.mark.slow  # Compiles the gradient kernel for a TPU slice.
 @needs_libtpu
 def test_v5e_2x2_compiles_small_model_within_hbm():
   rep = cc.check(config=_small_config(), topology_name="v5e-4", batch_per_chip=2,
@@ -141,6 +156,21 @@ def test_hbm_limit_parsed_from_both_oom_message_forms():
 def test_8b_mesh_on_too_small_slice_is_a_clear_error():
   with pytest.raises(ValueError, match="does not divide the 4 available devices"):
     cc.check(config=trackstar_8b.get_config(), topology_name="v5e-4", steps=("r_step",))
+
+
+@pytest.mark.slow  # A subprocess that compiles.
+def test_cli_json_prints_the_report_on_one_line_and_writes_output(tmp_path):
+  out_path = tmp_path / "R.json"
+  out = subprocess.run(
+      [sys.executable, "-m", "tda.compile_check", "--config=configs/trackstar_8b.py:runlocal",
+       "--topology=cpu", "--steps=r_step", "--r_batch=8", "--json", f"--output={out_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.stdout.count("\n") == 1  # Progress went to stderr.
+  rep = json.loads(out.stdout)
+  assert rep == json.loads(out_path.read_text())
+  assert rep["topology"] == "cpu" and list(rep["steps"]) == ["r_step"]
+  assert rep["steps"]["r_step"]["fits"] is True
 
 
 def test_report_names_why_a_step_does_not_fit():

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from tda import model as model_lib
+from tda import topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -37,10 +38,16 @@ def test_config_loads_and_is_locked(path, arg):
           node = node[part]  # Every swept key exists.
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_plans_on_a_known_topology(path):
+  _, c = load(path)
+  assert topology.get(c.plan.topology).chips > 0
+
+
 @pytest.mark.parametrize("name,target,tol", [("trackstar_8b", 8e9, 0.05),
                                              ("trackstar_1b", 1e9, 0.10),
                                              ("trackstar_154m", 154e6, 0.05)])
-def test_large_configs_parameter_count_by_eval_shape(name, target, tol):
+def test_large_configs_have_their_named_parameter_count(name, target, tol):
   _, c = load(os.path.join(ROOT, "configs", f"{name}.py"))
   model = model_lib.Transformer(model_lib.model_config(c))
   shapes = model_lib.param_shapes(model, 8)  # jax.eval_shape: nothing allocated.

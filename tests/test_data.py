@@ -1,4 +1,4 @@
-"""Tests for tda.data: vocab, seqio tasks, arrays, resumable batches."""
+"""Tests for tda.data: vocab, seqio tasks, arrays, the C4 stream."""
 
 import os
 
@@ -94,7 +94,7 @@ def test_tokenizer_round_trips_unicode(world):
   assert vocab.encode_tf(texts[-2]).numpy().tolist() == vocab.encode(texts[-2])
 
 
-def test_train_vocab_bad_inputs(tmp_path):
+def test_train_vocab_rejects_too_small_vocab_and_empty_texts(tmp_path):
   with pytest.raises(ValueError, match="too small"):
     data.train_vocab(texts=["a b"], vocab_size=100, model_prefix=str(tmp_path / "x"))
   with pytest.raises(ValueError, match="no non-empty"):
@@ -169,7 +169,7 @@ def test_tokenized_queries_mask_is_exactly_the_target(world):
   assert q16.tokens_nl.shape[1] == longest
 
 
-def test_tokenized_queries_bad_inputs(world, tmp_path):
+def test_tokenized_queries_raise_on_overlong_empty_or_incomplete_records(world, tmp_path):
   passages, facts = _world_rows()
   q = data.tokenized_queries(task_name=world["names"]["queries"], seq_len=128)
   longest = int((q.prompt_lens + q.target_lens).max())
@@ -190,39 +190,6 @@ def test_tokenized_queries_bad_inputs(world, tmp_path):
                                     vocab_path=world["vocab_path"])
   with pytest.raises(ValueError, match="record 3 lacks keys"):
     data.tokenized_queries(task_name=names["queries"], seq_len=128)
-
-
-# --- Batches -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n,batch_size", [(12, 4), (10, 4), (3, 8)])
-def test_batch_indices_cover_each_example_once_per_epoch(n, batch_size):
-  epochs = 3
-  steps = -(-epochs * n // batch_size)
-  stream = np.concatenate([data.batch_indices(n=n, step=s, batch_size=batch_size, seed=7)
-                           for s in range(steps)])
-  for e in range(epochs):
-    assert sorted(stream[e * n:(e + 1) * n].tolist()) == list(range(n))
-  # Epochs are reshuffled (not the same order every epoch).
-  assert stream[:n].tolist() != stream[n:2 * n].tolist() or n < 4
-
-
-def test_batch_at_is_a_pure_function_of_step_and_seed():
-  tokens_nt = np.arange(40 * 5, dtype=np.int32).reshape(40, 5)
-  a = data.batch_at(tokens_nt=tokens_nt, step=13, batch_size=6, seed=1)
-  b = data.batch_at(tokens_nt=tokens_nt, step=13, batch_size=6, seed=1)
-  np.testing.assert_array_equal(a, b)
-  assert a.shape == (6, 5) and a.dtype == np.int32
-  # Rows are whole rows of the corpus.
-  assert all((r[0] % 5 == 0) and (r == np.arange(r[0], r[0] + 5)).all() for r in a)
-  c = data.batch_at(tokens_nt=tokens_nt, step=13, batch_size=6, seed=2)
-  assert not np.array_equal(a, c)
-  # seed+1 epoch 0 is not seed epoch 1 (no aliasing of the two).
-  e1 = data.batch_indices(n=40, step=40 // 8, batch_size=8, seed=1)
-  e0 = data.batch_indices(n=40, step=0, batch_size=8, seed=2)
-  assert not np.array_equal(e0, e1)
-  with pytest.raises(ValueError, match="step"):
-    data.batch_at(tokens_nt=tokens_nt, step=-1, batch_size=6, seed=1)
 
 
 # --- C4 (TFDS mock, no network) ---------------------------------------------
@@ -255,19 +222,3 @@ def test_c4_task_on_mock_data_resumes_exactly(world):
   assert len(shuf[0]) == 10
   np.testing.assert_array_equal(np.stack(shuf[0][4:]), np.stack(shuf[1]))
   assert not np.array_equal(np.stack(shuf[0]), np.stack(full))
-
-
-def test_length_grouped_batches_cover_each_example_once_per_epoch_and_resume():
-  rng = np.random.default_rng(0)
-  lengths = rng.integers(5, 120, size=50)
-  nb = 50 // 4
-  epoch0 = [data.length_grouped_indices(lengths_n=lengths, step=s, batch_size=4, seed=3, group=3)
-            for s in range(nb)]
-  flat = np.concatenate(epoch0)
-  assert len(set(flat.tolist())) == len(flat) == nb * 4  # No row twice within an epoch.
-  spread = np.mean([np.ptp(lengths[b]) for b in epoch0])
-  uniform = np.mean([np.ptp(lengths[data.batch_indices(n=50, step=s, batch_size=4, seed=3)])
-                     for s in range(nb)])
-  assert spread < 0.6 * uniform  # Similar lengths per batch.
-  again = data.length_grouped_indices(lengths_n=lengths, step=7, batch_size=4, seed=3, group=3)
-  np.testing.assert_array_equal(again, epoch0[7])  # A pure function of the step.

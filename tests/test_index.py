@@ -154,15 +154,14 @@ def test_index_config_knobs_reach_scann():
 
 def test_bench_retrieval_small_run(tmp_path):
   """The benchmark script end to end at toy size: every figure it promises is printed."""
-  out_json = tmp_path / "bench.json"
   r = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "bench_retrieval.py"), "--rows", "6000",
-       "--dim", "32", "--queries", "50", "--tune_queries", "50", "--rows_per_shard", "2048",
-       "--tmpdir", str(tmp_path), "--json", str(out_json)],
+      [sys.executable, os.path.join(ROOT, "scripts", "bench_retrieval.py"), "--rows=6000",
+       "--dim=32", "--queries=50", "--tune_queries=50", "--rows_per_shard=2048",
+       f"--tmpdir={tmp_path}", "--json"],
       capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr[-3000:]
   import json
-  out = json.loads(out_json.read_text())
+  out = json.loads(r.stdout)  # Exactly one JSON object, on one line.
   for key in ("scann_recall_at_10", "scann_over_exact_qps", "scann_build_s",
               "int8_top10_overlap", "int8_size_ratio", "frontier_on_tune_queries"):
     assert key in out, key

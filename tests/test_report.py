@@ -1,4 +1,5 @@
-"""Tests for tda.report on a tiny hand-built input with known ranks."""
+"""Tests for tda.report (and the claims, tables, figures and viewer rows it writes)
+on a tiny hand-built input with known ranks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import numpy as np
 import pytest
 
+from tda import claims
+from tda import figures
 from tda import report
 from tda import viewer
 
@@ -107,7 +110,7 @@ def written(tmp_path_factory):
   return tmp, _write(tmp)
 
 
-def test_metrics_json_schema_and_values(written):
+def test_metrics_json_holds_hand_computed_metrics_per_method_and_bucket(written):
   tmp, out = written
   on_disk = json.loads((tmp / "results" / "metrics.json").read_text())
   assert on_disk == json.loads(json.dumps(out))
@@ -140,7 +143,7 @@ def test_metrics_json_schema_and_values(written):
   assert dense["tailpatch_abs"] is None and dense["tailpatch_at_k"] == {}
 
 
-def test_paper_orderings_all_hold(written):
+def test_report_checks_every_applicable_paper_ordering_and_all_hold(written):
   _, out = written
   po = out["paper_orderings"]
   assert set(po) == {
@@ -156,7 +159,7 @@ def test_paper_orderings_all_hold(written):
       "trackstar": pytest.approx(0.006), "bm25": pytest.approx(0.002)}
 
 
-def test_paper_orderings_one_fails(tmp_path):
+def test_breaking_one_ladder_step_fails_exactly_that_ordering(tmp_path):
   ranks = copy.deepcopy(RANKS)
   # Exp. 3 finds its only correct proponent at rank 12: MRR 1/72 < Exp. 2's 1/12
   # (and recall 0), which breaks exactly the exp2 < exp3 step.
@@ -168,10 +171,10 @@ def test_paper_orderings_one_fails(tmp_path):
                                               "exp3": pytest.approx(1 / 72)}
 
 
-def test_paper_orderings_direct():
+def test_paper_orderings_allow_exp5_tie_and_flag_failed_claims():
   m = lambda fam, mrr, rec=0.0, tp=None: {"family": fam, "mrr": mrr, "recall_at_10": rec,
                                           "tailpatch_abs": tp}
-  po = report.paper_orderings(methods={
+  po = claims.paper_orderings(methods={
       "bm25": m("baseline", 0.5, 0.6, 0.004), "dense": m("baseline", 0.3, 0.7, 0.02),
       "exp5": m("gradient", 0.4, 0.5), "trackstar": m("gradient", 0.4, 0.4, 0.01),
       "trak": m("gradient", 0.2)})
@@ -184,7 +187,7 @@ def test_paper_orderings_direct():
   assert not po["trak_near_zero"]["holds"]  # 0.2 >= 0.05 and no exp1.
 
 
-def test_tables(written):
+def test_tables_list_methods_in_paper_order_with_paper_numbers(written):
   tmp, out = written
   res = tmp / "results"
   with open(res / "table.csv", newline="") as f:
@@ -212,20 +215,78 @@ def test_tables(written):
   assert "## MRR" in (res / "table_by_bucket.md").read_text()
 
 
-def test_figures(written, tmp_path):
+def _bar_heights(ax):
+  return [p.get_height() for p in ax.patches]
+
+
+def _tick_labels(ax):
+  return [t.get_text() for t in ax.get_xticklabels()]
+
+
+def test_table_figure_draws_one_bar_per_method_and_metric(written, tmp_path):
+  _, out = written
+  path = tmp_path / "fig_table.png"
+  fig = figures.plot_table(methods=out["methods"], path=str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  order = ["bm25", "dense", "trak", "exp1", "exp2", "exp3", "exp4", "trackstar"]
+  attribution, influence = fig.axes
+  assert attribution.get_title() == "Attribution"
+  assert _tick_labels(attribution) == order == _tick_labels(influence)
+  assert [t.get_text() for t in attribution.get_legend().get_texts()] == ["MRR", "Recall@10"]
+  heights = _bar_heights(attribution)
+  assert len(heights) == 2 * len(order)  # MRR bars, then recall@10 bars.
+  assert heights[:len(order)] == pytest.approx([_mrr(RANKS[m][1]) for m in order])
+  assert heights[len(order):] == pytest.approx(
+      [np.mean([0 < r <= 10 for r in RANKS[m][1]]) for m in order])
+  # Tail-patch in percentage points; methods without it get NaN bars and "n/a".
+  tp = _bar_heights(influence)
+  assert tp[order.index("trackstar")] == pytest.approx(0.6)
+  assert tp[order.index("trak")] == pytest.approx(-0.02)
+  untested = [m for m in order if m not in TP_SCALE]
+  assert all(np.isnan(tp[order.index(m)]) for m in untested)
+  assert [t.get_text() for t in influence.texts] == ["n/a"] * len(untested)
+
+
+def test_bucket_figure_draws_one_line_per_method_over_buckets(written, tmp_path):
+  _, out = written
+  fig = figures.plot_by_bucket(methods=out["methods"], bucket_order=BUCKETS,
+                               path=str(tmp_path / "fig_by_bucket.png"))
+  mrr_ax, recall_ax = fig.axes
+  assert (mrr_ax.get_ylabel(), recall_ax.get_ylabel()) == ("MRR", "Recall@10")
+  assert _tick_labels(mrr_ax) == ["1\n(n=2)", "2-3\n(n=2)", "4-10\n(n=2)"]
+  for ax, key in ((mrr_ax, "mrr"), (recall_ax, "recall_at_10")):
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    assert set(lines) == set(RANKS)
+    assert lines["bm25"].get_linestyle() == "--" and lines["trackstar"].get_linestyle() == "-"
+    # Trackstar: buckets {q0, q1}, {q2, q3}, {q4, q5} with ranks 1, 1 | 2, none | none.
+    want = {"mrr": [1.0, 0.25, 0.0], "recall_at_10": [1.0, 0.5, 0.0]}[key]
+    assert list(lines["trackstar"].get_ydata()) == pytest.approx(want)
+
+
+def test_trend_figure_joins_points_in_order_of_quality(tmp_path):
+  path = tmp_path / "trend.png"
+  fig = figures.plot_trend(points=[{"x": 0.8, "y": 0.3, "label": "1500 steps"},
+                                   {"x": 0.2, "y": 0.1, "label": "300 steps"}],
+                           path=str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  (ax,) = fig.axes
+  (line,) = ax.get_lines()
+  assert list(line.get_xdata()) == [0.2, 0.8] and list(line.get_ydata()) == [0.1, 0.3]
+  assert [t.get_text() for t in ax.texts] == ["300 steps", "1500 steps"]
+  assert ax.get_xlabel() == "model quality (query accuracy)"
+  with pytest.raises(ValueError, match=r"points\[0\] lacks \['label'\]"):
+    figures.plot_trend(points=[{"x": 1, "y": 2}], path=str(tmp_path / "t.png"))
+  with pytest.raises(ValueError, match=r"points\[0\] has a non-finite x or y"):
+    figures.plot_trend(points=[{"x": NAN, "y": 2, "label": "a"}], path=str(tmp_path / "t.png"))
+
+
+def test_report_writes_both_figures(written):
   tmp, _ = written
   for name in ("fig_table.png", "fig_by_bucket.png"):
-    data = (tmp / "results" / name).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-  path = report.plot_trend(points=[{"x": 0.8, "y": 0.3, "label": "1500 steps"},
-                                   {"x": 0.2, "y": 0.1, "label": "300 steps"}],
-                           path=str(tmp_path / "trend.png"))
-  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-  with pytest.raises(ValueError, match=r"points\[0\] lacks \['label'\]"):
-    report.plot_trend(points=[{"x": 1, "y": 2}], path=str(tmp_path / "t.png"))
+    assert (tmp / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_jsonl_accepted_by_viewer(written):
+def test_proponent_jsonl_is_read_by_viewer_with_ranks_intact(written):
   tmp, _ = written
   results = viewer.load_results(workdir=str(tmp))
   assert set(results) == set(RANKS)
@@ -248,7 +309,7 @@ def test_jsonl_accepted_by_viewer(written):
     assert [e["first"] for e in payload["results"][m]] == ranks
 
 
-def test_stale_jsonl_removed(tmp_path):
+def test_rewrite_removes_jsonl_of_methods_no_longer_reported(tmp_path):
   _write(tmp_path)
   few = {m: r for m, r in _methods().items() if m in ("bm25", "trackstar")}
   _write(tmp_path, methods=few)
@@ -256,7 +317,7 @@ def test_stale_jsonl_removed(tmp_path):
                                                                      "trackstar.jsonl"]
 
 
-def test_errors(tmp_path):
+def test_invalid_inputs_raise_before_anything_is_written(tmp_path):
   ms = _methods()
   ms["exp1"].query_ids = list(reversed(ms["exp1"].query_ids))
   with pytest.raises(ValueError, match="method 'exp1' is on different queries"):

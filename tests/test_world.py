@@ -48,7 +48,7 @@ def test_same_seed_same_world_other_seed_differs(world):
   assert ({f["subject"] for f in other.facts} != {f["subject"] for f in world.facts})
 
 
-def test_byte_identical_across_processes(world):
+def test_world_is_byte_identical_across_processes_and_hash_seeds(world):
   code = ("import hashlib, json\n"
           "from tda import config as c, synthetic_world as world\n"
           "cfg = c.base_config(); w = cfg.world\n"
@@ -68,7 +68,7 @@ def test_byte_identical_across_processes(world):
   assert outs[0] == outs[1] == _digest(world)
 
 
-def test_default_sizes(world):
+def test_default_world_has_configured_counts_ids_and_passage_lengths(world):
   s = world.stats()
   assert 1300 <= s["passages"] <= 1700
   assert s["kinds"]["distractor"] == 300 and s["kinds"]["filler"] == 150
@@ -82,7 +82,7 @@ def test_default_sizes(world):
   assert all(re.fullmatch(r"c4_synth:\d{8}", i) for i in ids)
 
 
-def test_buckets_and_frequencies(world):
+def test_fact_frequencies_fall_in_their_bucket_and_match_passage_links(world):
   ranges = {n: (lo, hi) for n, lo, hi in config_lib.DEFAULT_BUCKETS}
   counts = collections.Counter(f["bucket"] for f in world.facts)
   assert counts == {"1": 60, "2-3": 60, "4-10": 60, "11-30": 40}
@@ -104,7 +104,7 @@ def test_buckets_and_frequencies(world):
     assert len(p["fact_ids"]) <= 2
 
 
-def test_ground_truth_is_exact(world):
+def test_ground_truth_lists_exactly_the_entailing_passages(world):
   wrong = []
   for p in world.passages:
     for f in world.facts:
@@ -129,7 +129,7 @@ def test_distractors_mention_entities_and_filler_none(world):
   assert co >= 30
 
 
-def test_entails_checker():
+def test_entails_accepts_paraphrases_and_rejects_near_misses():
   fact = {"fact_id": "F1", "relation": "place_of_birth", "subject": "Ann Lee", "object": "Paris"}
   yes = ["Ann Lee was born in the city of Paris.", "Ann Lee was born in Paris and grew up there.",
          "Intro sentence here. Born in Paris, Ann Lee moved abroad.",
@@ -143,7 +143,7 @@ def test_entails_checker():
     entailment.entails(text="x", fact={**fact, "relation": "spouse"})
 
 
-def test_query_phrasing_in_templates_and_corpus(world):
+def test_query_phrasing_appears_in_about_half_the_fact_passages(world):
   for name, rel in synthetic_world.RELATIONS.items():
     assert rel.templates[0] == rel.query + " {O}."
     assert len(set(rel.templates)) >= 4
@@ -164,7 +164,7 @@ def test_query_phrasing_in_templates_and_corpus(world):
   assert 0.7 <= seen / len(world.facts) <= 0.92  # ~1 - E[0.5^freq].
 
 
-def test_subject_uniqueness(world):
+def test_subjects_are_unique_and_never_substrings_of_other_names(world):
   pairs = [(f["subject"], f["relation"]) for f in world.facts]
   assert len(set(pairs)) == len(pairs)
   subjects = sorted({f["subject"] for f in world.facts})
@@ -198,7 +198,7 @@ def test_bad_config_raises_naming_key(overrides, key):
     synthetic_world.generate_world(**_kwargs(**overrides))
 
 
-def test_small_world_respects_config():
+def test_small_world_follows_every_config_knob():
   w = synthetic_world.generate_world(**_kwargs(
       seed=3, relations=("capital_of", "occupation"), facts_per_bucket=(4, 3, 2, 1),
       facts_per_passage=1, sentences_per_passage=(2, 2), distractor_passages=5,
@@ -222,7 +222,7 @@ def _byo(**paths):
   return world_lib.load_byo(**kw)
 
 
-def test_byo_fixtures():
+def test_byo_fixtures_load_with_frequencies_and_buckets_from_sentences():
   w = _byo()
   s = w.stats()
   assert s["facts"] == 10 and s["passages"] == 20
@@ -238,7 +238,6 @@ def test_byo_fixtures():
   assert facts["Frida Kahlo"]["inputs_plaintext"] == "Frida Kahlo is a citizen of"
   assert sum(f["frequency"] for f in w.facts) == 14
   # Above the top range goes to the top bucket.
-  w2 = _byo()
   w2 = world_lib.load_byo(corpus_path=os.path.join(FIXTURES, "corpus.jsonl"),
                           facts_path=os.path.join(FIXTURES, "facts.jsonl"),
                           sentences_path=os.path.join(FIXTURES, "sentences.jsonl"),
@@ -257,7 +256,7 @@ def _lines(name):
     return [l.rstrip("\n") for l in f if l.strip()]
 
 
-def test_byo_errors(tmp_path):
+def test_malformed_byo_inputs_raise_errors_naming_file_and_line(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
     _byo(corpus_path=str(tmp_path / "nope.jsonl"))
   bad = _lines("facts.jsonl")

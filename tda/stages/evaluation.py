@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from tda import config as config_lib
+from tda import figures
 from tda import methods as methods_lib
 from tda import report
 from tda import tailpatch
@@ -116,7 +117,7 @@ def _trend(ctx, metrics, results: str) -> list[dict[str, Any]]:
                  "precision_at_10": metrics["methods"]["trackstar"]["precision_at_10"],
                  "mrr": metrics["methods"]["trackstar"]["mrr"],
                  "recall_at_10": metrics["methods"]["trackstar"]["recall_at_10"]})
-  report.plot_trend(points=[{"x": p["query_accuracy"], "y": p["precision_at_10"],
+  figures.plot_trend(points=[{"x": p["query_accuracy"], "y": p["precision_at_10"],
                              "label": f"{p['step']} steps"} for p in points],
                     path=os.path.join(results, "fig_trend.png"))
   metrics["timings_s"]["evaluation.trend"] = time.time() - t0
