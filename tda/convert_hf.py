@@ -90,18 +90,12 @@ def hf_module_name(path: tuple[str, ...]) -> str:
   return f"layers.{int(path[0][len('layer_'):])}.{group}.{names[path[2]]}"
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def to_hf_state_dict(*, params, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
   """Our params as LlamaForCausalLM's state dict (float32 numpy, torch layout)."""
   check_convertible(cfg)
   out = {}
   for name, path, transposed in param_map(cfg):
-    a = np.asarray(_get(params, path), np.float32)
+    a = np.asarray(model_lib.param_at(params, path), np.float32)
     out[name] = np.ascontiguousarray(a.T if transposed else a)
   return out
 
@@ -176,13 +170,13 @@ def adafactor_moments_to_hf(*, opt_state, cfg: model_lib.ModelConfig) -> dict[st
                      "needs an Adafactor (factored) state")
   out = {}
   for name, path, transposed in param_map(cfg):
-    v = np.asarray(_get(fs.v, path), np.float32)
+    v = np.asarray(model_lib.param_at(fs.v, path), np.float32)
     p_shape = _param_shape(cfg, path)
     if v.shape == p_shape:  # optax kept the full V (a vector, or a small matrix).
       out[name] = {"exp_avg_sq": np.ascontiguousarray(v.T if transposed else v)}
       continue
-    v_row = np.asarray(_get(fs.v_row, path), np.float32)
-    v_col = np.asarray(_get(fs.v_col, path), np.float32)
+    v_row = np.asarray(model_lib.param_at(fs.v_row, path), np.float32)
+    v_col = np.asarray(model_lib.param_at(fs.v_col, path), np.float32)
     if _torch_axis0_is_d1(p_shape, transposed):
       row, col = v_row, v_col
     else:
