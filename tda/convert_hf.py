@@ -14,7 +14,7 @@ are; query heads map to KV heads the same way (head h uses KV head
 h // (n_heads / n_kv_heads)).
 
 Second moments (DESIGN.md §2): optax factors a parameter along its two largest
-axes (`factorized._factored_dims`: d1 = second largest, d0 = largest; ties keep
+axes (`tda.correction.factored_axes`: d1 = second largest, d0 = largest; ties keep
 axis order): `v_row` is the mean over d0, indexed by d1, and V = v_row v_colᵀ /
 mean(v_row). transformers (and bergson's AdafactorNormalizer) use the torch
 weight's axes: `exp_avg_sq_row` indexed by axis 0 (the mean over the last
@@ -39,7 +39,6 @@ import tempfile
 from typing import Any
 
 import numpy as np
-from optax._src import factorized
 
 from tda import correction as corr_lib
 from tda import model as model_lib
@@ -150,7 +149,7 @@ def to_hf_model(*, params, cfg: model_lib.ModelConfig,
 
 
 def _torch_axis0_is_d1(shape, transposed: bool) -> bool:
-  d1, _ = factorized._factored_dims(tuple(shape), True, 0)  # Same choice as optax.
+  d1, _ = corr_lib.factored_axes(shape)  # Same choice as optax.
   return d1 == (1 if transposed else 0)
 
 
@@ -209,7 +208,7 @@ def adafactor_moments_from_hf(*, moments: dict[str, dict[str, Any]],
 
 def factored_v(*, v_row: np.ndarray, v_col: np.ndarray, shape) -> np.ndarray:
   """The full V an optax factored state stands for, in `shape` (our layout)."""
-  d1, _ = factorized._factored_dims(tuple(shape), True, 0)
+  d1, _ = corr_lib.factored_axes(shape)
   r = np.asarray(v_row, np.float64)
   c = np.asarray(v_col, np.float64)
   v = np.outer(r, c) / np.mean(r)  # [size(d1), size(d0)]
