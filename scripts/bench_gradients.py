@@ -68,11 +68,11 @@ def measure() -> dict:
   plan = featurize.plan_from_config(config, params)
   mats = proj.plan_matrices(seed=g.seed, plan=plan)
   corrs = corr_lib.member_corrections(opt_state=opt_state, plan=plan, eps=g.eps)
-  kinds, arrays = grad_lib.correction_kinds(corrs), grad_lib.correction_arrays(corrs)
-  factored = jax.jit(grad_lib.make_factored_kernel(model=model, plan=plan, corr_kinds=kinds))
+  factored = jax.jit(grad_lib.make_factored_kernel(model=model, plan=plan, has_corrections=True))
   corrected_only = jax.jit(grad_lib.make_factored_kernel(
-      model=model, plan=plan, corr_kinds=kinds, variants=("corrected",)))
-  reference = jax.jit(grad_lib.make_reference_kernel(model=model, plan=plan, corr_kinds=kinds))
+      model=model, plan=plan, has_corrections=True, variants=("corrected",)))
+  reference = jax.jit(grad_lib.make_reference_kernel(model=model, plan=plan,
+                                                     has_corrections=True))
 
   def forward(params, tokens_bt, mask_bt):
     return model_lib.example_losses(model, {"params": params}, tokens_bt, mask_bt)
@@ -91,9 +91,9 @@ def measure() -> dict:
       "forward": (jax.jit(forward), (params, tokens, mask)),
       "activation_grads": (jax.jit(activation_grads), (params, tokens, mask)),
       "train_step": (step, (params, opt_state, tokens)),
-      "factored": (factored, (params, mats, arrays, tokens, mask)),
-      "factored_corrected_only": (corrected_only, (params, mats, arrays, tokens, mask)),
-      "reference": (reference, (params, mats, arrays, tokens, mask)),
+      "factored": (factored, (params, mats, corrs, tokens, mask)),
+      "factored_corrected_only": (corrected_only, (params, mats, corrs, tokens, mask)),
+      "reference": (reference, (params, mats, corrs, tokens, mask)),
   }
   peak = {name: _peak_bytes(fn, *args) for name, (fn, args) in runs.items()}
   for fn, args in runs.values():  # Compile and warm up.

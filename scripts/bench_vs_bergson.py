@@ -237,17 +237,17 @@ def _dense_setup(a):
   plan = proj.make_plan(param_shapes=params, pooling="layer", k_in=a.proj, k_out=a.proj)
   plan = plan.restrict(lambda m: m.kind == proj.DENSE)
   corrs = corr_lib.member_corrections(opt_state=opt_state, plan=plan, eps=EPS)
-  kinds = {k for k, _ in corrs.values()}
-  if kinds != {corr_lib.FACTORED}:
+  kinds = {c.kind for c in corrs.values()}
+  if kinds != {corr_lib.FactoredCorrection.kind}:
     raise AssertionError(f"every dense member must be Adafactor-factored, got {kinds}")
   return model, params, plan, corrs
 
 
 def _featurizer(a, model, params, plan, mats, corrs):
-  from tda import gradients as grad_lib
+  from tda import featurize
   from tda import sharding
-  return grad_lib.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
-                             mesh=sharding.make_mesh(), batch_size=a.batch, bucket=a.bucket)
+  return featurize.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
+                              mesh=sharding.make_mesh(), batch_size=a.batch, bucket=a.bucket)
 
 
 def check_agreement(a) -> dict:

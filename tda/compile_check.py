@@ -121,33 +121,25 @@ def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int
   seq_len = config.data.seq_len
   model, params, plan = model_and_plan(config)
   mats = jax.eval_shape(lambda: proj.plan_matrices(seed=g.seed, plan=plan))
-  kinds, corr_arrays = None, None
+  corrs = None
   if g.correction:
     from tda import train as train_lib
     tx = train_lib.make_optimizer(config)
-    box = {}
-
-    def corrections(p):
-      corrs = corr_lib.member_corrections(opt_state=tx.init(p), plan=plan, eps=g.eps,
-                                          adam_v=g.adam_v)
-      box["kinds"] = grad_lib.correction_kinds(corrs)  # Static strings stay outside.
-      return grad_lib.correction_arrays(corrs)
-
-    corr_arrays = jax.eval_shape(corrections, params)
-    kinds = box["kinds"]
-  kernel = grad_lib.make_factored_kernel(model=model, plan=plan, corr_kinds=kinds)
+    corrs = jax.eval_shape(lambda p: corr_lib.member_corrections(
+        opt_state=tx.init(p), plan=plan, eps=g.eps, adam_v=g.adam_v), params)
+  kernel = grad_lib.make_factored_kernel(model=model, plan=plan,
+                                         has_corrections=corrs is not None)
   rep = sharding.replicated(mesh)
   rows = sharding.batch_sharding(mesh, 2)
   args = (_abstract(params, sharding.param_shardings(params, mesh)),
           _abstract(mats, jax.tree.map(lambda _: rep, mats)),
-          None if corr_arrays is None else _abstract(
-              corr_arrays, jax.tree.map(lambda _: rep, corr_arrays)),
+          None if corrs is None else _abstract(corrs, jax.tree.map(lambda _: rep, corrs)),
           jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rows),
           jax.ShapeDtypeStruct((batch, seq_len), jnp.float32, sharding=rows))
   info = {"params": model_lib.count_params(params), "d": plan.dim,
           "seq_len": seq_len, "blocks": len(plan.blocks),
-          "corrections": None if kinds is None else dict(
-              collections.Counter(k for _, k in kinds))}
+          "corrections": None if corrs is None else dict(
+              collections.Counter(c.kind for c in corrs.values()))}
   return kernel, args, info
 
 

@@ -14,7 +14,7 @@ are; query heads map to KV heads the same way (head h uses KV head
 h // (n_heads / n_kv_heads)).
 
 Second moments (DESIGN.md §2): optax factors a parameter along its two largest
-axes (`factorized._factored_dims`: d1 = second largest, d0 = largest; ties keep
+axes (`tda.correction.factored_axes`: d1 = second largest, d0 = largest; ties keep
 axis order): `v_row` is the mean over d0, indexed by d1, and V = v_row v_colᵀ /
 mean(v_row). transformers (and bergson's AdafactorNormalizer) use the torch
 weight's axes: `exp_avg_sq_row` indexed by axis 0 (the mean over the last
@@ -39,7 +39,6 @@ import tempfile
 from typing import Any
 
 import numpy as np
-from optax._src import factorized
 
 from tda import correction as corr_lib
 from tda import model as model_lib
@@ -90,18 +89,12 @@ def hf_module_name(path: tuple[str, ...]) -> str:
   return f"layers.{int(path[0][len('layer_'):])}.{group}.{names[path[2]]}"
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def to_hf_state_dict(*, params, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
   """Our params as LlamaForCausalLM's state dict (float32 numpy, torch layout)."""
   check_convertible(cfg)
   out = {}
   for name, path, transposed in param_map(cfg):
-    a = np.asarray(_get(params, path), np.float32)
+    a = np.asarray(model_lib.param_at(params, path), np.float32)
     out[name] = np.ascontiguousarray(a.T if transposed else a)
   return out
 
@@ -156,7 +149,7 @@ def to_hf_model(*, params, cfg: model_lib.ModelConfig,
 
 
 def _torch_axis0_is_d1(shape, transposed: bool) -> bool:
-  d1, _ = factorized._factored_dims(tuple(shape), True, 0)  # Same choice as optax.
+  d1, _ = corr_lib.factored_axes(shape)  # Same choice as optax.
   return d1 == (1 if transposed else 0)
 
 
@@ -176,13 +169,13 @@ def adafactor_moments_to_hf(*, opt_state, cfg: model_lib.ModelConfig) -> dict[st
                      "needs an Adafactor (factored) state")
   out = {}
   for name, path, transposed in param_map(cfg):
-    v = np.asarray(_get(fs.v, path), np.float32)
+    v = np.asarray(model_lib.param_at(fs.v, path), np.float32)
     p_shape = _param_shape(cfg, path)
     if v.shape == p_shape:  # optax kept the full V (a vector, or a small matrix).
       out[name] = {"exp_avg_sq": np.ascontiguousarray(v.T if transposed else v)}
       continue
-    v_row = np.asarray(_get(fs.v_row, path), np.float32)
-    v_col = np.asarray(_get(fs.v_col, path), np.float32)
+    v_row = np.asarray(model_lib.param_at(fs.v_row, path), np.float32)
+    v_col = np.asarray(model_lib.param_at(fs.v_col, path), np.float32)
     if _torch_axis0_is_d1(p_shape, transposed):
       row, col = v_row, v_col
     else:
@@ -215,7 +208,7 @@ def adafactor_moments_from_hf(*, moments: dict[str, dict[str, Any]],
 
 def factored_v(*, v_row: np.ndarray, v_col: np.ndarray, shape) -> np.ndarray:
   """The full V an optax factored state stands for, in `shape` (our layout)."""
-  d1, _ = factorized._factored_dims(tuple(shape), True, 0)
+  d1, _ = corr_lib.factored_axes(shape)
   r = np.asarray(v_row, np.float64)
   c = np.asarray(v_col, np.float64)
   v = np.outer(r, c) / np.mean(r)  # [size(d1), size(d0)]

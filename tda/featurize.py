@@ -18,15 +18,92 @@ from tda import distributed
 from tda import gradients as grad_lib
 from tda import hessian
 from tda import methods as methods_lib
+from tda import model as model_lib
 from tda import projection as proj
 from tda import sharding
+
+
+class Featurizer:
+  """Runs a gradient kernel over many examples: length buckets, fixed batch shapes
+  (a padded last batch, so nothing recompiles), sharding over the data axis, and
+  NaN/Inf rows flagged by example id instead of returned."""
+
+  def __init__(self, *, model, params, plan: proj.Plan, mats, corrs, mesh,
+               batch_size: int, kernel: str = "factored", bucket: int = 32,
+               variants: tuple[str, ...] | None = None):
+    if kernel not in ("factored", "reference"):
+      raise ValueError(f"gradients.kernel must be 'factored' or 'reference', got {kernel!r}")
+    self.plan, self.mesh, self.bucket = plan, mesh, bucket
+    self.batch_size = sharding.pad_to_multiple(batch_size, mesh)
+    make = (grad_lib.make_factored_kernel if kernel == "factored"
+            else grad_lib.make_reference_kernel)
+    fn = make(model=model, plan=plan, has_corrections=corrs is not None, variants=variants)
+    self._batch_sharding = sharding.batch_sharding(mesh, 2)
+    rep = sharding.replicated(mesh)
+    self._params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    self._mats = jax.device_put(mats, rep)
+    self._corr = jax.device_put(corrs, rep)
+    self._fn = jax.jit(fn)
+    self._shapes: set[tuple[int, ...]] = set()
+
+  @property
+  def compiled_shapes(self) -> int:
+    """How many distinct (batch, length) shapes the kernel has been run at (each
+    is one compilation)."""
+    return len(self._shapes)
+
+  def run_batch(self, tokens_bt, mask_bt) -> dict[str, Any]:
+    self._shapes.add(tuple(np.shape(tokens_bt)))
+    put = lambda a: jax.device_put(a, self._batch_sharding)
+    return self._fn(self._params, self._mats, self._corr, put(tokens_bt), put(mask_bt))
+
+  def __call__(self, *, tokens_nt, mask_nt, ids) -> dict[str, Any]:
+    """Vectors for every example, in input order.
+
+    Returns:
+      dict with 'raw' (and 'corrected') float32 [N, d] and 'loss' [N]; rows that
+      came out non-finite are zeroed and listed in 'bad_ids' / 'bad_rows'.
+    """
+    tokens_nt = np.asarray(tokens_nt)
+    mask_nt = np.asarray(mask_nt)
+    n, t_max = tokens_nt.shape
+    if n == 0:
+      raise ValueError("no examples to featurise")
+    lengths = (tokens_nt != 0).shape[1] - np.argmax((tokens_nt != 0)[:, ::-1], axis=1)
+    lengths = np.where((tokens_nt != 0).any(1), lengths, 2)
+    padded = model_lib.bucket_lengths(lengths, multiple=self.bucket, max_len=t_max)
+    order = np.lexsort((np.arange(n), padded))
+    out: dict[str, Any] = {}
+    bs = self.batch_size
+    for t in np.unique(padded):
+      rows = order[padded[order] == t]
+      for s in range(0, len(rows), bs):
+        idx = rows[s:s + bs]
+        tok = np.zeros((bs, t), np.int32)
+        msk = np.zeros((bs, t), np.float32)
+        tok[:len(idx)] = tokens_nt[idx, :t]
+        msk[:len(idx)] = mask_nt[idx, :t]
+        res = self.run_batch(tok, msk)
+        for k, v in res.items():
+          if k not in out:
+            out[k] = np.zeros((n,) + v.shape[1:], np.float32)
+          out[k][idx] = np.asarray(v)[:len(idx)]
+    finite = np.ones(n, bool)
+    for k, v in out.items():
+      finite &= np.isfinite(v.reshape(n, -1)).all(axis=1)
+    bad = np.flatnonzero(~finite)
+    for k in out:
+      out[k][bad] = 0.0
+    out["bad_rows"] = bad
+    out["bad_ids"] = [ids[i] for i in bad]
+    return out
 
 
 @dataclasses.dataclass
 class Engine:
   """Everything the kernels need, built once per run from the checkpoint."""
   plan: proj.Plan
-  featurizer: grad_lib.Featurizer
+  featurizer: Featurizer
   step: int
   correction_counts: dict[str, int]
 
@@ -46,12 +123,12 @@ def make_engine(config, *, model, state, variants=None) -> Engine:
   mats = proj.plan_matrices(seed=g.seed, plan=plan)
   corrs = (corr_lib.member_corrections(opt_state=state.opt_state, plan=plan, eps=g.eps,
                                        adam_v=g.adam_v) if g.correction else None)
-  feat = grad_lib.Featurizer(model=model, params=state.params, plan=plan, mats=mats,
-                             corrs=corrs,
-                             # Per process: each featurises its own rows on its own devices.
-                             mesh=sharding.make_mesh(config, devices=jax.local_devices()),
-                             batch_size=g.batch_size, kernel=g.kernel,
-                             bucket=g.length_bucket, variants=variants)
+  feat = Featurizer(model=model, params=state.params, plan=plan, mats=mats,
+                    corrs=corrs,
+                    # Per process: each featurises its own rows on its own devices.
+                    mesh=sharding.make_mesh(config, devices=jax.local_devices()),
+                    batch_size=g.batch_size, kernel=g.kernel,
+                    bucket=g.length_bucket, variants=variants)
   return Engine(plan=plan, featurizer=feat, step=state.step,
                 correction_counts=corr_lib.describe(corrs) if corrs else {})
 

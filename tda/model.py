@@ -251,6 +251,14 @@ def count_params(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
+def param_at(tree, path: tuple[str, ...]):
+  """The node of a nested-dict tree (params, or an optimizer statistic tree of the
+  same structure) at `path`, e.g. ('layer_0', 'mlp', 'up', 'kernel')."""
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def bucket_lengths(lengths_n, *, multiple: int, max_len: int):
   """Per example, the padded length it runs at: its length rounded up to `multiple`.
 

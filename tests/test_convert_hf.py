@@ -68,19 +68,19 @@ def test_moments_preserve_v_and_round_trip(trained):
   back = convert_hf.adafactor_moments_from_hf(moments=hf, cfg=cfg)
   n_factored = n_swapped = 0
   for name, path, transposed in convert_hf.param_map(cfg):
-    shape = np.asarray(convert_hf._get(params, path)).shape
+    shape = np.asarray(model_lib.param_at(params, path)).shape
     if "exp_avg_sq" in hf[name]:
       assert len(shape) == 1, f"{name} should be factored"
-      np.testing.assert_array_equal(hf[name]["exp_avg_sq"], convert_hf._get(fs.v, path))
-      np.testing.assert_array_equal(back[path]["v"], convert_hf._get(fs.v, path))
+      np.testing.assert_array_equal(hf[name]["exp_avg_sq"], model_lib.param_at(fs.v, path))
+      np.testing.assert_array_equal(back[path]["v"], model_lib.param_at(fs.v, path))
       continue
     n_factored += 1
-    v_ours = convert_hf.factored_v(v_row=convert_hf._get(fs.v_row, path),
-                                   v_col=convert_hf._get(fs.v_col, path), shape=shape)
+    v_ours = convert_hf.factored_v(v_row=model_lib.param_at(fs.v_row, path),
+                                   v_col=model_lib.param_at(fs.v_col, path), shape=shape)
     row, col = hf[name]["exp_avg_sq_row"], hf[name]["exp_avg_sq_col"]
     v_torch = np.outer(row, col) / row.mean()          # transformers' / bergson's V.
     np.testing.assert_allclose(v_torch, v_ours.T if transposed else v_ours, rtol=1e-5)
-    n_swapped += not np.array_equal(row, convert_hf._get(fs.v_row, path))
+    n_swapped += not np.array_equal(row, model_lib.param_at(fs.v_row, path))
     v_back = convert_hf.factored_v(v_row=back[path]["v_row"], v_col=back[path]["v_col"],
                                    shape=shape)
     np.testing.assert_allclose(v_back, v_ours, rtol=1e-5)

@@ -76,7 +76,7 @@ def test_analytic_flops_match_xla_cost_analysis():
   """The analytic count against XLA's for the real factored kernel (tiny model, 1 variant)."""
   _, model, model_cfg, params, plan = _tiny()
   t = 64
-  kernel = grad_lib.make_factored_kernel(model=model, plan=plan, corr_kinds=None)
+  kernel = grad_lib.make_factored_kernel(model=model, plan=plan, has_corrections=False)
   mats = jax.eval_shape(lambda: proj.plan_matrices(seed=0, plan=plan))
   tok = jax.ShapeDtypeStruct((1, t + 1), "int32")
   mask = jax.ShapeDtypeStruct((1, t + 1), "float32")
