@@ -34,8 +34,6 @@ torch and transformers are imported inside the functions that need them only
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np

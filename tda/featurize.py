@@ -9,6 +9,7 @@ three compute G(z) the same way.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
