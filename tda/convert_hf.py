@@ -63,7 +63,10 @@ def check_convertible(cfg: model_lib.ModelConfig) -> None:
 
 def param_map(cfg: model_lib.ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
   """(HF parameter name, our params path, transposed) in LlamaForCausalLM's
-  `named_parameters()` order (tied embeddings, so no `lm_head.weight`)."""
+  `named_parameters()` order (tied embeddings, so no `lm_head.weight`).
+
+  The one name/layout table of both directions: export here, import in
+  `tda.hf_checkpoint.load_params` (which reads it in reverse)."""
   out = [("model.embed_tokens.weight", ("embed", "embedding"), False)]
   for i in range(cfg.n_layers):
     pre, ours = f"model.layers.{i}.", f"layer_{i}"
