@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -153,6 +155,46 @@ def test_float32_logits_match(hf_model, tokens, tmp_path):
   assert params["embed"]["embedding"].dtype == np.float32
   np.testing.assert_array_equal(params["layer_1"]["attn"]["k"]["kernel"],
                                 hf_model.model.layers[1].self_attn.k_proj.weight.detach().numpy().T)
+
+
+_NO_TORCH_SCRIPT = """
+import sys
+
+
+class _Block:  # Any import of torch or transformers fails.
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("torch", "transformers"):
+      raise ImportError(f"{name} is blocked in this test")
+    return None
+
+
+sys.meta_path.insert(0, _Block())
+import numpy as np
+from tda import hf_checkpoint as hfc
+from tda import model as model_lib
+cfg, params = hfc.load(sys.argv[1])
+tokens = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(model_lib.Transformer(cfg).apply({"params": params}, tokens)))
+print(hfc.load_vocabulary(sys.argv[4]).encode("Ada Lovelace"))
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+"""
+
+
+@needs_hf
+def test_loads_without_torch(hf_model, tokens, tmp_path):
+  folder = _save(copy.deepcopy(hf_model).to(__import__("torch").bfloat16), tmp_path / "m")
+  tok_folder = _sp_folder(tmp_path, {"add_bos_token": True})
+  np.save(tmp_path / "tokens.npy", tokens)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-c", _NO_TORCH_SCRIPT, folder, str(tmp_path / "tokens.npy"),
+       str(tmp_path / "logits.npy"), tok_folder],
+      cwd=root, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == str(list(hfc.load_vocabulary(tok_folder).encode(
+      "Ada Lovelace")))
+  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), _our_logits(folder, tokens),
+                             rtol=0, atol=1e-6)
 
 
 @needs_hf
