@@ -146,6 +146,7 @@ def test_raw_reader_matches_safetensors(tmp_path):
 
 
 @needs_hf
+@pytest.mark.slow
 def test_float32_logits_match(hf_model, tokens, tmp_path):
   folder = _save(hf_model, tmp_path / "f32")
   diff = float(np.max(np.abs(_our_logits(folder, tokens) - _hf_logits(hf_model, tokens))))
@@ -181,6 +182,7 @@ assert "torch" not in sys.modules and "transformers" not in sys.modules
 
 
 @needs_hf
+@pytest.mark.slow
 def test_loads_without_torch(hf_model, tokens, tmp_path):
   folder = _save(copy.deepcopy(hf_model).to(__import__("torch").bfloat16), tmp_path / "m")
   tok_folder = _sp_folder(tmp_path, {"add_bos_token": True})
@@ -198,6 +200,7 @@ def test_loads_without_torch(hf_model, tokens, tmp_path):
 
 
 @needs_hf
+@pytest.mark.slow
 def test_bfloat16_checkpoint(hf_model, tokens, tmp_path):
   import torch
   import transformers
@@ -217,6 +220,7 @@ def test_bfloat16_checkpoint(hf_model, tokens, tmp_path):
 
 
 @needs_hf
+@pytest.mark.slow
 def test_sharded_checkpoint(hf_model, tokens, tmp_path):
   folder = _save(hf_model, tmp_path / "sharded", max_shard_size="100KB")
   shards = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
@@ -227,6 +231,7 @@ def test_sharded_checkpoint(hf_model, tokens, tmp_path):
 
 
 @needs_hf
+@pytest.mark.slow
 def test_missing_unexpected_and_misshapen_tensors(hf_model, tmp_path):
   folder = _save(hf_model, tmp_path / "broken")
   path = os.path.join(folder, "model.safetensors")
@@ -289,6 +294,7 @@ def _check_same_ids(folder):
 
 
 @needs_hf
+@pytest.mark.slow
 @pytest.mark.parametrize("tok_config", [{"add_bos_token": True, "add_eos_token": False},
                                         {"add_bos_token": True, "add_eos_token": True},
                                         {"add_bos_token": False}])
@@ -307,6 +313,7 @@ def test_sentencepiece_tokenizer_same_ids_as_hf(tmp_path, tok_config):
 
 
 @needs_hf
+@pytest.mark.slow
 def test_bpe_tokenizer_json_same_ids_as_hf(tmp_path):
   import tokenizers
   import transformers
