@@ -69,6 +69,7 @@ def _run_training(workdir, kill_after=None):
   assert p.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # Three training subprocesses.
 def test_killed_training_resumes_to_same_params(tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   _run_training(full)
