@@ -34,6 +34,7 @@ def test_tailpatch_vmapped_equals_loop_of_single_steps():
   assert np.all(after != before)  # The step really changed the model.
 
 
+@pytest.mark.slow  # Compiles a vmapped train step (~15 CPU s).
 def test_tailpatch_on_the_target_raises_its_probability():
   c = helpers.tiny_config()
   model, params, opt_state = helpers.trained_state(c, steps=3)
@@ -50,6 +51,7 @@ def test_tailpatch_on_the_target_raises_its_probability():
   assert (a[0] - b[0]) > abs(a[1] - b[1])   # ...more than training on random text.
 
 
+@pytest.mark.slow  # Compiles a vmapped train step (~17 CPU s).
 def test_tailpatch_methods_share_pairs_and_mark_unevaluated_rows():
   c = helpers.tiny_config()
   model, params, opt_state = helpers.trained_state(c, steps=1)

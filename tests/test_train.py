@@ -84,6 +84,7 @@ def test_killed_training_resumes_to_same_params(tmp_path):
   _tree_equal(a.opt_state, b.opt_state)
 
 
+@pytest.mark.slow  # Trains and checkpoints; tests/test_pipeline.py refuses end to end too.
 def test_workdir_with_other_model_shape_is_refused(tmp_path):
   c = helpers.tiny_config(**{"train.steps": 2, "train.checkpoint_every": 1})
   toks = helpers.random_tokens(16, 32, 512, seed=1)
