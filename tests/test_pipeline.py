@@ -23,7 +23,9 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "byo")
 # The most frequent buckets of `trackstar_tiny.py:runlocal` (12 of its 28 facts).
 FREQUENT_BUCKETS = ("4-10", "11-30")
 # TrackStar's rank-1 rate on those facts: 10/12 measured (seed 0). A random ranking
-# gets about 0.1 (the mean of frequency / 146 passages); a wrong kernel far below 0.5.
+# gets about 0.1 (the mean of frequency / 146 passages); a factored kernel that gave
+# each example its batch neighbour's gradient got 1/12. A subtler bug (one member's
+# sign flipped) still ranks well: the kernel comparison below is what catches it.
 MIN_FREQUENT_RANK1 = 0.5
 
 
