@@ -158,6 +158,7 @@ def dense_ranking():
                                 k=4, batch_size=4)
 
 
+@pytest.mark.slow  # Loads torch and the MiniLM model.
 def test_dense_planted_passage_is_top1(dense_ranking):
   assert [t[0] for t in dense_ranking.top_ids] == [f[2] for f in FACTS]
   assert dense_ranking.top_scores.dtype == np.float32
@@ -165,6 +166,7 @@ def test_dense_planted_passage_is_top1(dense_ranking):
   assert np.all(dense_ranking.bottom_scores >= -1 - 1e-5)
 
 
+@pytest.mark.slow
 def test_dense_bottom_is_lowest_cosine_and_deterministic(dense_ranking):
   pass_ne = baselines.dense_embed(texts=TEXTS, batch_size=4)
   query_qe = baselines.dense_embed(texts=QUERIES, batch_size=4)

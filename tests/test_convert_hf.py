@@ -88,6 +88,7 @@ def test_moments_preserve_v_and_round_trip(trained):
   assert 0 < n_swapped < n_factored  # Both orientations were exercised.
 
 
+@pytest.mark.slow  # Imports torch and transformers.
 @pytest.mark.skipif(not _HAVE_HF, reason=_NO_HF)
 def test_hf_model_same_logits(trained):
   config, model, params, _ = trained
@@ -98,6 +99,7 @@ def test_hf_model_same_logits(trained):
   assert diff < 1e-4 * max(scale, 1.0), (diff, scale)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _HAVE_HF, reason=_NO_HF)
 def test_saved_dir_loads_in_transformers_and_bergson_layout(trained, tmp_path):
   import torch
@@ -126,6 +128,7 @@ def test_saved_dir_loads_in_transformers_and_bergson_layout(trained, tmp_path):
   assert all(np.isfinite(p.detach().numpy()).all() for p in loaded.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is None or not _HAVE_HF,
                     reason=_NO_HF)
 def test_tokenizer_from_sentencepiece_matches(tmp_path):

@@ -32,13 +32,22 @@ def test_whitening_gives_identity_covariance_on_fit_sample():
   assert np.abs(wb[:8, 8:]).max() == 0.0
 
 
-def test_damping_shrinks_only_toward_identity():
+def test_damping_adds_a_multiple_of_the_identity_before_inverting():
   r = np.diag([100.0, 1.0, 0.01])
   w = hessian.inv_sqrt(r_dd=r, damping=1.0)  # δ = mean eigenvalue = 33.67.
   np.testing.assert_allclose(np.diag(w), (np.diag(r) + np.trace(r) / 3) ** -0.5, rtol=1e-5)
+  # Any R: W is symmetric and whitens R + δI exactly (the defining property of
+  # (R + δI)^{-1/2}), so damping changes the eigenvalues, never the eigenvectors.
+  a = np.random.default_rng(0).normal(size=(6, 6))
+  r = a @ a.T + 1e-3 * np.eye(6)
+  for damping in (0.0, 0.1, 1.0):
+    w = np.asarray(hessian.inv_sqrt(r_dd=r, damping=damping), np.float64)
+    delta = damping * np.trace(r) / 6
+    np.testing.assert_allclose(w, w.T, atol=1e-6)
+    np.testing.assert_allclose(w @ (r + delta * np.eye(6)) @ w, np.eye(6), atol=1e-4)
 
 
-def test_mix_and_lambda():
+def test_mix_weights_unit_scaled_r_and_auto_lambda_is_the_smallest_that_works():
   rt, re = np.diag([4.0, 2.0, 2.0]), np.diag([0.0, 0.0, 9.0])
   m = hessian.mix(r_train=rt, r_eval=re, lam=0.9)
   np.testing.assert_allclose(np.trace(m) / 3, 1.0)  # Both scaled to unit mean eigenvalue.

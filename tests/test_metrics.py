@@ -18,14 +18,14 @@ def _ranked(rank, n=12, q=0):
   return ids
 
 
-def test_first_correct_rank():
+def test_first_correct_rank_is_one_based_and_zero_when_absent():
   assert metrics.first_correct_rank(proponent_ids=["a", "b", "c"], relevant={"c", "b"}) == 2
   assert metrics.first_correct_rank(proponent_ids=["a", "b"], relevant={"z"}) == 0
   assert metrics.first_correct_rank(proponent_ids=[], relevant={"z"}) == 0
   assert metrics.first_correct_rank(proponent_ids=["a"], relevant={"a"}) == 1
 
 
-def test_attribution_ranks_1_3_none():
+def test_attribution_scores_hits_at_ranks_1_and_3_and_a_miss():
   top = [_ranked(1, q=0), _ranked(3, q=1), _ranked(0, q=2)]
   rel = [{"gt0"}, {"gt1"}, {"gt2"}]
   out = metrics.attribution(top_ids=top, relevant=rel)
@@ -67,12 +67,12 @@ def test_attribution_precision_several_correct_and_short_lists():
     (dict(top_ids=[["1"]], relevant=[{1}]), "ids must be str"),
     (dict(top_ids=[[1]], relevant=[{"1"}]), "ids must be str"),
 ])
-def test_attribution_errors(kwargs, match):
+def test_attribution_rejects_malformed_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
     metrics.attribution(**kwargs)
 
 
-def test_tailpatch_summary_with_nan_rows():
+def test_tailpatch_summary_ignores_unpatched_rows_and_missing_proponents():
   abs_qk = np.array([
       [0.02, 0.00, 0.01, 0.03],
       [NAN, NAN, NAN, NAN],      # Not tail-patched: ignored.
@@ -107,12 +107,12 @@ def test_tailpatch_summary_nothing_evaluated_gives_nan():
     (np.zeros((2, 3)), np.zeros((2, 3)), (5, 10), "no k in ks"),
     (np.zeros((2, 3)), np.array([[0, np.inf, 0], [0, 0, 0]]), (1,), r"rel_qk\[0, 1\] is infinite"),
 ])
-def test_tailpatch_summary_errors(abs_qk, rel_qk, ks, match):
+def test_tailpatch_summary_rejects_malformed_input(abs_qk, rel_qk, ks, match):
   with pytest.raises(ValueError, match=match):
     metrics.tailpatch_summary(abs_qk=abs_qk, rel_qk=rel_qk, ks=ks)
 
 
-def test_by_group():
+def test_by_group_means_each_bucket_ignoring_nan_and_keeps_empty_buckets():
   out = metrics.by_group(
       values={"mrr": np.array([1.0, 0.5, 0.0, 0.25]),
               "tp": np.array([0.1, NAN, 0.3, NAN])},
@@ -132,6 +132,6 @@ def test_by_group():
     (dict(values={}, groups=["1"], order=["1"]), "no values"),
     (dict(values={"a": np.zeros(1)}, groups=["1"], order=["1", "1"]), "duplicate"),
 ])
-def test_by_group_errors(kwargs, match):
+def test_by_group_rejects_malformed_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
     metrics.by_group(**kwargs)

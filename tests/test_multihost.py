@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tda import tables as tables_lib
 from tda import workdir as wd
@@ -17,6 +18,10 @@ CONFIG = "configs/trackstar_tiny.py:runlocal"
 # Small shards so both processes own several; methods that need both variants.
 OVERRIDES = ["--config.tables.rows_per_shard=16",
              "--config.eval.methods=('exp2','trackstar','bm25')"]
+
+
+# Three pipeline subprocesses (one of them two processes): minutes.
+pytestmark = pytest.mark.slow
 
 
 def _env(**extra):

@@ -69,6 +69,7 @@ def _run_training(workdir, kill_after=None):
   assert p.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # Three training subprocesses.
 def test_killed_training_resumes_to_same_params(tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   _run_training(full)
@@ -83,6 +84,7 @@ def test_killed_training_resumes_to_same_params(tmp_path):
   _tree_equal(a.opt_state, b.opt_state)
 
 
+@pytest.mark.slow  # Trains and checkpoints; tests/test_pipeline.py refuses end to end too.
 def test_workdir_with_other_model_shape_is_refused(tmp_path):
   c = helpers.tiny_config(**{"train.steps": 2, "train.checkpoint_every": 1})
   toks = helpers.random_tokens(16, 32, 512, seed=1)
