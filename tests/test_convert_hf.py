@@ -7,7 +7,6 @@ The torch/transformers half is skipped (with the reason printed) when the
 import importlib.util
 import os
 
-import jax
 import numpy as np
 import pytest
 
