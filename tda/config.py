@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   g.correction = True            # Compute the optimizer-corrected variant too.
   g.eps = 1e-12                  # Added to V's statistics (tda.correction).
   g.adam_v = "materialise"       # 'materialise' (exact) | 'rank1' (fit) for Adam's V.
+  g.v_source = "checkpoint"      # V from the 'checkpoint' optimizer state | 'estimate'
+                                 # (tda.v_estimate; stage 'second_moments').
+  g.v_estimate_samples = 1024    # Corpus passages V is estimated on (seeded by `seed`).
   g.batch_size = 32
   g.length_bucket = 32           # Run each example at its length rounded up to this.
 

@@ -2,7 +2,7 @@
 committed outputs of earlier stages (each loaded lazily, once per run).
 
 A stage never opens another stage's files or imports its internals; it asks the
-context (`ctx.world`, `ctx.arrays`, `ctx.trained`, `ctx.gradients`, `ctx.table(...)`,
+context (`ctx.world`, `ctx.arrays`, `ctx.trained`, `ctx.second_moments`, `ctx.gradients`, `ctx.table(...)`,
 `ctx.rankings`, ...). Each accessor calls the owning stage module's `load`, so a
 stage's file layout is written and read in one module.
 """
@@ -114,6 +114,13 @@ class Context:
     return train_lib.load_trained(self.config, self.checkpoint_dir, step)
 
   @property
+  def second_moments(self):
+    """The optax state V is read from when `gradients.v_source='estimate'` (stage
+    'second_moments'); None: the checkpoint's own optimizer state."""
+    from tda.stages import second_moments
+    return self.cached("second_moments", lambda: second_moments.load(self))
+
+  @property
   def engine(self):
     """The gradient engine (`tda.featurize.Engine`) of the final checkpoint."""
     from tda import featurize
@@ -123,7 +130,9 @@ class Context:
       model, state, _ = self.trained
       return featurize.make_engine(
           self.config, model=model, state=state,
-          variants=tuple(methods_lib.variants(self.config.eval.methods)) or None)
+          variants=tuple(methods_lib.variants(self.config.eval.methods)) or None,
+          second_moments=(self.second_moments if self.config.gradients.correction
+                          else None))
     return self.cached("engine", make)
 
   @property

@@ -117,12 +117,22 @@ def plan_from_config(config, param_shapes) -> proj.Plan:
                         groups=g.groups, embed_block=g.embed_block)
 
 
-def make_engine(config, *, model, state, variants=None) -> Engine:
-  """The kernel set-up for one checkpoint (model, params and optimizer state)."""
+def make_engine(config, *, model, state, variants=None, second_moments=None) -> Engine:
+  """The kernel set-up for one checkpoint (model, params and optimizer state).
+
+  Args:
+    config: the run config (`gradients` section).
+    model: the model.
+    state: the checkpoint's TrainState.
+    variants: the vector variants to compute (None: all).
+    second_moments: an optax state to read V from instead of `state.opt_state`
+      (`gradients.v_source='estimate'`: `tda.v_estimate.load`); None: the checkpoint's.
+  """
   g = config.gradients
   plan = plan_from_config(config, state.params)
   mats = proj.plan_matrices(seed=g.seed, plan=plan)
-  corrs = (corr_lib.member_corrections(opt_state=state.opt_state, plan=plan, eps=g.eps,
+  v_state = state.opt_state if second_moments is None else second_moments
+  corrs = (corr_lib.member_corrections(opt_state=v_state, plan=plan, eps=g.eps,
                                        adam_v=g.adam_v) if g.correction else None)
   feat = Featurizer(model=model, params=state.params, plan=plan, mats=mats,
                     corrs=corrs,

@@ -1,7 +1,7 @@
 """The pipeline: runs the configured stages in order over one workdir.
 
-    world ─► vocab ─► train ─► model_eval ─► gradients (queries, R) ─► tables
-          ─► retrieval ─► evaluation ─► viewer
+    world ─► vocab ─► train ─► second_moments (V: checkpoint | estimate) ─► model_eval
+          ─► gradients (queries, R) ─► tables ─► retrieval ─► evaluation ─► viewer
 
 Each stage is a module of `tda.stages` behind one protocol (see there); this is
 the only place that drives it, once for all stages: fingerprint → skip if

@@ -203,3 +203,85 @@ def project_full(*, grads_bmn: jax.Array, member: Member, p_in: jax.Array,
   if member.kind == VECTOR:
     return jnp.einsum("i,bk->bik", p_in[:, 0], grads_bmn @ p_out.T)
   return jnp.einsum("in,bnm,km->bik", p_in, grads_bmn, p_out)
+
+
+def param_kind(path: Sequence[str]) -> str:
+  """The coverage kind of a parameter: 'embeddings', 'attention', 'mlp', 'norms',
+  'head' or 'other' (this model ties the output head to the embedding)."""
+  if path[-1] == "scale" or "norm" in path[0]:
+    return "norms"
+  if path[0] == "embed":
+    return "embeddings"
+  if path[0] in ("head", "lm_head", "unembed"):
+    return "head"
+  if len(path) > 1 and path[1] in ("attn", "mlp"):
+    return {"attn": "attention", "mlp": "mlp"}[path[1]]
+  return "other"
+
+
+COVERAGE_KINDS = ("embeddings", "attention", "mlp", "norms", "head", "other")
+
+
+def coverage(plan: Plan, param_shapes) -> dict:
+  """Which parameters the plan attributes: counts and shares of all parameters, by
+  kind, and every parameter that is not a projection member with the reason.
+
+  Args:
+    plan: the projection plan.
+    param_shapes: the model's params tree (arrays or ShapeDtypeStructs).
+
+  Returns:
+    {'total_params', 'attributed_params', 'attributed_share', 'tensors',
+     'attributed_tensors', 'by_kind': {kind: {'params', 'attributed', 'share_of_all',
+     'attributed_share_of_kind', 'tensors'}}, 'not_attributed': [{'name', 'kind',
+     'params', 'reason'}], 'notes': [...]}; attributed + not attributed parameters add
+    up to the total.
+  """
+  members = {m.path for m in plan.members}
+  leaves = [(tuple(p), int(np.prod(leaf.shape, dtype=np.int64)))
+            for p, leaf in _flatten(param_shapes)]
+  total = sum(n for _, n in leaves)
+  by_kind = {k: {"params": 0, "attributed": 0, "tensors": 0} for k in COVERAGE_KINDS}
+  missing = []
+  for path, n in leaves:
+    kind = param_kind(path)
+    row = by_kind[kind]
+    row["params"] += n
+    row["tensors"] += 1
+    if path in members:
+      row["attributed"] += n
+    else:
+      missing.append({"name": "/".join(path), "kind": kind, "params": n,
+                      "reason": "not a projection member of the plan (excluded by "
+                                "gradients.pooling/groups or a restricted plan)"})
+  for row in by_kind.values():
+    row["share_of_all"] = row["attributed"] / total if total else 0.0
+    row["attributed_share_of_kind"] = (row["attributed"] / row["params"]
+                                       if row["params"] else None)
+  attributed = sum(r["attributed"] for r in by_kind.values())
+  notes = []
+  if by_kind["head"]["params"] == 0 and by_kind["embeddings"]["params"]:
+    notes.append("no separate output head: it is tied to the embedding, whose one "
+                 "member carries both the lookup and the logit gradients")
+  if by_kind["norms"]["attributed"]:
+    notes.append("norm scales are members as 1 x n matrices, pooled into their "
+                 "layer's first block (the final norm into the last block)")
+  return {"total_params": total, "attributed_params": attributed,
+          "attributed_share": attributed / total if total else 0.0,
+          "tensors": len(leaves), "attributed_tensors": len(members),
+          "by_kind": {k: r for k, r in by_kind.items() if r["tensors"] or k == "head"},
+          "not_attributed": missing, "notes": notes}
+
+
+def format_coverage(cov: dict) -> str:
+  """One log line per kind of a `coverage` report."""
+  lines = [f"coverage: {cov['attributed_params']:,} of {cov['total_params']:,} parameters "
+           f"attributed ({100 * cov['attributed_share']:.1f}%), "
+           f"{cov['attributed_tensors']} of {cov['tensors']} tensors"]
+  for k, r in cov["by_kind"].items():
+    lines.append(f"  {k:<10} {r['attributed']:>12,} / {r['params']:>12,} "
+                 f"({100 * r['share_of_all']:.1f}% of all)")
+  for m in cov["not_attributed"]:
+    lines.append(f"  not attributed: {m['name']} ({m['params']:,}): {m['reason']}")
+  lines += [f"  note: {n}" for n in cov["notes"]]
+  return "\n".join(lines)

@@ -21,11 +21,13 @@ from tda.stages import evaluation
 from tda.stages import gradients
 from tda.stages import model_eval
 from tda.stages import retrieval
+from tda.stages import second_moments
 from tda.stages import tables
 from tda.stages import train
 from tda.stages import viewer
 from tda.stages import vocab
 from tda.stages import world
 
-STAGES = (world, vocab, train, model_eval, gradients, tables, retrieval, evaluation, viewer)
+STAGES = (world, vocab, train, second_moments, model_eval, gradients, tables, retrieval,
+          evaluation, viewer)
 NAMES = tuple(s.STAGE for s in STAGES)

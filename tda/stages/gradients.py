@@ -4,6 +4,9 @@ one forward/backward (`tda.featurize`); R_train and R_eval per variant; λ; each
 method's whitening matrix R^{-1/2} (`tda.hessian`); and each method's final query
 vectors, one set per table (methods with identical transforms share a table).
 
+Also commits `coverage.json` (`tda.projection.coverage`: which parameters are
+attributed, by kind, and which are not and why), logged on every run.
+
 Every process featurises its share of the R_train sample; R_train is summed
 across processes; process 0 writes.
 """
@@ -22,18 +25,25 @@ import numpy as np
 from tda import distributed
 from tda import featurize
 from tda import methods as methods_lib
+from tda import projection as proj
 from tda import workdir as wd
 
 STAGE = "gradients"
 ALL_PROCESSES = True
 NEEDS_MODEL = True
+COVERAGE = "coverage.json"
 
 
 def fingerprint(ctx) -> dict[str, Any]:
   c = ctx.config
   return {"gradients": c.gradients.to_dict(), "hessian": c.hessian.to_dict(),
           "methods": methods_lib.gradient(c.eval.methods), "train_step": ctx.checkpoint_step,
-          "seq_len": c.data.seq_len, "upstream": ctx.upstream("world", "vocab", "train")}
+          "seq_len": c.data.seq_len, "upstream": ctx.upstream(
+              *UPSTREAM.get(c.gradients.v_source, UPSTREAM["estimate"]))}
+
+
+UPSTREAM = {"checkpoint": ("world", "vocab", "train"),
+            "estimate": ("world", "vocab", "train", "second_moments")}
 
 
 def run(ctx, out_dir: str) -> dict[str, Any]:
@@ -43,6 +53,8 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   if need and not config.gradients.correction:
     raise ValueError(f"gradients.correction is off but methods {need} need it")
   eng = ctx.engine
+  cov = proj.coverage(eng.plan, ctx.trained[1].params)
+  logging.info("%s", proj.format_coverage(cov))
   corpus, queries = ctx.arrays
   t0 = time.time()
   q = eng.featurizer(tokens_nt=queries.tokens_nl, mask_nt=queries.loss_mask_nl,
@@ -83,6 +95,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
                                 vectors_nd=q[methods_lib.switches(table).variant])
     np.save(os.path.join(out_dir, f"queries_final_{table}.npy"), final)
   wd.write_json(os.path.join(out_dir, "query_ids.json"), queries.ids)
+  wd.write_json(os.path.join(out_dir, COVERAGE), cov)
   logging.info("gradients: d=%d, λ=%s, queries %.1fs, R sample %.1fs, hessian %.1fs",
                eng.plan.dim, whiteners.lam, t_q, t_p, t_h)
   return {
@@ -91,6 +104,9 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       "train_samples": int(len(sample)), "bad_query_ids": q["bad_ids"],
       "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(),
       "correction_members": eng.correction_counts,
+      "v_source": config.gradients.v_source,
+      "coverage": {k: cov[k] for k in ("total_params", "attributed_params",
+                                       "attributed_share")},
       "checkpoint_step": eng.step, "kernel": config.gradients.kernel,
       "timings_s": {"queries": t_q, "train_sample": t_p, "hessian": t_h},
   }
