@@ -39,11 +39,8 @@ def fingerprint(ctx) -> dict[str, Any]:
   return {"gradients": c.gradients.to_dict(), "hessian": c.hessian.to_dict(),
           "methods": methods_lib.gradient(c.eval.methods), "train_step": ctx.checkpoint_step,
           "seq_len": c.data.seq_len, "upstream": ctx.upstream(
-              *UPSTREAM.get(c.gradients.v_source, UPSTREAM["estimate"]))}
-
-
-UPSTREAM = {"checkpoint": ("world", "vocab", "train"),
-            "estimate": ("world", "vocab", "train", "second_moments")}
+              "world", "vocab", "train",
+              *(("second_moments",) if c.gradients.v_source == "estimate" else ()))}
 
 
 def run(ctx, out_dir: str) -> dict[str, Any]:
@@ -104,9 +101,6 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       "train_samples": int(len(sample)), "bad_query_ids": q["bad_ids"],
       "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(),
       "correction_members": eng.correction_counts,
-      "v_source": config.gradients.v_source,
-      "coverage": {k: cov[k] for k in ("total_params", "attributed_params",
-                                       "attributed_share")},
       "checkpoint_step": eng.step, "kernel": config.gradients.kernel,
       "timings_s": {"queries": t_q, "train_sample": t_p, "hessian": t_h},
   }
