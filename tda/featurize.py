@@ -9,6 +9,7 @@ three compute G(z) the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -53,6 +54,7 @@ def sharded_kernel(fn, *, param_shardings, corr_shardings):
   c_compute = (None if corr_shardings is None
                else jax.tree.map(sharding.gathered, corr_shardings))
 
+  @functools.wraps(fn)  # Keeps the kernel's name (compile logs and events name it).
   def run(params, mats, corrs, tokens_bt, mask_bt):
     params = jax.lax.with_sharding_constraint(params, p_compute)
     if corrs is not None:
