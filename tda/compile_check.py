@@ -9,8 +9,11 @@ Lowers and compiles, for the config's mesh on *compile-only* TPU devices
 corpus-scale run repeats, one step function each:
 
   * `gradients` (`check_gradients`): the factored per-example gradient kernel
-    (`tda.gradients.make_factored_kernel`) at the full sequence length, parameters
-    sharded by `tda.sharding.param_shardings`, the batch over DATA — the layout the
+    (`tda.gradients.make_factored_kernel`, wrapped by `featurize.sharded_kernel`) at
+    the full sequence length, parameters sharded by `tda.sharding.param_shardings`
+    (the rules `tda.train.load_trained` restores with: tensor-parallel over MODEL,
+    FSDP over DATA, gathered over DATA in the kernel), corrections by
+    `featurize.correction_shardings`, the batch over DATA — the layout the
     `Featurizer` uses. Parameters, optimizer state and corrections are only
     `jax.eval_shape`d: nothing of the model is ever allocated.
   * `r_step` (`check_r_step`): one accumulation step of R = Σ φφᵀ (DESIGN.md §2),
@@ -115,7 +118,9 @@ def model_and_plan(config: ml_collections.ConfigDict):
 def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int):
   """(kernel, abstract args) of the factored kernel, as `tda.featurize` builds them.
 
-  Parameter, optimizer-state and correction shapes all come from `jax.eval_shape`.
+  Parameter, optimizer-state and correction shapes all come from `jax.eval_shape`;
+  their shardings are the run's (`sharding.param_shardings`,
+  `featurize.correction_shardings`), and the kernel is `featurize.sharded_kernel`.
   """
   g = config.gradients
   seq_len = config.data.seq_len
@@ -127,13 +132,22 @@ def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int
     tx = train_lib.make_optimizer(config)
     corrs = jax.eval_shape(lambda p: corr_lib.member_corrections(
         opt_state=tx.init(p), plan=plan, eps=g.eps, adam_v=g.adam_v), params)
-  kernel = grad_lib.make_factored_kernel(model=model, plan=plan,
-                                         has_corrections=corrs is not None)
+  # The layout a run uses: `tda.train.load_trained` restores params (and optimizer
+  # state) into `sharding.param_shardings`; the Featurizer places corrections by
+  # `featurize.correction_shardings` and runs `featurize.sharded_kernel`.
+  strict = sharding.strict(config)
+  p_shardings = sharding.param_shardings(params, mesh, strict=strict)
+  c_shardings = featurize.correction_shardings(corrs, plan=plan, params=params, mesh=mesh,
+                                               strict=strict)
+  kernel = featurize.sharded_kernel(
+      grad_lib.make_factored_kernel(model=model, plan=plan,
+                                    has_corrections=corrs is not None),
+      param_shardings=p_shardings, corr_shardings=c_shardings)
   rep = sharding.replicated(mesh)
   rows = sharding.batch_sharding(mesh, 2)
-  args = (_abstract(params, sharding.param_shardings(params, mesh)),
+  args = (_abstract(params, p_shardings),
           _abstract(mats, jax.tree.map(lambda _: rep, mats)),
-          None if corrs is None else _abstract(corrs, jax.tree.map(lambda _: rep, corrs)),
+          None if corrs is None else _abstract(corrs, c_shardings),
           jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rows),
           jax.ShapeDtypeStruct((batch, seq_len), jnp.float32, sharding=rows))
   info = {"params": model_lib.count_params(params), "d": plan.dim,

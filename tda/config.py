@@ -180,6 +180,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Sharding (tda.sharding) --------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = (("data", -1), ("model", 1))
+  # A mesh axis that does not divide a parameter dimension (tda.sharding.PARAM_RULES):
+  # an error naming the parameter, dimension and axis if True, else that dimension
+  # is replicated (with a warning).
+  c.mesh.strict_param_sharding = False
 
   return c
 

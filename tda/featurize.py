@@ -9,6 +9,7 @@ three compute G(z) the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -24,14 +25,57 @@ from tda import projection as proj
 from tda import sharding
 
 
+def correction_shardings(corrs, *, plan: proj.Plan, params, mesh, strict: bool = False):
+  """NamedShardings for the correction records: a `FullCorrection` the size of its
+  parameter is split as that parameter (`sharding.param_shardings`); the factored
+  scales (vectors) and anything else are replicated."""
+  if corrs is None:
+    return None
+  p_shardings = sharding.param_shardings(params, mesh, strict=strict)
+  rep = sharding.replicated(mesh)
+  by_name = {m.name: m for m in plan.members}
+  out = {}
+  for name, c in corrs.items():
+    m = by_name[name]
+    if (isinstance(c, corr_lib.FullCorrection)
+        and tuple(c.inv_sqrt_v.shape) == tuple(m.shape)):
+      out[name] = corr_lib.FullCorrection(
+          inv_sqrt_v=model_lib.param_at(p_shardings, m.path))
+    else:
+      out[name] = jax.tree.map(lambda _: rep, c)
+  return out
+
+
+def sharded_kernel(fn, *, param_shardings, corr_shardings):
+  """`fn(params, mats, corrs, tokens, mask)` that first all-gathers the DATA-split
+  (FSDP) axes of params and corrections (`sharding.gathered`); MODEL stays split.
+  The Featurizer jits this and `tda.compile_check` lowers it: one layout."""
+  p_compute = jax.tree.map(sharding.gathered, param_shardings)
+  c_compute = (None if corr_shardings is None
+               else jax.tree.map(sharding.gathered, corr_shardings))
+
+  @functools.wraps(fn)  # Keeps the kernel's name (compile logs and events name it).
+  def run(params, mats, corrs, tokens_bt, mask_bt):
+    params = jax.lax.with_sharding_constraint(params, p_compute)
+    if corrs is not None:
+      corrs = jax.lax.with_sharding_constraint(corrs, c_compute)
+    return fn(params, mats, corrs, tokens_bt, mask_bt)
+
+  return run
+
+
 class Featurizer:
   """Runs a gradient kernel over many examples: length buckets, fixed batch shapes
   (a padded last batch, so nothing recompiles), sharding over the data axis, and
-  NaN/Inf rows flagged by example id instead of returned."""
+  NaN/Inf rows flagged by example id instead of returned.
+
+  Params (and corrections) are placed by `sharding.param_shardings` on `mesh`;
+  already-sharded arrays (`tda.train.load_trained`) are used where they are.
+  """
 
   def __init__(self, *, model, params, plan: proj.Plan, mats, corrs, mesh,
                batch_size: int, kernel: str = "factored", bucket: int = 32,
-               variants: tuple[str, ...] | None = None):
+               variants: tuple[str, ...] | None = None, strict: bool = False):
     if kernel not in ("factored", "reference"):
       raise ValueError(f"gradients.kernel must be 'factored' or 'reference', got {kernel!r}")
     self.plan, self.mesh, self.bucket = plan, mesh, bucket
@@ -40,11 +84,15 @@ class Featurizer:
             else grad_lib.make_reference_kernel)
     fn = make(model=model, plan=plan, has_corrections=corrs is not None, variants=variants)
     self._batch_sharding = sharding.batch_sharding(mesh, 2)
-    rep = sharding.replicated(mesh)
-    self._params = jax.device_put(params, sharding.param_shardings(params, mesh))
-    self._mats = jax.device_put(mats, rep)
-    self._corr = jax.device_put(corrs, rep)
-    self._fn = jax.jit(fn)
+    p_shardings = sharding.param_shardings(params, mesh, strict=strict)
+    c_shardings = correction_shardings(corrs, plan=plan, params=params, mesh=mesh,
+                                       strict=strict)
+    # A no-op for arrays already in these shardings.
+    self._params = jax.device_put(params, p_shardings)
+    self._mats = jax.device_put(mats, sharding.replicated(mesh))
+    self._corr = None if corrs is None else jax.device_put(corrs, c_shardings)
+    self._fn = jax.jit(sharded_kernel(fn, param_shardings=p_shardings,
+                                      corr_shardings=c_shardings))
     self._shapes: set[tuple[int, ...]] = set()
 
   @property
@@ -131,15 +179,20 @@ def make_engine(config, *, model, state, variants=None, second_moments=None) -> 
   g = config.gradients
   plan = plan_from_config(config, state.params)
   mats = proj.plan_matrices(seed=g.seed, plan=plan)
+  # The corrections' reductions (e.g. mean(v_row)) run on gathered statistics, so
+  # they sum in the same order whatever the FSDP split.
   v_state = state.opt_state if second_moments is None else second_moments
-  corrs = (corr_lib.member_corrections(opt_state=v_state, plan=plan, eps=g.eps,
-                                       adam_v=g.adam_v) if g.correction else None)
+  corrs = (corr_lib.member_corrections(opt_state=sharding.gather(v_state),
+                                       plan=plan, eps=g.eps, adam_v=g.adam_v)
+           if g.correction else None)
   feat = Featurizer(model=model, params=state.params, plan=plan, mats=mats,
                     corrs=corrs,
-                    # Per process: each featurises its own rows on its own devices.
-                    mesh=sharding.make_mesh(config, devices=jax.local_devices()),
+                    # Per process: each featurises its own rows on its own devices
+                    # (the mesh `tda.train.load_trained` restores onto).
+                    mesh=sharding.process_mesh(config),
                     batch_size=g.batch_size, kernel=g.kernel,
-                    bucket=g.length_bucket, variants=variants)
+                    bucket=g.length_bucket, variants=variants,
+                    strict=sharding.strict(config))
   return Engine(plan=plan, featurizer=feat, step=state.step,
                 correction_counts=corr_lib.describe(corrs) if corrs else {})
 

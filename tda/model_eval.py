@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tda import model as model_lib
+from tda import sharding
 
 
 def make_scorer(model: model_lib.Transformer):
@@ -74,6 +75,8 @@ def evaluate_queries(*, model, params, queries, targets, vocab, batch_size: int,
                      max_new_tokens: int, num_samples: int = 0,
                      temperature: float = 1.0, seed: int = 0) -> list[dict[str, Any]]:
   """Per-query results: correct, target_logprob, prediction, samples, confidence."""
+  # Sharded params (tda.train.load_trained) computed with their DATA split gathered.
+  params = sharding.gather(params)
   scorer = make_scorer(model)
   greedy = make_decoder(model, steps=max_new_tokens)
   sampler = make_decoder(model, steps=max_new_tokens, temperature=temperature) if num_samples else None

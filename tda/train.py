@@ -148,22 +148,27 @@ def latest_step(checkpoint_dir: str) -> int | None:
 
 def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
                  step: int | None = None):
-  """Restores (model, TrainState, meta) from the checkpoints in `checkpoint_dir`."""
+  """Restores (model, TrainState, meta) from the checkpoints in `checkpoint_dir`.
+
+  Params and optimizer state come back as jax.Arrays sharded by
+  `tda.sharding.param_shardings` over this process's mesh (`sharding.process_mesh`).
+  """
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
   mngr = checkpoint_manager(checkpoint_dir, max_to_keep=None)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}; run the train stage")
   _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir)
-  # Replicated on every device of every process (orbax restores global arrays in a
-  # multi-process job), then handed to the caller as host arrays: featurisation is
-  # per process, on its own devices.
-  everywhere = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)), jax.sharding.PartitionSpec())
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
-                        abstract_state(config, model, tx))
+  # Straight into the sharding rules' layout (tda.sharding.PARAM_RULES) on this
+  # process's mesh, the one its featurisation runs on: no device ever holds a
+  # replica, and the arrays stay sharded jax.Arrays.
+  mesh = sharding.process_mesh(config)
+  abstract = abstract_state(config, model, tx)
+  shardings = sharding.param_shardings(abstract, mesh, params=abstract.params,
+                                       strict=sharding.strict(config))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
   state, meta = restore(mngr, target, step)
-  state = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
   return model, state, meta
 
 
