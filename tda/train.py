@@ -263,11 +263,12 @@ def checkpoint_leaf_shapes(checkpoint_dir: str,
 
 
 def read_step_meta(checkpoint_dir: str, step: int) -> dict[str, Any]:
-  """The `meta` item of one step (read without a CheckpointManager)."""
+  """The `meta` item of one step (read from its file: no CheckpointManager, no barrier)."""
   where = os.path.join(step_dir(checkpoint_dir, step), "meta")
   try:
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        epath.Path(where), args=ocp.args.JsonRestore())
+    # The handler alone: a Checkpointer's restore is a barrier across processes, and
+    # this runs on one (the train stage's leader) as well as on all (fingerprints).
+    return ocp.JsonCheckpointHandler().restore(epath.Path(where), args=ocp.args.JsonRestore())
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"cannot read the checkpoint's meta in {where} ({type(e).__name__}: "
                      f"{e}); supported formats: {_ORBAX_LAYOUT}") from e
