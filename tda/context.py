@@ -86,22 +86,22 @@ class Context:
 
   @property
   def checkpoint_dir(self) -> str:
-    """The orbax checkpoints every model-reading stage uses."""
+    """The orbax checkpoints every model-reading stage uses: the train stage's own,
+    or the external `model.checkpoint` it adopted."""
     from tda.stages import train
-    return train.checkpoint_dir(self)
+    return train.load(self).dir
 
   @property
   def checkpoint_steps(self) -> list[int]:
-    from tda import train as train_lib
-    return train_lib.available_steps(self.checkpoint_dir)
+    """The steps usable (e.g. by the trend): all saved ones, up to the attributed one."""
+    from tda.stages import train
+    return train.load(self).steps
 
   @property
   def checkpoint_step(self) -> int:
-    """The step of the final checkpoint (the one attributed)."""
-    steps = self.checkpoint_steps
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {self.checkpoint_dir}; run the train stage")
-    return steps[-1]
+    """The step of the checkpoint attributed (the final one, or `model.checkpoint_step`)."""
+    from tda.stages import train
+    return train.load(self).step
 
   @property
   def trained(self):
@@ -109,9 +109,11 @@ class Context:
     return self.cached("trained", lambda: self.restore(None))
 
   def restore(self, step: int | None):
-    """(model, TrainState, meta) of the checkpoint at `step` (None: the final one)."""
+    """(model, TrainState, meta) of the checkpoint at `step` (None: the attributed one)."""
     from tda import train as train_lib
-    return train_lib.load_trained(self.config, self.checkpoint_dir, step)
+    from tda.stages import train
+    ckpt = train.load(self)
+    return train_lib.load_trained(self.config, ckpt.dir, ckpt.step if step is None else step)
 
   @property
   def second_moments(self):

@@ -9,6 +9,8 @@ The data position is the step: `tda.batches.batch_at(step=...)` is a pure functi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
@@ -21,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from tda import batches
 from tda import model as model_lib
@@ -158,7 +161,10 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
   mngr = checkpoint_manager(checkpoint_dir, max_to_keep=None)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}; run the train stage")
+  step = resolve_step(checkpoint_dir, step)
   _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir)
+  check_tree_shapes(have=checkpoint_leaf_shapes(checkpoint_dir, step),
+                    want=config_leaf_shapes(config), where=step_dir(checkpoint_dir, step))
   # Straight into the sharding rules' layout (tda.sharding.PARAM_RULES) on this
   # process's mesh, the one its featurisation runs on: no device ever holds a
   # replica, and the arrays stay sharded jax.Arrays.
@@ -181,6 +187,148 @@ def _check_checkpoint_shape(config, meta: dict[str, Any], where: str) -> None:
     raise wd.WorkdirConflict(
         f"the checkpoint in {where} is of a different model ({detail}); refusing to "
         "restore or overwrite it: use another --workdir.")
+
+
+# --- Checks on a checkpoint before restoring it (also an external one) ----------
+
+CHECKPOINT_FORMATS = ("orbax",)
+_ORBAX_LAYOUT = ("orbax: <checkpoint>/<step>/ with items 'state' = {'params', 'opt_state'} "
+                 "(StandardSave) and 'meta' (JsonSave, holding 'model' = the model config)")
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint's tree does not fit the model and optimizer the config builds."""
+
+
+def check_checkpoint_format(fmt: str) -> None:
+  """Raises unless `fmt` (`model.checkpoint_format`) is a supported format."""
+  if fmt not in CHECKPOINT_FORMATS:
+    raise ValueError(f"model.checkpoint_format={fmt!r} is not supported; supported "
+                     f"formats: {', '.join(CHECKPOINT_FORMATS)}")
+
+
+def step_dir(checkpoint_dir: str, step: int) -> str:
+  return os.path.join(os.path.abspath(checkpoint_dir), str(step))
+
+
+def resolve_step(checkpoint_dir: str, step: int | None) -> int:
+  """`step`, or the newest one when None; a step not saved lists the available ones."""
+  steps = available_steps(checkpoint_dir)
+  if not steps:
+    raise FileNotFoundError(
+        f"{checkpoint_dir} holds no checkpoint (no <step>/ folder); supported formats: "
+        f"{_ORBAX_LAYOUT}")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"checkpoint step {step} is not in {checkpoint_dir}; "
+                            f"available steps: {steps}")
+  return step
+
+
+def _path_str(path) -> str:
+  """'params/layer_0/attn/q/kernel' for a jax key path (dict keys, fields, indices)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{leaf path: (shape, dtype name)} of a tree of arrays, abstract arrays or
+  orbax array metadata, in sorted path order."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return dict(sorted((_path_str(p), (tuple(int(d) for d in x.shape), np.dtype(x.dtype).name))
+                     for p, x in leaves))
+
+
+def config_leaf_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Leaf shapes of the {params, opt_state} tree the config's model and optimizer build."""
+  model = model_lib.Transformer(model_lib.model_config(config))
+  state = abstract_state(config, model, make_optimizer(config))
+  return leaf_shapes({"params": state.params, "opt_state": state.opt_state})
+
+
+def checkpoint_leaf_shapes(checkpoint_dir: str,
+                           step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Leaf shapes of the saved `state` item, read from orbax's tree metadata (no arrays
+  are loaded); an unreadable folder names the supported formats."""
+  where = os.path.join(step_dir(checkpoint_dir, step), "state")
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(where))
+    return leaf_shapes(getattr(tree, "tree", tree))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"cannot read a checkpoint tree in {where} ({type(e).__name__}: {e}); "
+                     f"supported formats: {_ORBAX_LAYOUT}") from e
+
+
+def read_step_meta(checkpoint_dir: str, step: int) -> dict[str, Any]:
+  """The `meta` item of one step (read from its file: no CheckpointManager, no barrier)."""
+  where = os.path.join(step_dir(checkpoint_dir, step), "meta")
+  try:
+    # The handler alone: a Checkpointer's restore is a barrier across processes, and
+    # this runs on one (the train stage's leader) as well as on all (fingerprints).
+    return ocp.JsonCheckpointHandler().restore(epath.Path(where), args=ocp.args.JsonRestore())
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"cannot read the checkpoint's meta in {where} ({type(e).__name__}: "
+                     f"{e}); supported formats: {_ORBAX_LAYOUT}") from e
+
+
+def structure_hash(shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
+  """A short hash of a tree's leaf paths, shapes and dtypes (`leaf_shapes`)."""
+  blob = json.dumps([[p, list(s), d] for p, (s, d) in sorted(shapes.items())]).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_tree_shapes(*, have: dict[str, tuple[tuple[int, ...], str]],
+                      want: dict[str, tuple[tuple[int, ...], str]], where: str) -> None:
+  """Raises CheckpointMismatch naming the first leaf (params before optimizer state,
+  each in path order) whose shape differs between the checkpoint (`have`) and the
+  config (`want`), or that only one of them has."""
+  for path in sorted(set(have) | set(want), key=lambda p: (not p.startswith("params/"), p)):
+    a = have[path][0] if path in have else None
+    b = want[path][0] if path in want else None
+    if a != b:
+      raise CheckpointMismatch(
+          f"the checkpoint in {where} does not fit the config: first mismatching leaf "
+          f"'{path}': checkpoint shape {a if a is not None else '(absent)'} vs config "
+          f"shape {b if b is not None else '(absent)'}; set model.* (and train.optimizer "
+          f"and its options) to the checkpoint's model.")
+
+
+def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Checks the external checkpoint `model.checkpoint` against the config, without
+  loading arrays, and returns what identifies it: absolute path, step, format, the
+  hash of its tree's structure, shapes and dtypes, and when that step was committed.
+
+  Raises:
+    ValueError: unsupported format, or a folder that is not a readable checkpoint.
+    FileNotFoundError: no checkpoint in the folder, or `model.checkpoint_step` is
+      not one of its steps (the message lists them).
+    CheckpointMismatch: a leaf's shape differs from the config's (first one named).
+    WorkdirConflict: the checkpoint's meta records another model config.
+  """
+  m = config.model
+  check_checkpoint_format(m.checkpoint_format)
+  path = os.path.abspath(m.checkpoint)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model.checkpoint={m.checkpoint!r} is not a folder; supported "
+                            f"formats: {_ORBAX_LAYOUT}")
+  step = resolve_step(path, m.checkpoint_step)
+  have = checkpoint_leaf_shapes(path, step)
+  check_tree_shapes(have=have, want=config_leaf_shapes(config), where=step_dir(path, step))
+  _check_checkpoint_shape(config, read_step_meta(path, step), step_dir(path, step))
+  committed_at = None
+  marker = os.path.join(step_dir(path, step), "_CHECKPOINT_METADATA")
+  if os.path.exists(marker):
+    committed_at = wd.read_json(marker).get("commit_timestamp_nsecs")
+  return {"path": path, "step": step, "format": m.checkpoint_format,
+          "structure_sha256": structure_hash(have), "commit_timestamp_nsecs": committed_at}
 
 
 def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
