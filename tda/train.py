@@ -163,8 +163,10 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}; run the train stage")
   step = resolve_step(checkpoint_dir, step)
   _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir)
-  check_tree_shapes(have=checkpoint_leaf_shapes(checkpoint_dir, step),
-                    want=config_leaf_shapes(config), where=step_dir(checkpoint_dir, step))
+  have, where = checkpoint_leaf_shapes(checkpoint_dir, step), step_dir(checkpoint_dir, step)
+  params_only = not has_optimizer_state(have)
+  check_tree_shapes(have=have, where=where,
+                    want=expected_leaf_shapes(config, params_only=params_only, where=where))
   # Straight into the sharding rules' layout (tda.sharding.PARAM_RULES) on this
   # process's mesh, the one its featurisation runs on: no device ever holds a
   # replica, and the arrays stay sharded jax.Arrays.
@@ -174,8 +176,19 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
                                        strict=sharding.strict(config))
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
-  state, meta = restore(mngr, target, step)
-  return model, state, meta
+  if not params_only:
+    state, meta = restore(mngr, target, step)
+    return model, state, meta
+  # Params only (V estimated or no correction): the optimizer state is a fresh
+  # `tx.init`, laid out like a restored one; tail-patching steps from it.
+  logging.warning("%s holds no optimizer state: tail-patching starts from a freshly "
+                  "initialised %s state", where, config.train.optimizer)
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore({"params": target.params}),
+      meta=ocp.args.JsonRestore()))
+  params = out.state["params"]
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return model, TrainState(step=step, params=params, opt_state=opt_state), out.meta
 
 
 def _check_checkpoint_shape(config, meta: dict[str, Any], where: str) -> None:
@@ -285,6 +298,33 @@ def structure_hash(shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def has_optimizer_state(shapes: dict[str, tuple[tuple[int, ...], str]]) -> bool:
+  """Whether a checkpoint tree (`leaf_shapes`) holds an optimizer state."""
+  return any(p.startswith("opt_state/") for p in shapes)
+
+
+def expected_leaf_shapes(config: ml_collections.ConfigDict, *, params_only: bool,
+                         where: str) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The leaves a checkpoint must hold for this config: params and optimizer state,
+  or params alone when V is estimated (`gradients.v_source='estimate'`) or the
+  correction is off.
+
+  Raises:
+    CheckpointMismatch: a params-only checkpoint where the V correction needs the
+      optimizer's second moments.
+  """
+  want = config_leaf_shapes(config)
+  if not params_only:
+    return want
+  g = config.gradients
+  if g.correction and g.v_source != "estimate":
+    raise CheckpointMismatch(
+        f"the checkpoint in {where} holds params but no optimizer state, and the V "
+        "correction reads V from it: set gradients.v_source='estimate' (V from squared "
+        "per-example gradients over a corpus sample) or gradients.correction=False.")
+  return {p: v for p, v in want.items() if p.startswith("params/")}
+
+
 def check_tree_shapes(*, have: dict[str, tuple[tuple[int, ...], str]],
                       want: dict[str, tuple[tuple[int, ...], str]], where: str) -> None:
   """Raises CheckpointMismatch naming the first leaf (params before optimizer state,
@@ -321,7 +361,9 @@ def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
                             f"formats: {_ORBAX_LAYOUT}")
   step = resolve_step(path, m.checkpoint_step)
   have = checkpoint_leaf_shapes(path, step)
-  check_tree_shapes(have=have, want=config_leaf_shapes(config), where=step_dir(path, step))
+  where = step_dir(path, step)
+  check_tree_shapes(have=have, where=where, want=expected_leaf_shapes(
+      config, params_only=not has_optimizer_state(have), where=where))
   _check_checkpoint_shape(config, read_step_meta(path, step), step_dir(path, step))
   committed_at = None
   marker = os.path.join(step_dir(path, step), "_CHECKPOINT_METADATA")

@@ -9,6 +9,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tda import config as config_lib
@@ -202,3 +203,22 @@ def test_attributing_a_finished_runs_checkpoint_reproduces_it(tmp_path):
   m1, m2 = (json.load(open(os.path.join(d, "results", "metrics.json"))) for d in (w, w2))
   assert m2["methods"]["trackstar"]["mrr"] == m1["methods"]["trackstar"]["mrr"]
   assert m2["methods"]["bm25"]["mrr"] == m1["methods"]["bm25"]["mrr"]
+
+
+def test_params_only_checkpoint_needs_estimated_v_and_gets_a_fresh_optimizer_state(tmp_path):
+  config = helpers.tiny_config()
+  model, params, _ = helpers.trained_state(config, steps=1)
+  mngr = train_lib.checkpoint_manager(str(tmp_path / "ck"), max_to_keep=None)
+  mngr.save(4, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params}),
+      meta=ocp.args.JsonSave({"model": dataclasses.asdict(model.cfg), "step": 4})))
+  mngr.wait_until_finished()
+  with pytest.raises(train_lib.CheckpointMismatch, match="v_source='estimate'"):
+    train_lib.load_trained(_config(tmp_path / "ck"), str(tmp_path / "ck"))
+  estimate = _config(tmp_path / "ck", **{"gradients.v_source": "estimate"})
+  assert train_stage.fingerprint(_ctx(estimate, tmp_path / "w"))["external_checkpoint"]["step"] == 4
+  _, state, _ = train_lib.load_trained(estimate, str(tmp_path / "ck"))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  fresh = train_lib.make_optimizer(estimate).init(params)
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(fresh)
