@@ -1,4 +1,6 @@
-"""Small shared builders for tests: a tiny model, a few training steps."""
+"""Small shared builders for tests: a tiny model, a few training steps, a context."""
+
+import os
 
 import jax
 import numpy as np
@@ -44,3 +46,24 @@ def trained_state(config, steps=3, seq=32, seed=0):
   for _ in range(steps):
     params, opt_state, _ = step(params, opt_state, toks)
   return model, params, opt_state
+
+
+def context(config, workdir):
+  """A pipeline context over `workdir`."""
+  from tda import context as context_lib
+  return context_lib.Context(config=config, workdir=str(workdir))
+
+
+def file_snapshot(d, *, contents=False):
+  """{relative path: mtime (and bytes, with `contents`)} of every file under `d`."""
+  out = {}
+  for root, _, files in os.walk(d):
+    for name in files:
+      p = os.path.join(root, name)
+      mtime = os.stat(p).st_mtime_ns
+      if contents:
+        with open(p, "rb") as f:
+          out[os.path.relpath(p, d)] = (mtime, f.read())
+      else:
+        out[os.path.relpath(p, d)] = mtime
+  return out

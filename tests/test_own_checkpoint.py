@@ -13,7 +13,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tda import config as config_lib
-from tda import context as context_lib
 from tda import model as model_lib
 from tda import pipeline
 from tda import train as train_lib
@@ -49,19 +48,6 @@ def _with(config, **model):
   return config_lib.finalize(c)
 
 
-def _ctx(config, workdir):
-  return context_lib.Context(config=config, workdir=str(workdir))
-
-
-def _snapshot(d):
-  out = {}
-  for root, _, files in os.walk(d):
-    for name in files:
-      p = os.path.join(root, name)
-      out[os.path.relpath(p, d)] = os.stat(p).st_mtime_ns
-  return out
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
   path = tmp_path_factory.mktemp("external") / "checkpoints"
@@ -71,8 +57,8 @@ def ckpt(tmp_path_factory):
 
 def test_train_stage_adopts_the_checkpoint_and_writes_none(ckpt, tmp_path):
   path, saved = ckpt
-  before = _snapshot(path)
-  ctx = _ctx(_config(path), tmp_path)
+  before = helpers.file_snapshot(path)
+  ctx = helpers.context(_config(path), tmp_path)
   assert pipeline.run_stage(ctx, train_stage)
   assert sorted(os.listdir(tmp_path / "train")) == ["COMMITTED.json", "summary.json"]
   ext = ctx.summary("train")["external_checkpoint"]
@@ -84,13 +70,13 @@ def test_train_stage_adopts_the_checkpoint_and_writes_none(ckpt, tmp_path):
   assert state.step == 3
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved[3])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert not pipeline.run_stage(_ctx(_config(path), tmp_path), train_stage)  # Skipped.
-  assert _snapshot(path) == before  # The external checkpoint is only read.
+  assert not pipeline.run_stage(helpers.context(_config(path), tmp_path), train_stage)  # Skipped.
+  assert helpers.file_snapshot(path) == before  # The external checkpoint is only read.
 
 
 def test_chosen_step_bounds_the_steps_later_stages_see(ckpt, tmp_path):
   path, saved = ckpt
-  ctx = _ctx(_with(_config(path), checkpoint_step=2), tmp_path)
+  ctx = helpers.context(_with(_config(path), checkpoint_step=2), tmp_path)
   pipeline.run_stage(ctx, train_stage)
   assert ctx.checkpoint_step == 2 and ctx.checkpoint_steps == [2]
   _, state, _ = ctx.trained
@@ -100,24 +86,24 @@ def test_chosen_step_bounds_the_steps_later_stages_see(ckpt, tmp_path):
 
 def test_another_checkpoint_in_the_same_workdir_is_refused(ckpt, tmp_path):
   path, _ = ckpt
-  pipeline.run_stage(_ctx(_config(path), tmp_path), train_stage)
-  before = _snapshot(tmp_path)
+  pipeline.run_stage(helpers.context(_config(path), tmp_path), train_stage)
+  before = helpers.file_snapshot(tmp_path)
   with pytest.raises(wd.WorkdirConflict, match=r"differs in: .*external_checkpoint\.step"):
-    pipeline.run_stage(_ctx(_with(_config(path), checkpoint_step=2), tmp_path), train_stage)
+    pipeline.run_stage(helpers.context(_with(_config(path), checkpoint_step=2), tmp_path), train_stage)
   copy = tmp_path.parent / f"{tmp_path.name}_copy"
   shutil.copytree(path, copy)
   with pytest.raises(wd.WorkdirConflict, match=r"external_checkpoint\.path"):
-    pipeline.run_stage(_ctx(_config(copy), tmp_path), train_stage)
+    pipeline.run_stage(helpers.context(_config(copy), tmp_path), train_stage)
   other = tmp_path.parent / f"{tmp_path.name}_other"
   _save_checkpoint(other, helpers.tiny_config(**{"model.d_ff": 256}), steps=(3,))
   with pytest.raises(wd.WorkdirConflict, match=r"external_checkpoint\.structure_sha256"):
-    pipeline.run_stage(_ctx(_config(other, **{"model.d_ff": 256}), tmp_path), train_stage)
+    pipeline.run_stage(helpers.context(_config(other, **{"model.d_ff": 256}), tmp_path), train_stage)
   # Later stages refuse to read a train stage committed from another checkpoint.
   with pytest.raises(wd.WorkdirConflict, match="refusing to mix"):
-    _ctx(_config(copy), tmp_path).checkpoint_dir
+    helpers.context(_config(copy), tmp_path).checkpoint_dir
   with pytest.raises(wd.WorkdirConflict, match="refusing to mix"):
-    _ctx(_config(), tmp_path).checkpoint_dir
-  assert _snapshot(tmp_path) == before
+    helpers.context(_config(), tmp_path).checkpoint_dir
+  assert helpers.file_snapshot(tmp_path) == before
 
 
 def test_shape_mismatch_names_the_first_leaf_and_both_shapes(ckpt, tmp_path):
@@ -125,7 +111,7 @@ def test_shape_mismatch_names_the_first_leaf_and_both_shapes(ckpt, tmp_path):
   with pytest.raises(train_lib.CheckpointMismatch,
                      match=r"first mismatching leaf 'params/layer_0/mlp/\w+/kernel': "
                            r"checkpoint shape \([\d, ]+\) vs config shape \([\d, ]+\)"):
-    pipeline.run_stage(_ctx(_config(path, **{"model.d_ff": 96}), tmp_path), train_stage)
+    pipeline.run_stage(helpers.context(_config(path, **{"model.d_ff": 96}), tmp_path), train_stage)
   assert not os.path.exists(tmp_path / "train") and not os.path.exists(tmp_path / "train.tmp")
   have = {"params/a": ((2, 3), "float32"), "params/b": ((4,), "float32")}
   want = {"params/a": ((2, 3), "float32"), "params/b": ((5,), "float32")}
@@ -152,7 +138,7 @@ def test_checkpoint_tree_shapes_match_the_config_without_loading(ckpt):
 def test_missing_step_lists_the_available_ones(ckpt, tmp_path):
   path, _ = ckpt
   with pytest.raises(FileNotFoundError, match=r"step 7 .*available steps: \[2, 3\]"):
-    pipeline.run_stage(_ctx(_with(_config(path), checkpoint_step=7), tmp_path), train_stage)
+    pipeline.run_stage(helpers.context(_with(_config(path), checkpoint_step=7), tmp_path), train_stage)
   with pytest.raises(FileNotFoundError, match=r"available steps: \[2, 3\]"):
     train_lib.load_trained(helpers.tiny_config(), str(path), 7)
   assert not os.path.exists(tmp_path / "train")
@@ -162,14 +148,14 @@ def test_no_checkpoint_or_unreadable_one_names_the_supported_formats(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="holds no checkpoint.*supported formats: orbax"):
-    pipeline.run_stage(_ctx(_config(empty), tmp_path / "w1"), train_stage)
+    pipeline.run_stage(helpers.context(_config(empty), tmp_path / "w1"), train_stage)
   with pytest.raises(FileNotFoundError, match="not a folder.*supported formats: orbax"):
-    pipeline.run_stage(_ctx(_config(tmp_path / "nowhere"), tmp_path / "w2"), train_stage)
+    pipeline.run_stage(helpers.context(_config(tmp_path / "nowhere"), tmp_path / "w2"), train_stage)
   junk = tmp_path / "junk"
   (junk / "5" / "state").mkdir(parents=True)
   (junk / "5" / "state" / "weights.bin").write_bytes(b"\0" * 16)
   with pytest.raises(ValueError, match="cannot read a checkpoint tree.*supported formats: orbax"):
-    pipeline.run_stage(_ctx(_config(junk), tmp_path / "w3"), train_stage)
+    pipeline.run_stage(helpers.context(_config(junk), tmp_path / "w3"), train_stage)
   assert not os.path.exists(tmp_path / "nowhere")
   for w in ("w1", "w2", "w3"):
     assert not os.path.exists(tmp_path / w / "train")
@@ -179,7 +165,7 @@ def test_unsupported_format_lists_the_supported_ones(ckpt, tmp_path):
   path, _ = ckpt
   with pytest.raises(ValueError, match=r"checkpoint_format='safetensors' is not supported; "
                                        r"supported formats: orbax"):
-    pipeline.run_stage(_ctx(_with(_config(path), checkpoint_format="safetensors"), tmp_path),
+    pipeline.run_stage(helpers.context(_with(_config(path), checkpoint_format="safetensors"), tmp_path),
                        train_stage)
 
 
@@ -193,12 +179,12 @@ def test_attributing_a_finished_runs_checkpoint_reproduces_it(tmp_path):
   w, w2 = str(tmp_path / "W"), str(tmp_path / "W2")
   common = ("--config.eval.methods=('trackstar','bm25')", "--config.eval.trend_steps=()")
   test_pipeline.run_tda(w, *common)
-  before = _snapshot(w)
+  before = helpers.file_snapshot(w)
   test_pipeline.run_tda(
       w2, *common, f"--config.model.checkpoint={w}/train/checkpoints",
       f"--config.data.vocab_path={w}/vocab/spm.model")
   assert sorted(os.listdir(os.path.join(w2, "train"))) == ["COMMITTED.json", "summary.json"]
-  assert _snapshot(w) == before  # Nothing in the first run was touched.
+  assert helpers.file_snapshot(w) == before  # Nothing in the first run was touched.
   assert _proponents(w2) == _proponents(w)
   m1, m2 = (json.load(open(os.path.join(d, "results", "metrics.json"))) for d in (w, w2))
   assert m2["methods"]["trackstar"]["mrr"] == m1["methods"]["trackstar"]["mrr"]
@@ -216,7 +202,7 @@ def test_params_only_checkpoint_needs_estimated_v_and_gets_a_fresh_optimizer_sta
   with pytest.raises(train_lib.CheckpointMismatch, match="v_source='estimate'"):
     train_lib.load_trained(_config(tmp_path / "ck"), str(tmp_path / "ck"))
   estimate = _config(tmp_path / "ck", **{"gradients.v_source": "estimate"})
-  assert train_stage.fingerprint(_ctx(estimate, tmp_path / "w"))["external_checkpoint"]["step"] == 4
+  assert train_stage.fingerprint(helpers.context(estimate, tmp_path / "w"))["external_checkpoint"]["step"] == 4
   _, state, _ = train_lib.load_trained(estimate, str(tmp_path / "ck"))
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

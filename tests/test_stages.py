@@ -7,13 +7,14 @@ import types
 import pytest
 
 from tda import config as config_lib
-from tda import context as context_lib
 from tda import pipeline
 from tda import stages as stages_lib
 from tda import synthetic_world
 from tda import workdir as wd
 from tda.stages import vocab as vocab_stage
 from tda.stages import world as world_stage
+
+from tests import helpers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "byo")
 
@@ -27,20 +28,6 @@ def _config(**world):
   for k, v in world.items():
     setattr(c.world, k, v)
   return config_lib.finalize(c)
-
-
-def _ctx(config, workdir):
-  return context_lib.Context(config=config, workdir=str(workdir))
-
-
-def _snapshot(d):
-  out = {}
-  for root, _, files in os.walk(d):
-    for name in files:
-      p = os.path.join(root, name)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, d)] = (os.stat(p).st_mtime_ns, f.read())
-  return out
 
 
 def _fake_stage(name="fake", *, calls, fail_after=None, resumable=False, knob=1):
@@ -63,29 +50,29 @@ def _fake_stage(name="fake", *, calls, fail_after=None, resumable=False, knob=1)
 
 
 def test_stage_commits_once_then_skips(tmp_path):
-  ctx, calls = _ctx(_config(), tmp_path), []
+  ctx, calls = helpers.context(_config(), tmp_path), []
   assert pipeline.run_stage(ctx, _fake_stage(calls=calls))
   d = tmp_path / "fake"
   assert sorted(os.listdir(d)) == ["COMMITTED.json", "part0", "part1", "part2", "results",
                                    "summary.json"]
   assert wd.read_json(d / "summary.json") == {"parts": 3}
   assert (tmp_path / "results" / "fake.txt").read_text() == "published"
-  before = _snapshot(d)
+  before = helpers.file_snapshot(d, contents=True)
   assert not pipeline.run_stage(ctx, _fake_stage(calls=calls))  # Skipped: not run again.
-  assert len(calls) == 1 and _snapshot(d) == before
+  assert len(calls) == 1 and helpers.file_snapshot(d, contents=True) == before
 
 
 def test_changed_fingerprint_is_refused_naming_the_key(tmp_path):
-  ctx, calls = _ctx(_config(), tmp_path), []
+  ctx, calls = helpers.context(_config(), tmp_path), []
   pipeline.run_stage(ctx, _fake_stage(calls=calls))
-  before = _snapshot(tmp_path / "fake")
+  before = helpers.file_snapshot(tmp_path / "fake", contents=True)
   with pytest.raises(wd.WorkdirConflict, match="differs in: knob"):
     pipeline.run_stage(ctx, _fake_stage(calls=calls, knob=2))
-  assert _snapshot(tmp_path / "fake") == before and len(calls) == 1
+  assert helpers.file_snapshot(tmp_path / "fake", contents=True) == before and len(calls) == 1
 
 
 def test_failed_stage_commits_nothing_and_reruns_from_scratch(tmp_path):
-  ctx, calls = _ctx(_config(), tmp_path), []
+  ctx, calls = helpers.context(_config(), tmp_path), []
   with pytest.raises(RuntimeError, match="interrupted"):
     pipeline.run_stage(ctx, _fake_stage(calls=calls, fail_after=2))
   assert not (tmp_path / "fake").exists()
@@ -96,7 +83,7 @@ def test_failed_stage_commits_nothing_and_reruns_from_scratch(tmp_path):
 
 
 def test_resumable_stage_resumes_partial_work_of_the_same_setup_only(tmp_path):
-  ctx, calls = _ctx(_config(), tmp_path), []
+  ctx, calls = helpers.context(_config(), tmp_path), []
   with pytest.raises(RuntimeError):
     pipeline.run_stage(ctx, _fake_stage(calls=calls, fail_after=2, resumable=True))
   with pytest.raises(wd.WorkdirConflict, match="interrupted 'fake' run from a different"):
@@ -112,7 +99,7 @@ def test_uncommitted_stage_folder_is_not_overwritten(tmp_path):
   (tmp_path / "fake").mkdir()
   (tmp_path / "fake" / "mine.txt").write_text("keep")
   with pytest.raises(wd.WorkdirConflict, match="never committed"):
-    pipeline.run_stage(_ctx(_config(), tmp_path), _fake_stage(calls=[]))
+    pipeline.run_stage(helpers.context(_config(), tmp_path), _fake_stage(calls=[]))
   assert (tmp_path / "fake" / "mine.txt").read_text() == "keep"
 
 
@@ -134,7 +121,7 @@ def test_every_stage_module_speaks_the_protocol():
 
 
 def test_world_stage_commits_the_generated_world(tmp_path):
-  ctx = _ctx(_config(), tmp_path)
+  ctx = helpers.context(_config(), tmp_path)
   pipeline.run_stage(ctx, world_stage)
   d = tmp_path / "world"
   assert sorted(os.listdir(d)) == ["COMMITTED.json", "facts.jsonl", "passages.jsonl",
@@ -148,14 +135,14 @@ def test_world_stage_commits_the_generated_world(tmp_path):
       sentences_per_passage=c.sentences_per_passage,
       distractor_passages=c.distractor_passages, filler_passages=c.filler_passages)
   assert ctx.world.passages == direct.passages and ctx.world.facts == direct.facts
-  before = _snapshot(d)
+  before = helpers.file_snapshot(d, contents=True)
   with pytest.raises(wd.WorkdirConflict, match="seed"):
-    pipeline.run_stage(_ctx(_config(seed=7), tmp_path), world_stage)
-  assert _snapshot(d) == before
+    pipeline.run_stage(helpers.context(_config(seed=7), tmp_path), world_stage)
+  assert helpers.file_snapshot(d, contents=True) == before
 
 
 def test_world_stage_reads_bring_your_own_files(tmp_path):
-  ctx = _ctx(_config(source="byo", byo_corpus=os.path.join(FIXTURES, "corpus.jsonl"),
+  ctx = helpers.context(_config(source="byo", byo_corpus=os.path.join(FIXTURES, "corpus.jsonl"),
                      byo_facts=os.path.join(FIXTURES, "facts.jsonl"),
                      byo_sentences=os.path.join(FIXTURES, "sentences.jsonl")), tmp_path)
   pipeline.run_stage(ctx, world_stage)
@@ -165,30 +152,30 @@ def test_world_stage_reads_bring_your_own_files(tmp_path):
 
 def test_reading_an_uncommitted_stage_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="stage 'world' is not committed"):
-    _ctx(_config(), tmp_path).world
+    helpers.context(_config(), tmp_path).world
 
 
 def test_vocab_stage_trains_skips_conflicts_or_uses_a_given_model(tmp_path):
   run = tmp_path / "run"
-  ctx = _ctx(_config(), run)
+  ctx = helpers.context(_config(), run)
   pipeline.run_stage(ctx, world_stage)
   pipeline.run_stage(ctx, vocab_stage)
   path = ctx.vocab_path
   assert path == str(run / "vocab" / "spm.model")
   assert ctx.summary("vocab")["piece_size"] == ctx.vocab.vocab_size
   mtime = os.path.getmtime(path)
-  assert not pipeline.run_stage(_ctx(_config(), run), vocab_stage)  # Skipped, not retrained.
+  assert not pipeline.run_stage(helpers.context(_config(), run), vocab_stage)  # Skipped, not retrained.
   assert os.path.getmtime(path) == mtime
   bigger = _config()
   with bigger.unlocked():
     bigger.data.vocab_size = 400
   with pytest.raises(wd.WorkdirConflict, match="vocab_size"):
-    pipeline.run_stage(_ctx(bigger, run), vocab_stage)
+    pipeline.run_stage(helpers.context(bigger, run), vocab_stage)
   # An explicit vocab_path is validated, fingerprinted and used; nothing is copied.
   given = _config()
   with given.unlocked():
     given.data.vocab_path = path
-  other = _ctx(given, tmp_path / "other")
+  other = helpers.context(given, tmp_path / "other")
   pipeline.run_stage(other, vocab_stage)
   assert other.vocab_path == os.path.abspath(path)
   assert sorted(os.listdir(tmp_path / "other" / "vocab")) == ["COMMITTED.json", "summary.json"]
@@ -196,4 +183,4 @@ def test_vocab_stage_trains_skips_conflicts_or_uses_a_given_model(tmp_path):
   with missing.unlocked():
     missing.data.vocab_path = str(tmp_path / "nope.model")
   with pytest.raises(FileNotFoundError, match="nope.model"):
-    pipeline.run_stage(_ctx(missing, tmp_path / "third"), vocab_stage)
+    pipeline.run_stage(helpers.context(missing, tmp_path / "third"), vocab_stage)
