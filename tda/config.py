@@ -81,12 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.remat = False
   m.scale_embeddings = True  # Multiply looked-up embeddings by sqrt(d_model) (PaLM); False: Llama.
+  m.tie_embeddings = True    # One table for lookup and logits; False: a separate lm_head.
   # An existing model to attribute instead of training one: its checkpoint folder
   # (orbax: `<checkpoint>/<step>/` with items `state` = {params, opt_state} and `meta`
   # holding the model config; see README "Attribute your own model"). None: train.
   m.checkpoint = _str()
   m.checkpoint_step = _int()     # The step attributed; None: the newest in the folder.
-  m.checkpoint_format = "orbax"  # Supported: tda.train.CHECKPOINT_FORMATS.
+  m.checkpoint_format = "orbax"  # Supported: tda.train.CHECKPOINT_FORMATS. 'hf_llama': a
+  # Hugging Face Llama save_pretrained folder; the model shape (model.*) then comes
+  # from its config.json and the vocabulary from its tokenizer (tda.hf_checkpoint).
 
   # --- Training (tda.train) -----------------------------------------------
   c.train = t = ml_collections.ConfigDict()

@@ -4,7 +4,7 @@ bergson (EleutherAI's PyTorch TrackStar pipeline) reads a `save_pretrained`
 causal LM plus a tokenizer, and the optimizer's second moments as a PyTorch
 `optimizer.pt` in transformers' Adafactor layout. This module maps our
 `block='sequential'`, `scale_embeddings=False` Transformer onto
-`LlamaForCausalLM` (tied embeddings) and our optax Adafactor state onto that
+`LlamaForCausalLM` (tied embeddings, or an `lm_head` when `tie_embeddings=False`) and our optax Adafactor state onto that
 layout, so both pipelines see the same model and the same V.
 
 Weights: a Dense kernel is stored (in, out); torch's Linear weight is
@@ -63,7 +63,7 @@ def check_convertible(cfg: model_lib.ModelConfig) -> None:
 
 def param_map(cfg: model_lib.ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
   """(HF parameter name, our params path, transposed) in LlamaForCausalLM's
-  `named_parameters()` order (tied embeddings, so no `lm_head.weight`).
+  `named_parameters()` order (`lm_head.weight` last, untied models only).
 
   The one name/layout table of both directions: export here, import in
   `tda.hf_checkpoint.load_params` (which reads it in reverse)."""
@@ -76,6 +76,8 @@ def param_map(cfg: model_lib.ModelConfig) -> list[tuple[str, tuple[str, ...], bo
     out += [(f"{pre}input_layernorm.weight", (ours, "attn_norm", "scale"), False),
             (f"{pre}post_attention_layernorm.weight", (ours, "mlp_norm", "scale"), False)]
   out.append(("model.norm.weight", ("final_norm", "scale"), False))
+  if not cfg.tie_embeddings:
+    out.append(("lm_head.weight", ("lm_head", "kernel"), True))
   return out
 
 
@@ -120,7 +122,7 @@ def llama_config(*, cfg: model_lib.ModelConfig, max_position_embeddings: int | N
       max_position_embeddings=max_position_embeddings or cfg.max_len,
       rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
-      attention_bias=False, mlp_bias=False, tie_word_embeddings=True,
+      attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings,
       pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None,
       torch_dtype="float32")
 
@@ -140,12 +142,14 @@ def to_hf_model(*, params, cfg: model_lib.ModelConfig,
                        f"{transformers.__version__})")
   sd = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(params=params, cfg=cfg).items()}
   missing, unexpected = model.load_state_dict(sd, strict=False)
-  missing = [m for m in missing if m != "lm_head.weight"]  # Tied to embed_tokens.
+  if cfg.tie_embeddings:
+    missing = [m for m in missing if m != "lm_head.weight"]  # Tied to embed_tokens.
   if missing or unexpected:
     raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-  model.tie_weights()
-  if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-    raise RuntimeError("lm_head is not tied to embed_tokens after loading")
+  if cfg.tie_embeddings:
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+      raise RuntimeError("lm_head is not tied to embed_tokens after loading")
   return model
 
 
@@ -219,6 +223,8 @@ def factored_v(*, v_row: np.ndarray, v_col: np.ndarray, shape) -> np.ndarray:
 def _param_shape(cfg: model_lib.ModelConfig, path: tuple[str, ...]) -> tuple[int, ...]:
   if path[0] == "embed":
     return (cfg.vocab_size, cfg.d_model)
+  if path[0] == "lm_head":
+    return (cfg.d_model, cfg.vocab_size)
   if path[-1] == "scale":
     return (cfg.d_model,)
   q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import os
 from typing import Any, Iterable, Iterator
 
@@ -110,10 +111,26 @@ def check_vocab_file(path: str) -> int:
   return sp.get_piece_size()
 
 
-def get_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
-  """The seqio vocabulary of a SentencePiece model file (validated)."""
+def get_vocabulary(path: str, *, add_special_tokens: bool = True) -> seqio.Vocabulary:
+  """The run's seqio vocabulary: a SentencePiece model file (validated), or a
+  Hugging Face checkpoint folder's tokenizer (`tda.hf_checkpoint.HfVocabulary`,
+  with BOS as the tokenizer adds it unless `add_special_tokens=False`; an
+  encoding containing the padding id 0 is an error)."""
+  if os.path.isdir(path):
+    from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+    return hf_checkpoint.load_vocabulary(path, add_special_tokens=add_special_tokens,
+                                         strict_pad=True)
   check_vocab_file(path)
   return seqio.SentencePieceVocabulary(path)
+
+
+def vocab_digest(path: str) -> str:
+  """sha256 of the vocabulary: the SentencePiece file, or a HF folder's tokenizer files."""
+  if os.path.isdir(path):
+    from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+    blob = json.dumps(hf_checkpoint.tokenizer_fingerprint(path), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+  return wd.file_sha256(path)
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +193,7 @@ def register_world_tasks(*, world_dir: str, vocab_path: str) -> dict[str, str]:
 
   Args:
     world_dir: folder with `passages.jsonl` and `facts.jsonl`.
-    vocab_path: SentencePiece model.
+    vocab_path: SentencePiece model, or a HF checkpoint folder (`get_vocabulary`).
 
   Returns:
     {"corpus": task name, "queries": task name}. Corpus examples: "id",
@@ -186,7 +203,9 @@ def register_world_tasks(*, world_dir: str, vocab_path: str) -> dict[str, str]:
   """
   world_dir = os.path.abspath(world_dir)
   vocab = get_vocabulary(vocab_path)
-  h = _short_hash(world_dir, wd.file_sha256(vocab_path))
+  # Targets continue the prompt: no BOS (a HF tokenizer's) in front of them.
+  target_vocab = get_vocabulary(vocab_path, add_special_tokens=False)
+  h = _short_hash(world_dir, vocab_digest(vocab_path))
   corpus = _register(
       f"tda_world_corpus_{h}",
       source=seqio.FunctionDataSource(
@@ -209,7 +228,7 @@ def register_world_tasks(*, world_dir: str, vocab_path: str) -> dict[str, str]:
       preprocessors=[seqio.preprocessors.tokenize],
       # No EOS after the target: the loss is on the target tokens only.
       output_features={"inputs": seqio.Feature(vocab, add_eos=False),
-                       "targets": seqio.Feature(vocab, add_eos=False)},
+                       "targets": seqio.Feature(target_vocab, add_eos=False)},
       shuffle_buffer_size=None)
   return {"corpus": corpus, "queries": queries}
 
@@ -218,7 +237,7 @@ def register_c4_task(*, vocab_path: str, tfds_name: str,
                      tfds_data_dir: str | None = None) -> str:
   """Registers the C4 pretraining task (TFDS "text" -> "targets" + EOS)."""
   vocab = get_vocabulary(vocab_path)
-  h = _short_hash(tfds_name, str(tfds_data_dir), wd.file_sha256(vocab_path))
+  h = _short_hash(tfds_name, str(tfds_data_dir), vocab_digest(vocab_path))
   return _register(
       f"tda_c4_{h}",
       source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir),
@@ -300,7 +319,7 @@ def tokenized_queries(*, task_name: str, seq_len: int,
       tokenisation differs from that of "prompt target" (each names the id).
   """
   task = seqio.get_mixture_or_task(task_name)
-  vocab = task.output_features["targets"].vocabulary
+  vocab = task.output_features["inputs"].vocabulary  # Prompt + target, as one text.
   ds = task.get_dataset(sequence_length=None, split=_SPLIT, shuffle=False,
                         use_cached=False, num_epochs=1)
   if query_len is not None and not 0 < query_len <= seq_len:

@@ -66,22 +66,28 @@ def _member_contrib(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
   factored = isinstance(corr, corr_lib.FactoredCorrection)
   if m.kind == proj.EMBED:
     mod = model_lib.param_at(deltas, m.path[:-1])
-    d_logits = mod["logits_out"].astype(f32)          # [B, T, V]: vocab side.
-    h = model_lib.param_at(inter, m.path[:-1])["logits_in"][0].astype(f32)  # [B, T, D].
+    tied = "logits_out" in mod                          # Untied: the lookup term only.
     g_lookup = mod["lookup_out"].astype(f32)          # [B, T, D].
+    if tied:
+      d_logits = mod["logits_out"].astype(f32)        # [B, T, V]: vocab side.
+      h = model_lib.param_at(inter, m.path[:-1])["logits_in"][0].astype(f32)  # [B, T, D].
     if isinstance(corr, corr_lib.FullCorrection):
-      grad = jnp.einsum("btv,btd->bvd", d_logits, h)
       onehot = jax.nn.one_hot(inputs_bt, m.shape[0], dtype=f32)
-      grad = grad + jnp.einsum("btv,btd->bvd", onehot, g_lookup)
+      grad = jnp.einsum("btv,btd->bvd", onehot, g_lookup)
+      if tied:
+        grad = grad + jnp.einsum("btv,btd->bvd", d_logits, h)
       return proj.project_full(grads_bmn=grad * corr.inv_sqrt_v, member=m, p_in=p_in,
                                p_out=p_out)
     if factored:
-      d_logits, h, g_lookup = d_logits * corr.s_in, h * corr.s_out, g_lookup * corr.s_out
-    left = d_logits @ p_in.T                            # [B, T, k_in]
+      g_lookup = g_lookup * corr.s_out
     p_cols = (p_in * corr.s_in[None, :]).T if factored else p_in.T
     left_lookup = jnp.take(p_cols, inputs_bt, axis=0)  # [B, T, k_in]
-    return (jnp.einsum("btk,btl->bkl", left, h @ p_out.T)
-            + jnp.einsum("btk,btl->bkl", left_lookup, g_lookup @ p_out.T))
+    out = jnp.einsum("btk,btl->bkl", left_lookup, g_lookup @ p_out.T)
+    if tied:
+      if factored:
+        d_logits, h = d_logits * corr.s_in, h * corr.s_out
+      out = jnp.einsum("btk,btl->bkl", d_logits @ p_in.T, h @ p_out.T) + out
+    return out
   mod_path = m.path[:-1]
   x = model_lib.param_at(inter, mod_path)["in"][0].astype(f32)
   d = model_lib.param_at(deltas, mod_path)["out"].astype(f32)

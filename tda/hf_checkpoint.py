@@ -12,28 +12,38 @@ transposed into our Dense kernel (in, out)).
 
 What maps exactly onto `tda.model` (`block='sequential'`,
 `scale_embeddings=False`): Llama with SiLU SwiGLU, RMSNorm, default RoPE
-(half-split), grouped-query attention, no biases, and tied input/output
-embeddings. Everything else is refused with an error naming the config field:
-untied embeddings (`tie_word_embeddings=false`, which most Llama-2/3
-checkpoints have: our model has one tied embedding table), `rope_scaling` /
-non-default `rope_parameters` (Llama 3.1+ 'llama3' scaling), attention or MLP
-biases, another activation, and other model types (Gemma's GeGLU and
-(1 + weight) RMSNorm have no switch in our model).
+(half-split), grouped-query attention, no biases, tied input/output embeddings
+or (`tie_word_embeddings=false`, most Llama-2/3 checkpoints) a separate
+`lm_head` (`tie_embeddings=False`). Everything else is refused with an error
+naming the config field: `rope_scaling` / non-default `rope_parameters` (Llama
+3.1+ 'llama3' scaling), attention or MLP biases, another activation, and other
+model types (Gemma's GeGLU and (1 + weight) RMSNorm have no switch in our model).
+
+In the pipeline (`model.checkpoint_format='hf_llama'`): `pipeline_model_config`
+gives the model of the run from config.json, `describe_folder` identifies the
+folder for the train stage's fingerprint, and `load_vocabulary` is the vocab
+stage's vocabulary.
 
 Token ids: the vocabulary gives exactly the ids `transformers.AutoTokenizer`
 gives (BOS/EOS as the tokenizer's post-processor or `tokenizer_config.json`'s
 `add_bos_token` / `add_eos_token` say; special-token strings in the text are
 parsed as HF parses them). tda's pipeline, like seqio, pads with id 0 and treats
 id 0 as padding (`tda.model.shift`), and appends `eos_id` where a feature has
-`add_eos`. So `pad_id` is 0 here, and the HF token whose id is 0 (Llama
-SentencePiece: `<unk>`, produced only for text byte fallback cannot cover; a
-BPE tokenizer.json such as Llama 3's: a real token, '!') is seen as padding by
-the pipeline's loss masks. `eos_id` and `unk_id` are the tokenizer's own
-(Llama: 2 and 0), not seqio's 1 and 2.
+`add_eos`. So `pad_id` is 0 here, and a text whose tokens include id 0 would
+lose that token to the loss masks. `check_pipeline_vocabulary` therefore refuses
+a tokenizer whose id 0 is a regular token (a BPE tokenizer.json such as Llama
+3's, where it is '!') or is the BOS the tokenizer adds; one whose id 0 is a
+special token it never adds (Llama SentencePiece: `<unk>`, produced only for
+text byte fallback cannot cover) is accepted, and `HfVocabulary(strict_pad=True)`
+(the pipeline's) raises, naming the text, if an encoding ever contains id 0.
+`eos_id` and `unk_id` are the tokenizer's own (Llama: 2 and 0), not seqio's 1
+and 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Sequence
@@ -121,9 +131,6 @@ def model_config_from_hf(config_json, *, max_len: int | None = None, dtype: str 
   for key in ("attention_bias", "mlp_bias"):
     if c.get(key, False):
       problems.append(f"{key}=true (tda.model's projections have no bias)")
-  if not c.get("tie_word_embeddings", False):  # LlamaConfig's default is untied.
-    problems.append("tie_word_embeddings=false (tda.model has one tied embedding table; a "
-                    "separate lm_head is not supported)")
   if c.get("sliding_window") is not None:
     problems.append(f"sliding_window={c['sliding_window']} (tda.model attends to all positions)")
   if problems:
@@ -144,7 +151,9 @@ def model_config_from_hf(config_json, *, max_len: int | None = None, dtype: str 
       n_heads=n_heads, head_dim=head_dim, n_kv_heads=n_kv, d_ff=int(c["intermediate_size"]),
       max_len=int(max_len), block="sequential", rope_base=theta,
       norm_eps=float(c.get("rms_norm_eps", 1e-6)), dtype=dtype, param_dtype=param_dtype,
-      scale_embeddings=False)
+      scale_embeddings=False,
+      # LlamaConfig's default is untied (save_pretrained always writes the key).
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
 
 
 def config_overrides(cfg: model_lib.ModelConfig) -> dict[str, Any]:
@@ -156,7 +165,8 @@ def config_overrides(cfg: model_lib.ModelConfig) -> dict[str, Any]:
   """
   out = {f"model.{k}": getattr(cfg, k) for k in (
       "block", "vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "n_kv_heads",
-      "d_ff", "max_len", "rope_base", "norm_eps", "scale_embeddings", "dtype", "param_dtype")}
+      "d_ff", "max_len", "rope_base", "norm_eps", "scale_embeddings", "tie_embeddings",
+      "dtype", "param_dtype")}
   out["data.vocab_size"] = cfg.vocab_size
   return out
 
@@ -214,31 +224,18 @@ def _tensor_files(folder: str) -> dict[str, str]:
   return {k: single for k in _safetensors_header(single)}
 
 
-def load_params(folder: str, cfg: model_lib.ModelConfig | None = None) -> dict[str, Any]:
-  """Our Flax param tree from a HF Llama `save_pretrained` folder.
-
-  Args:
-    folder: holds config.json and the safetensors weights (one file or shards).
-    cfg: our model config (default: `model_config_from_hf(folder)`); the
-      weights are cast to `cfg.param_dtype`.
-
-  Returns:
-    {'embed': {'embedding': ...}, 'layer_i': {...}, 'final_norm': {...}} of numpy
-    arrays, what `Transformer(cfg).apply({'params': params}, tokens)` takes.
-
-  Raises:
-    ValueError: unsupported config (see `model_config_from_hf`), a tensor with
-      the wrong shape (naming it and both shapes), or a tensor our model has no
-      place for (e.g. a bias).
-    KeyError: a tensor the model needs is not in the checkpoint (naming it).
-  """
+def _tensor_plan(folder: str, cfg: model_lib.ModelConfig | None):
+  """(cfg, [(HF name, our path, transposed, file, header)]) after checking, without
+  reading any tensor, that the folder holds exactly the tensors `cfg` needs, each
+  of the right shape (see `load_params` for the errors)."""
   folder = os.fspath(folder)
   hf_cfg = _hf_config(folder)
   folder_cfg = model_config_from_hf(hf_cfg)  # Refuses unsupported features.
   cfg = cfg or folder_cfg
   convert_hf.check_convertible(cfg)
   differ = [f"{k}={getattr(cfg, k)!r} (checkpoint: {getattr(folder_cfg, k)!r})"
-            for k in ("rope_base", "norm_eps") if getattr(cfg, k) != getattr(folder_cfg, k)]
+            for k in ("rope_base", "norm_eps", "tie_embeddings")
+            if getattr(cfg, k) != getattr(folder_cfg, k)]
   if differ:
     raise ValueError(f"{folder}: cfg disagrees with config.json: " + "; ".join(differ))
   files = _tensor_files(folder)
@@ -246,13 +243,14 @@ def load_params(folder: str, cfg: model_lib.ModelConfig | None = None) -> dict[s
   expected = model_lib.param_shapes(model_lib.Transformer(cfg), 2)
   table = convert_hf.param_map(cfg)
   known = {name for name, _, _ in table}
-  ignorable = {"lm_head.weight"}  # Tied: equal to embed_tokens when saved at all.
+  # Tied: lm_head equals embed_tokens when saved at all.
+  ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
   extra = sorted(n for n in files if n not in known and n not in ignorable
                  and not n.endswith("rotary_emb.inv_freq"))
   if extra:
     raise ValueError(f"{folder}: tensors tda.model has no place for: {extra[:8]}"
                      f"{' ...' if len(extra) > 8 else ''}")
-  out: dict[str, Any] = {}
+  plan = []
   for name, path, transposed in table:
     if name not in files:
       raise KeyError(f"{folder}: tensor {name!r} is missing from the checkpoint")
@@ -267,12 +265,145 @@ def load_params(folder: str, cfg: model_lib.ModelConfig | None = None) -> dict[s
     if got != want_hf:
       raise ValueError(f"{file}: tensor {name!r} has shape {got}, expected {want_hf} "
                        f"(our {'/'.join(path)} is {want})")
-    a = _read_tensor(file, name, headers[file])
+    plan.append((name, path, transposed, file, headers[file]))
+  return cfg, plan
+
+
+def load_params(folder: str, cfg: model_lib.ModelConfig | None = None, *,
+                shardings=None) -> dict[str, Any]:
+  """Our Flax param tree from a HF Llama `save_pretrained` folder.
+
+  Args:
+    folder: holds config.json and the safetensors weights (one file or shards).
+    cfg: our model config (default: `model_config_from_hf(folder)`); the
+      weights are cast to `cfg.param_dtype`.
+    shardings: optional tree of `jax.sharding.Sharding`s like the params
+      (`tda.sharding.param_shardings`): each tensor is then read on the host,
+      one at a time, and each device receives only its shard
+      (`jax.make_array_from_callback`); never replicated on one device.
+
+  Returns:
+    {'embed': {'embedding': ...}, 'layer_i': {...}, 'final_norm': {...}} (and
+    'lm_head' when untied) of numpy arrays, or of jax.Arrays with `shardings`:
+    what `Transformer(cfg).apply({'params': params}, tokens)` takes.
+
+  Raises:
+    ValueError: unsupported config (see `model_config_from_hf`), a tensor with
+      the wrong shape (naming it and both shapes), or a tensor our model has no
+      place for (e.g. a bias).
+    KeyError: a tensor the model needs is not in the checkpoint (naming it).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  cfg, plan = _tensor_plan(folder, cfg)
+  out: dict[str, Any] = {}
+  for name, path, transposed, file, header in plan:
+    a = _read_tensor(file, name, header)
     a = np.ascontiguousarray((a.T if transposed else a).astype(np.dtype(cfg.param_dtype)))
+    if shardings is not None:
+      a = jax.make_array_from_callback(a.shape, model_lib.param_at(shardings, path),
+                                       lambda index, a=a: a[index])
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = a
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The pipeline's view of a folder (`model.checkpoint_format='hf_llama'`).
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
+FOLDER_LAYOUT = ("hf_llama: a Hugging Face save_pretrained folder of a LlamaForCausalLM "
+                 "(config.json; model.safetensors or model.safetensors.index.json and its "
+                 "shards; tokenizer.model or tokenizer.json, with tokenizer_config.json)")
+
+
+def _checkpoint_folder(config) -> str:
+  folder = os.path.abspath(config.model.checkpoint)
+  if not os.path.isfile(os.path.join(folder, "config.json")):
+    raise FileNotFoundError(f"model.checkpoint={config.model.checkpoint!r} has no "
+                            f"config.json; supported formats: {FOLDER_LAYOUT}")
+  return folder
+
+
+def pipeline_model_config(config) -> model_lib.ModelConfig:
+  """The run's model for `model.checkpoint_format='hf_llama'`: the shape from the
+  folder's config.json (model.block, d_model, ..., tie_embeddings: the config's
+  values for these are not used), `max_len`, `dtype`, `param_dtype` and `remat`
+  from `config.model`.
+
+  Raises:
+    FileNotFoundError: no config.json in `model.checkpoint`.
+    ValueError: naming the field: an unsupported HF config; `model.vocab_size`
+      set (> 0) and different from config.json's `vocab_size`; `data.seq_len` or
+      `model.max_len` beyond config.json's `max_position_embeddings`.
+  """
+  m = config.model
+  folder = _checkpoint_folder(config)
+  c = _read_json(os.path.join(folder, "config.json"))
+  try:
+    cfg = model_config_from_hf(c, max_len=m.max_len, dtype=m.dtype, param_dtype=m.param_dtype)
+  except ValueError as e:
+    raise ValueError(f"{folder}/config.json: {e}") from e
+  if m.vocab_size > 0 and m.vocab_size != cfg.vocab_size:
+    raise ValueError(f"model.vocab_size={m.vocab_size} differs from vocab_size="
+                     f"{cfg.vocab_size} in {folder}/config.json (leave it at -1)")
+  max_pos = c.get("max_position_embeddings")
+  for key, value in (("data.seq_len", config.data.seq_len), ("model.max_len", m.max_len)):
+    if max_pos is not None and value > int(max_pos):
+      raise ValueError(f"{key}={value} exceeds max_position_embeddings={max_pos} in "
+                       f"{folder}/config.json")
+  return dataclasses.replace(cfg, remat=m.remat)
+
+
+def structure_hash(folder: str, cfg: model_lib.ModelConfig) -> str:
+  """A short hash of the folder's tensors the model reads: names, shapes, dtypes and
+  our paths (from the safetensors headers; no tensor is read)."""
+  _, plan = _tensor_plan(folder, cfg)
+  blob = json.dumps([[name, "/".join(path), header[name]["shape"], header[name]["dtype"]]
+                     for name, path, _, _, header in plan]).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _file_record(path: str) -> dict[str, int]:
+  st = os.stat(path)
+  return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def describe_folder(config) -> dict[str, Any]:
+  """What identifies `model.checkpoint` (hf_llama) in the train stage's fingerprint,
+  after checking every tensor against the run's model without reading any: path,
+  format, the tensor structure hash, config.json's sha256, and the size and mtime
+  of every weights file (a rewritten checkpoint is refused, never mixed)."""
+  folder = _checkpoint_folder(config)
+  cfg = model_lib.model_config(config)
+  files = sorted(set(_tensor_files(folder).values()))
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index):
+    files.append(index)
+  return {"path": folder, "step": 0, "format": "hf_llama",
+          "structure_sha256": structure_hash(folder, cfg),
+          "config_sha256": _file_sha256(os.path.join(folder, "config.json")),
+          "files": {os.path.relpath(f, folder): _file_record(f) for f in files}}
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def tokenizer_fingerprint(folder: str) -> dict[str, str]:
+  """{file: sha256} of the folder's tokenizer files (those present)."""
+  folder = os.path.abspath(folder)
+  out = {n: _file_sha256(os.path.join(folder, n)) for n in TOKENIZER_FILES
+         if os.path.exists(os.path.join(folder, n))}
+  if not ({"tokenizer.json", "tokenizer.model"} & set(out)):
+    raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model; supported "
+                            f"formats: {FOLDER_LAYOUT}")
   return out
 
 
@@ -392,13 +523,16 @@ class HfVocabulary(seqio.Vocabulary):
   `tf.numpy_function`, so a tf.data pipeline using them is not serialisable.
   """
 
-  def __init__(self, folder: str, *, add_special_tokens: bool = True):
+  def __init__(self, folder: str, *, add_special_tokens: bool = True,
+               strict_pad: bool = False):
     """Args: folder: the checkpoint folder; add_special_tokens: add BOS/EOS as
-    the tokenizer's post-processor says (HF's default) or not."""
+    the tokenizer's post-processor says (HF's default) or not; strict_pad: an
+    encoding containing id 0 (the pipeline's padding) is an error naming the text."""
     super().__init__(extra_ids=0)
     self._folder = os.fspath(folder)
     self._tok = load_tokenizer(self._folder)
     self._add_special = add_special_tokens
+    self._strict_pad = strict_pad
     cfg_path = os.path.join(self._folder, "tokenizer_config.json")
     tok_config = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
     self._eos = self._special_id(tok_config, "eos_token")
@@ -434,7 +568,12 @@ class HfVocabulary(seqio.Vocabulary):
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   def _encode(self, s: str) -> Sequence[int]:
-    return self._tok.encode(s, add_special_tokens=self._add_special).ids
+    ids = self._tok.encode(s, add_special_tokens=self._add_special).ids
+    if self._strict_pad and 0 in ids:
+      raise ValueError(f"{self._folder}: the tokens of {s[:80]!r} include id 0 "
+                       f"({self._tok.id_to_token(0)!r}), which the pipeline treats as "
+                       "padding; remove or replace what produces it")
+    return ids
 
   def _decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -458,15 +597,53 @@ class HfVocabulary(seqio.Vocabulary):
 
   def __eq__(self, other) -> bool:
     return (isinstance(other, HfVocabulary) and self._folder == other._folder
-            and self._add_special == other._add_special)
+            and self._add_special == other._add_special
+            and self._strict_pad == other._strict_pad)
 
   def __hash__(self) -> int:
-    return hash((self._folder, self._add_special))
+    return hash((self._folder, self._add_special, self._strict_pad))
 
 
-def load_vocabulary(folder: str, *, add_special_tokens: bool = True) -> HfVocabulary:
+def load_vocabulary(folder: str, *, add_special_tokens: bool = True,
+                    strict_pad: bool = False) -> HfVocabulary:
   """The checkpoint's tokenizer as a seqio vocabulary (`HfVocabulary`)."""
-  return HfVocabulary(folder, add_special_tokens=add_special_tokens)
+  return HfVocabulary(folder, add_special_tokens=add_special_tokens, strict_pad=strict_pad)
+
+
+def check_pipeline_vocabulary(folder: str, *, model_vocab_size: int | None = None) -> int:
+  """Checks the folder's tokenizer fits tda's pipeline; returns its size.
+
+  The pipeline pads with id 0 and appends EOS itself (module docstring).
+
+  Raises:
+    ValueError: id 0 is a regular (not special) token, or the BOS the tokenizer
+      adds to every text; the tokenizer has no EOS or appends it itself; it has
+      more ids than the model's `model_vocab_size`.
+  """
+  vocab = HfVocabulary(folder)
+  tok = vocab.tokenizer
+  piece0 = tok.id_to_token(0)
+  special0 = getattr(tok.get_added_tokens_decoder().get(0), "special", False)
+  if not special0:
+    raise ValueError(f"{folder}: token id 0 is the regular token {piece0!r}, but tda's "
+                     "pipeline pads with id 0 and would mask it out of every loss; "
+                     "tokenizers with a regular token at id 0 (e.g. Llama 3's) are not "
+                     "supported")
+  ids = vocab.encode("a")
+  if ids and ids[0] == 0:
+    raise ValueError(f"{folder}: the tokenizer adds {piece0!r} (id 0) to every text, but "
+                     "tda's pipeline pads with id 0; not supported")
+  if vocab.eos_id is None:
+    raise ValueError(f"{folder}: the tokenizer has no EOS token (tokenizer_config.json "
+                     "'eos_token'); the pipeline ends every passage with it")
+  if ids and ids[-1] == vocab.eos_id:
+    raise ValueError(f"{folder}: the tokenizer appends EOS itself (add_eos_token); the "
+                     "pipeline appends it to passages: set add_eos_token to false in "
+                     "tokenizer_config.json")
+  if model_vocab_size is not None and vocab.vocab_size > model_vocab_size:
+    raise ValueError(f"{folder}: the tokenizer has {vocab.vocab_size} ids, more than the "
+                     f"model's vocab_size={model_vocab_size}")
+  return vocab.vocab_size
 
 
 def load(folder: str, *, max_len: int | None = None, param_dtype: str = "float32"):

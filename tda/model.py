@@ -4,6 +4,8 @@ PaLM block (default): one RMSNorm feeding attention and MLP in parallel,
 `x + attn(norm(x)) + mlp(norm(x))`; multi-query attention (one shared K/V head),
 SwiGLU MLP, RoPE, no biases, tied input/output embeddings. `block='sequential'`
 gives the Llama ordering `x + attn(norm1(x))`, then `+ mlp(norm2(·))`.
+`tie_embeddings=False` gives a separate output head `lm_head` (a Dense
+d_model → vocab, as most Llama checkpoints have) instead of the tied table.
 
 Gradient taps (DESIGN.md §2, the factored kernel): every weight is reachable as an
 (input, output-gradient) pair. Each `Dense` sows its input under
@@ -11,7 +13,8 @@ Gradient taps (DESIGN.md §2, the factored kernel): every weight is reachable as
 to its output; the gradient of the loss w.r.t. that perturbation is the output
 gradient δ. RMSNorm taps its normalised input and output the same way; the tied
 embedding taps both its uses: the lookup (`lookup_out`, with token ids as the
-one-hot input) and the logits (`logits_in`, `logits_out`). Applying the model
+one-hot input) and the logits (`logits_in`, `logits_out`); an untied embedding
+taps the lookup only, and its head is a tapped `Dense`. Applying the model
 without those collections costs nothing extra.
 """
 
@@ -47,10 +50,36 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False
   scale_embeddings: bool = True
+  tie_embeddings: bool = True
+
+
+# Fields added after checkpoints and workdirs were first recorded, with the value
+# that earlier records implied: `config_record` leaves them out at that value, so
+# those records (a checkpoint's meta, a committed fingerprint) stay valid.
+_RECORD_DEFAULTS = {"tie_embeddings": True}
+
+
+def config_record(cfg: ModelConfig) -> dict[str, Any]:
+  """`cfg` as the dict recorded in checkpoint metas and fingerprints."""
+  d = dataclasses.asdict(cfg)
+  for k, v in _RECORD_DEFAULTS.items():
+    if d[k] == v:
+      del d[k]
+  return d
+
+
+def from_record(record: dict[str, Any]) -> dict[str, Any]:
+  """A recorded model dict with the fields `config_record` left out restored."""
+  return {**_RECORD_DEFAULTS, **record}
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The model of the run: `config.model`, or, for a Hugging Face checkpoint
+  (`model.checkpoint_format='hf_llama'`), its config.json (`tda.hf_checkpoint`)."""
   m = config.model
+  if m.get("checkpoint") and m.get("checkpoint_format") == "hf_llama":
+    from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+    return hf_checkpoint.pipeline_model_config(config)
   vocab = m.vocab_size if m.vocab_size > 0 else config.data.vocab_size
   if m.block not in ("parallel", "sequential"):
     raise ValueError(f"model.block must be 'parallel' or 'sequential', got {m.block!r}")
@@ -62,7 +91,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
                      d_ff=m.d_ff, max_len=m.max_len, block=m.block,
                      rope_base=m.rope_base, norm_eps=m.norm_eps, dtype=m.dtype,
                      param_dtype=m.param_dtype, remat=m.remat,
-                     scale_embeddings=m.scale_embeddings)
+                     scale_embeddings=m.scale_embeddings, tie_embeddings=m.tie_embeddings)
 
 
 def _dt(name: str):
@@ -202,7 +231,9 @@ class Transformer(nn.Module):
     for i in range(c.n_layers):
       x = block_cls(c, name=f"layer_{i}")(x)
     h = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
-    return emb.decode(h).astype(jnp.float32)
+    if c.tie_embeddings:
+      return emb.decode(h).astype(jnp.float32)
+    return Dense(c.vocab_size, c.dtype, c.param_dtype, name="lm_head")(h).astype(jnp.float32)
 
 
 def token_nll(logits_btv: Array, targets_bt: Array, mask_bt: Array) -> Array:

@@ -71,7 +71,8 @@ def kernel_flops(*, model_cfg: model_lib.ModelConfig, plan: proj.Plan, tokens: i
     for m in b.members:
       if m.kind == proj.DENSE:
         n_in, n_out = m.shape
-        dense += n_in * n_out
+        if m.path[0] != "lm_head":  # An untied head's matmul is `logits` below.
+          dense += n_in * n_out
         project += 2 * t * (n_in * b.k_in + n_out * b.k_out) + 2 * t * b.k_in * b.k_out
       elif m.kind == proj.VECTOR:
         project += 2 * t * m.shape[0] + 2 * m.shape[0] * b.k_out

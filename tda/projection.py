@@ -18,6 +18,9 @@ the last block). The tied embedding (vocab × d_model) is one member: its vocab
 side sees both the logit output gradients and the one-hot token lookups, so both of
 its gradient terms land in one projection; `embed_block='own'` gives it its own
 block, `'first'` pools it into block 0 (so d stays exactly Σ of the layer blocks).
+An untied model (`model.tie_embeddings=False`) has the lookup table and a separate
+output head (`lm_head`, a dense d_model × vocab member); the head joins the
+embedding's block, so d is the same as the tied model's.
 
 Matrices are derived from (seed, member path) alone, so every host, query and
 passage sees the same ones, whatever the batch or process.
@@ -120,12 +123,14 @@ def make_plan(*, param_shapes, pooling: str, k_in: int, k_out: int,
   fine = any(g in _FINE_GROUP.values() for g in groups)
   layer_members: dict[tuple[int, str], list[Member]] = {}
   vectors: dict[int, list[Member]] = {}
-  embed, final_norm, n_layers = None, None, 0
+  embed, head, final_norm, n_layers = None, None, None, 0
   for path, leaf in _flatten(param_shapes):
     shape = tuple(leaf.shape)
     m = re.fullmatch(r"layer_(\d+)", path[0])
     if path[0] == "embed":
       embed = Member(path, EMBED, shape)
+    elif path[0] == "lm_head":
+      head = Member(path, DENSE, shape)
     elif path[0] == "final_norm":
       final_norm = Member(path, VECTOR, shape)
     elif m:
@@ -165,11 +170,12 @@ def make_plan(*, param_shapes, pooling: str, k_in: int, k_out: int,
   if final_norm is not None:
     last = blocks[-1]
     blocks[-1] = dataclasses.replace(last, members=last.members + (final_norm,))
-  if embed is not None:
+  vocab = tuple(x for x in (embed, head) if x is not None)  # The head joins the embedding.
+  if vocab:
     if embed_block == "own":
-      blocks.insert(0, Block("embed", k_in, k_out, (embed,)))
+      blocks.insert(0, Block("embed", k_in, k_out, vocab))
     else:
-      blocks[0] = dataclasses.replace(blocks[0], members=(embed,) + blocks[0].members)
+      blocks[0] = dataclasses.replace(blocks[0], members=vocab + blocks[0].members)
   return Plan(tuple(blocks))
 
 
@@ -207,7 +213,7 @@ def project_full(*, grads_bmn: jax.Array, member: Member, p_in: jax.Array,
 
 def param_kind(path: Sequence[str]) -> str:
   """The coverage kind of a parameter: 'embeddings', 'attention', 'mlp', 'norms',
-  'head' or 'other' (this model ties the output head to the embedding)."""
+  'head' (an untied output head, `lm_head`) or 'other'."""
   if path[-1] == "scale" or "norm" in path[0]:
     return "norms"
   if path[0] == "embed":
@@ -263,6 +269,8 @@ def coverage(plan: Plan, param_shapes) -> dict:
   if by_kind["head"]["params"] == 0 and by_kind["embeddings"]["params"]:
     notes.append("no separate output head: it is tied to the embedding, whose one "
                  "member carries both the lookup and the logit gradients")
+  if by_kind["head"]["attributed"]:
+    notes.append("the untied output head (lm_head) is a member of the embedding's block")
   if by_kind["norms"]["attributed"]:
     notes.append("norm scales are members as 1 x n matrices, pooled into their "
                  "layer's first block (the final norm into the last block)")

@@ -78,9 +78,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 #
 # One rule per parameter kind: a pattern over the parameter's '/'-joined path and,
 # per axis of the parameter, the mesh axis it is split over (None: replicated).
-# Tensor parallelism (Megatron-style) over MODEL: the embedding's vocabulary, the
-# output features of the column-parallel projections (q, k, v, gate, up) and the
-# input features of the row-parallel ones (o, down). FSDP over DATA: the other
+# Tensor parallelism (Megatron-style) over MODEL: the vocabulary (of the embedding
+# and of an untied head), the output features of the column-parallel projections
+# (q, k, v, gate, up) and the input features of the row-parallel ones (o, down). FSDP over DATA: the other
 # (d_model) axis of every matrix; the kernels all-gather it before computing
 # (`gathered`), so DATA only divides what each device *stores*. Norm scales are
 # small and replicated. The first matching rule wins; a parameter no rule matches
@@ -88,6 +88,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 #
 #   parameter                         shape                 axes
 #   embed/embedding                   [vocab, d_model]      (MODEL, DATA)
+#   lm_head/kernel (untied head)      [d_model, vocab]      (DATA, MODEL)
 #   attn/{q,k,v}/kernel               [d_model, heads*hd]   (DATA, MODEL)
 #   attn/o/kernel                     [heads*hd, d_model]   (MODEL, DATA)
 #   mlp/{gate,up}/kernel              [d_model, d_ff]       (DATA, MODEL)
@@ -95,6 +96,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 #   */scale (RMSNorm)                 [d_model]             (None,)
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)embedding$", (MODEL, DATA)),
+    (r"(^|/)lm_head/kernel$", (DATA, MODEL)),
     (r"(^|/)attn/(q|k|v)/kernel$", (DATA, MODEL)),
     (r"(^|/)attn/o/kernel$", (MODEL, DATA)),
     (r"(^|/)mlp/(gate|up)/kernel$", (DATA, MODEL)),

@@ -8,7 +8,6 @@ The data position is the step: `tda.batches.batch_at(step=...)` is a pure functi
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -74,7 +73,7 @@ class TrainState:
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a training run's checkpoints depend on."""
-  return {"model": dataclasses.asdict(model_lib.model_config(config)),
+  return {"model": model_lib.config_record(model_lib.model_config(config)),
           "train": config.train.to_dict(), "seed": config.seed,
           "data.seq_len": config.data.seq_len}
 
@@ -155,9 +154,14 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
 
   Params and optimizer state come back as jax.Arrays sharded by
   `tda.sharding.param_shardings` over this process's mesh (`sharding.process_mesh`).
+  `checkpoint_dir` may be the run's Hugging Face folder (`model.checkpoint` with
+  `model.checkpoint_format='hf_llama'`): params only, a fresh optimizer state.
   """
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
+  if (config.model.checkpoint and config.model.checkpoint_format == "hf_llama"
+      and os.path.abspath(checkpoint_dir) == os.path.abspath(config.model.checkpoint)):
+    return _load_hf(config, checkpoint_dir, model, tx, sharding.process_mesh(config))
   mngr = checkpoint_manager(checkpoint_dir, max_to_keep=None)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}; run the train stage")
@@ -192,8 +196,8 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
 
 
 def _check_checkpoint_shape(config, meta: dict[str, Any], where: str) -> None:
-  want = dataclasses.asdict(model_lib.model_config(config))
-  have = meta.get("model", {})
+  want = model_lib.from_record(model_lib.config_record(model_lib.model_config(config)))
+  have = model_lib.from_record(meta.get("model", {}))
   diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
   if diff:
     detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
@@ -204,7 +208,7 @@ def _check_checkpoint_shape(config, meta: dict[str, Any], where: str) -> None:
 
 # --- Checks on a checkpoint before restoring it (also an external one) ----------
 
-CHECKPOINT_FORMATS = ("orbax",)
+CHECKPOINT_FORMATS = ("orbax", "hf_llama")
 _ORBAX_LAYOUT = ("orbax: <checkpoint>/<step>/ with items 'state' = {'params', 'opt_state'} "
                  "(StandardSave) and 'meta' (JsonSave, holding 'model' = the model config)")
 
@@ -356,6 +360,8 @@ def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   m = config.model
   check_checkpoint_format(m.checkpoint_format)
   path = os.path.abspath(m.checkpoint)
+  if m.checkpoint_format == "hf_llama":
+    return _describe_hf(config)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model.checkpoint={m.checkpoint!r} is not a folder; supported "
                             f"formats: {_ORBAX_LAYOUT}")
@@ -371,6 +377,36 @@ def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     committed_at = wd.read_json(marker).get("commit_timestamp_nsecs")
   return {"path": path, "step": step, "format": m.checkpoint_format,
           "structure_sha256": structure_hash(have), "commit_timestamp_nsecs": committed_at}
+
+
+def _describe_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`describe_checkpoint` of a Hugging Face folder (`tda.hf_checkpoint.describe_folder`);
+  it holds params only, so V must be estimated or the correction off."""
+  from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  m = config.model
+  if m.checkpoint_step not in (None, 0):
+    raise ValueError(f"model.checkpoint_step={m.checkpoint_step}: a Hugging Face folder "
+                     "holds one model (leave model.checkpoint_step unset)")
+  out = hf_checkpoint.describe_folder(config)
+  expected_leaf_shapes(config, params_only=True, where=out["path"])  # V's source.
+  return out
+
+
+def _load_hf(config: ml_collections.ConfigDict, folder: str, model, tx, mesh):
+  """`load_trained` of a Hugging Face folder: params read into the sharding rules'
+  NamedShardings (`tda.hf_checkpoint.load_params(shardings=...)`), a fresh optimizer
+  state laid out like a restored one, step 0."""
+  from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  expected_leaf_shapes(config, params_only=True, where=folder)  # V's source.
+  abstract = abstract_state(config, model, tx)
+  shardings = sharding.param_shardings(abstract, mesh, params=abstract.params,
+                                       strict=sharding.strict(config))
+  params = hf_checkpoint.load_params(folder, model.cfg, shardings=shardings.params)
+  logging.warning("%s holds no optimizer state: tail-patching starts from a freshly "
+                  "initialised %s state", folder, config.train.optimizer)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  meta = {"model": model_lib.config_record(model.cfg), "format": "hf_llama", "step": 0}
+  return model, TrainState(step=0, params=params, opt_state=opt_state), meta
 
 
 def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
@@ -401,7 +437,7 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
   else:
     state = init_state(config, model, tx)
 
-  meta = {"model": dataclasses.asdict(model.cfg), "optimizer": t.optimizer,
+  meta = {"model": model_lib.config_record(model.cfg), "optimizer": t.optimizer,
           "batch_size": t.batch_size, "seed": config.seed}
   step_fn = jax.jit(make_train_step(model, tx), donate_argnums=(0, 1))
   batch_sharding = sharding.batch_sharding(mesh, 2)

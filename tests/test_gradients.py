@@ -20,9 +20,10 @@ from tests import helpers
 
 @functools.lru_cache(maxsize=None)
 def _setup(optimizer="adafactor", pooling="block", block="parallel", adam_v="materialise",
-           min_dim=32, k=8):
+           min_dim=32, k=8, tie=True):
   c = helpers.tiny_config(**{"train.optimizer": optimizer, "model.block": block,
-                             "train.min_dim_size_to_factor": min_dim})
+                             "train.min_dim_size_to_factor": min_dim,
+                             "model.tie_embeddings": tie})
   model, params, opt_state = helpers.trained_state(c)
   plan = proj.make_plan(param_shapes=params, pooling=pooling, k_in=k, k_out=k,
                         layers_per_block=1)
@@ -63,6 +64,31 @@ def test_factored_kernel_matches_reference_with_adafactor_corrections(block, poo
   for v in ("raw", "corrected"):
     _assert_close(f[v], r[v])
   np.testing.assert_allclose(f["loss"], r["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adafactor", "adam"])
+def test_untied_head_is_a_member_and_kernels_agree(optimizer):
+  model, params, _, plan, mats, corrs = _setup(optimizer=optimizer, block="sequential",
+                                               tie=False)
+  assert params["lm_head"]["kernel"].shape == (64, 512)
+  first = plan.blocks[0]
+  assert first.name == "embed" and [m.name for m in first.members] == [
+      "embed/embedding", "lm_head/kernel"]
+  assert first.members[1].kind == proj.DENSE
+  cov = proj.coverage(plan, params)
+  assert cov["by_kind"]["head"] == {**cov["by_kind"]["head"], "params": 64 * 512,
+                                    "attributed": 64 * 512, "tensors": 1}
+  assert cov["attributed_share"] == 1.0 and not cov["not_attributed"]
+  toks, mask = _batch()
+  f = _run("factored", model, params, plan, mats, corrs, toks, mask)
+  r = _run("reference", model, params, plan, mats, corrs, toks, mask)
+  for v in ("raw", "corrected"):
+    _assert_close(f[v], r[v])
+  # Same d as the tied model's plan: the head shares the embedding's block.
+  tied = {k: v for k, v in params.items() if k != "lm_head"}
+  assert plan.dim == proj.make_plan(param_shapes=tied, pooling="block", k_in=8, k_out=8,
+                                    layers_per_block=1).dim
 
 
 @pytest.mark.slow

@@ -38,11 +38,11 @@ _STRINGS = ["Ada  Lovelace was born in Zürich.", " London,\n entry 12 ", "x", "
             "hello   world  ", "日本語", "a</s>b <s> c"]
 
 
-def _hf_model():
+def _hf_model(**changes):
   import torch
   import transformers
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(**_SHAPE, initializer_range=0.1)
+  cfg = transformers.LlamaConfig(**{**_SHAPE, **changes}, initializer_range=0.1)
   model = transformers.LlamaForCausalLM(cfg).to(torch.float32).eval()
   with torch.no_grad():  # Non-trivial norm scales, so a misplaced one shows.
     for name, p in model.named_parameters():
@@ -56,6 +56,13 @@ def hf_model():
   if not _HAVE_HF:
     pytest.skip(_NO_HF)
   return _hf_model()
+
+
+@pytest.fixture(scope="module")
+def hf_model_untied():
+  if not _HAVE_HF:
+    pytest.skip(_NO_HF)
+  return _hf_model(tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +103,12 @@ def test_model_config_from_hf():
   assert over["model.block"] == "sequential" and over["model.scale_embeddings"] is False
   assert over["data.vocab_size"] == over["model.vocab_size"] == 512
   assert over["model.rope_base"] == 500.0 and over["model.n_kv_heads"] == 2
+  assert over["model.tie_embeddings"] is True
+  untied = hfc.model_config_from_hf({**_BASE_CONFIG, "tie_word_embeddings": False})
+  assert untied.tie_embeddings is False
+  # LlamaConfig's default (save_pretrained always writes the key) is untied.
+  no_key = {k: v for k, v in _BASE_CONFIG.items() if k != "tie_word_embeddings"}
+  assert hfc.model_config_from_hf(no_key).tie_embeddings is False
 
 
 @pytest.mark.parametrize("change, match", [
@@ -105,7 +118,6 @@ def test_model_config_from_hf():
     ({"attention_bias": True}, r"attention_bias=true"),
     ({"mlp_bias": True}, r"mlp_bias=true"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
-    ({"tie_word_embeddings": False}, r"tie_word_embeddings=false"),
     ({"model_type": "gemma"}, r"model_type='gemma'.*\(1 \+ weight\) RMSNorm"),
     ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, r"per-layer-type"),
     ({"sliding_window": 4096}, r"sliding_window=4096"),
@@ -156,6 +168,27 @@ def test_float32_logits_match(hf_model, tokens, tmp_path):
   assert params["embed"]["embedding"].dtype == np.float32
   np.testing.assert_array_equal(params["layer_1"]["attn"]["k"]["kernel"],
                                 hf_model.model.layers[1].self_attn.k_proj.weight.detach().numpy().T)
+
+
+@needs_hf
+@pytest.mark.slow
+def test_untied_float32_logits_match(hf_model_untied, tokens, tmp_path):
+  folder = _save(hf_model_untied, tmp_path / "untied")
+  diff = float(np.max(np.abs(_our_logits(folder, tokens) - _hf_logits(hf_model_untied, tokens))))
+  print(f"untied float32 max |logit diff| = {diff:.3g}")
+  assert diff < 1e-4, diff
+  params = hfc.load_params(folder)
+  np.testing.assert_array_equal(params["lm_head"]["kernel"],
+                                hf_model_untied.lm_head.weight.detach().numpy().T)
+  assert not np.array_equal(params["lm_head"]["kernel"].T, params["embed"]["embedding"])
+  # A tied config against an untied folder, and an untied folder without its head.
+  cfg = hfc.model_config_from_hf(folder)
+  with pytest.raises(ValueError, match=r"tie_embeddings=True \(checkpoint: False\)"):
+    hfc.load_params(folder, model_lib.ModelConfig(**{**cfg.__dict__, "tie_embeddings": True}))
+  path = os.path.join(folder, "model.safetensors")
+  save_file({k: v for k, v in load_file(path).items() if k != "lm_head.weight"}, path)
+  with pytest.raises(KeyError, match=r"'lm_head\.weight' is missing"):
+    hfc.load_params(folder)
 
 
 _NO_TORCH_SCRIPT = """
@@ -333,12 +366,30 @@ def test_bpe_tokenizer_json_same_ids_as_hf(tmp_path):
     json.dump(_BASE_CONFIG, f)
   _, vocab = _check_same_ids(folder)
   assert vocab.eos_id == 1 and vocab.encode("x")[0] == 0  # BOS is id 0: see the module doc.
+  # The pipeline pads with id 0: a BOS at id 0 is refused, and so is a regular token there.
+  with pytest.raises(ValueError, match=r"adds '<\|begin_of_text\|>' \(id 0\) to every text"):
+    hfc.check_pipeline_vocabulary(folder)
+  with open(os.path.join(folder, "tokenizer.json")) as f:
+    spec = json.load(f)
+  spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] != 0]
+  with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+    json.dump(spec, f)
+  with pytest.raises(ValueError, match=r"token id 0 is the regular token"):
+    hfc.check_pipeline_vocabulary(folder)
 
 
 def test_vocabulary_tf_ops(tmp_path):
   pytest.importorskip("sentencepiece")
   import tensorflow as tf
   folder = _sp_folder(tmp_path, {"add_bos_token": True})
+  # Llama's layout (<unk> 0, special, never added) fits the pipeline's padding id 0.
+  assert hfc.check_pipeline_vocabulary(folder, model_vocab_size=512) == 400
+  with pytest.raises(ValueError, match=r"400 ids, more than the model's vocab_size=256"):
+    hfc.check_pipeline_vocabulary(folder, model_vocab_size=256)
+  strict = hfc.load_vocabulary(folder, strict_pad=True)
+  assert strict.encode("Ada") == hfc.load_vocabulary(folder).encode("Ada")
+  with pytest.raises(ValueError, match=r"include id 0 \('<unk>'\).*padding"):
+    strict.encode("<unk>")
   vocab = hfc.load_vocabulary(folder)
   s = "Ada  Lovelace was born in Zürich."
   ids = vocab.encode(s)

@@ -10,7 +10,10 @@ An external checkpoint (`model.checkpoint`, `model.checkpoint_step`,
 (`tda.train.describe_checkpoint`) and fingerprinted by its absolute path, step
 and the hash of its tree's structure, shapes and dtypes, so a rerun in the same
 workdir against another checkpoint is refused. Nothing is written but the
-summary naming it; `load` then points every model-reading stage at it.
+summary naming it; `load` then points every model-reading stage at it. A
+Hugging Face folder (`model.checkpoint_format='hf_llama'`, `tda.hf_checkpoint`)
+is fingerprinted by its path, the hash of its tensors' names, shapes and dtypes,
+config.json's sha256 and its weight files' sizes and mtimes; it is step 0.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def load(ctx) -> Checkpoints:
         f"the train stage in {ctx.workdir} was committed with model.checkpoint="
         f"{(external or {}).get('path')!r}, but the config has {want!r}; refusing to mix "
         "them: use a new --workdir.")
+  if external and external.get("format") == "hf_llama":  # One model, no steps.
+    return Checkpoints(dir=external["path"], steps=[external["step"]], step=external["step"])
   if external:
     steps = [s for s in train_lib.available_steps(external["path"]) if s <= external["step"]]
     return Checkpoints(dir=external["path"], steps=steps, step=external["step"])

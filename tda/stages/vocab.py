@@ -1,8 +1,11 @@
-"""Stage 'vocab': the SentencePiece model of the run.
+"""Stage 'vocab': the vocabulary of the run.
 
-`data.vocab_path` set: that file, validated and fingerprinted by its sha256
-(nothing copied). Else a vocab trained on the world's passages, committed as
-`spm.model`.
+`data.vocab_path` set: that SentencePiece file (or Hugging Face checkpoint
+folder), validated and fingerprinted by its sha256 (nothing copied). A Hugging
+Face checkpoint (`model.checkpoint_format='hf_llama'`) without it: the folder's
+own tokenizer (`tda.hf_checkpoint.check_pipeline_vocabulary`), fingerprinted by
+its tokenizer files' sha256. Else a vocab trained on the world's passages,
+committed as `spm.model`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,35 @@ STAGE = "vocab"
 MODEL = "spm.model"
 
 
+def _external(ctx) -> str | None:
+  """The existing vocabulary the run uses (a file or a HF folder), if any."""
+  m = ctx.config.model
+  if ctx.config.data.vocab_path:
+    return os.path.abspath(ctx.config.data.vocab_path)
+  if m.checkpoint and m.checkpoint_format == "hf_llama":
+    return os.path.abspath(m.checkpoint)
+  return None
+
+
+def _check(ctx, path: str) -> int:
+  if os.path.isdir(path):
+    from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+    from tda import model as model_lib  # pylint: disable=g-import-not-at-top
+    return hf_checkpoint.check_pipeline_vocabulary(
+        path, model_vocab_size=model_lib.model_config(ctx.config).vocab_size)
+  return data.check_vocab_file(path)
+
+
 def fingerprint(ctx) -> dict[str, Any]:
   d = ctx.config.data
-  if d.vocab_path:
-    data.check_vocab_file(d.vocab_path)
-    return {"vocab_path": os.path.abspath(d.vocab_path),
-            "sha256": wd.file_sha256(d.vocab_path)}
+  path = _external(ctx)
+  if path and os.path.isdir(path):
+    from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+    _check(ctx, path)
+    return {"vocab_path": path, "tokenizer_sha256": hf_checkpoint.tokenizer_fingerprint(path)}
+  if path:
+    data.check_vocab_file(path)
+    return {"vocab_path": path, "sha256": wd.file_sha256(path)}
   passages = os.path.join(ctx.stage_dir("world"), "passages.jsonl")
   return {"vocab_size": d.vocab_size, "passages_sha256": wd.file_sha256(passages),
           "trainer_version": data.TRAINER_VERSION}
@@ -30,8 +56,9 @@ def fingerprint(ctx) -> dict[str, Any]:
 
 def run(ctx, out_dir: str) -> dict[str, Any]:
   d = ctx.config.data
-  if d.vocab_path:
-    return {"path": os.path.abspath(d.vocab_path), "piece_size": data.check_vocab_file(d.vocab_path)}
+  path = _external(ctx)
+  if path:
+    return {"path": path, "piece_size": _check(ctx, path)}
   passages = os.path.join(ctx.stage_dir("world"), "passages.jsonl")
   path = data.train_vocab(texts=(r["text"] for r in wd.read_jsonl(passages)),
                           vocab_size=d.vocab_size, model_prefix=os.path.join(out_dir, "spm"))
@@ -39,6 +66,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
 
 
 def load(ctx) -> str:
-  """The model file: `data.vocab_path`, or the one this stage trained."""
+  """The vocabulary: `data.vocab_path`, a HF checkpoint folder, or the one this
+  stage trained (`data.get_vocabulary` reads each)."""
   path = ctx.summary(STAGE)["path"]
   return path or os.path.join(ctx.stage_dir(STAGE), MODEL)
