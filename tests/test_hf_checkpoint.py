@@ -398,3 +398,84 @@ def test_vocabulary_tf_ops(tmp_path):
   ds = tf.data.Dataset.from_tensor_slices([s, "x"]).map(vocab.encode_tf)
   assert [x.tolist() for x in ds.as_numpy_iterator()] == [list(ids), list(vocab.encode("x"))]
   assert vocab.decode_tf(tf.constant(ids[1:], tf.int32)).numpy().decode() == s
+
+
+# ---------------------------------------------------------------------------
+# The pipeline's use of a folder (model.checkpoint_format='hf_llama').
+
+
+def _numpy_folder(tmp_path, *, tie):
+  """A folder written without torch: our random params in HF names (convert_hf)."""
+  import jax
+  from tda import convert_hf
+  hf_config = {**_BASE_CONFIG, "tie_word_embeddings": tie}
+  cfg = hfc.model_config_from_hf(hf_config)
+  params = model_lib.init_params(model_lib.Transformer(cfg), jax.random.key(0), 8)
+  folder = tmp_path / f"numpy_tie{tie}"
+  folder.mkdir()
+  save_file(convert_hf.to_hf_state_dict(params=params, cfg=cfg),
+            str(folder / "model.safetensors"))
+  with open(folder / "config.json", "w") as f:
+    json.dump(hf_config, f)
+  return str(folder), jax.tree.map(np.asarray, params)
+
+
+def _pipeline_config(folder, **changes):
+  from tda import config as config_lib
+  c = config_lib.base_config()
+  c.model.checkpoint, c.model.checkpoint_format = folder, "hf_llama"
+  c.gradients.v_source = "estimate"
+  c.data.seq_len = c.model.max_len = 64
+  c.mesh.axes = (("data", 2), ("model", 2))
+  for k, v in changes.items():
+    section, key = k.split(".")
+    c[section][key] = v
+  return config_lib.finalize(c)
+
+
+def test_pipeline_restore_is_sharded_and_checked(tmp_path):
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from tda import sharding
+  from tda import train as train_lib
+  assert jax.device_count() == 4
+  folder, want = _numpy_folder(tmp_path, tie=False)
+  config = _pipeline_config(folder)
+  cfg = model_lib.model_config(config)  # From config.json, not the config's model.*.
+  assert (cfg.block, cfg.d_model, cfg.n_kv_heads, cfg.tie_embeddings, cfg.max_len) == (
+      "sequential", 64, 2, False, 64)
+  desc = train_lib.describe_checkpoint(config)
+  assert desc["format"] == "hf_llama" and desc["step"] == 0 and set(desc["files"]) == {
+      "model.safetensors"}
+  model, state, meta = train_lib.load_trained(config, folder, 0)
+  assert meta["format"] == "hf_llama" and state.step == 0
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  head = state.params["lm_head"]["kernel"]
+  assert head.sharding.spec == P("data", "model")
+  full = sum(x.nbytes for x in jax.tree.leaves(want))
+  per_device = sharding.addressable_bytes(state.params)
+  assert len(per_device) == 4 and max(per_device.values()) <= full / 3, (per_device, full)
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(
+      train_lib.make_optimizer(config).init(want))
+  del model
+  # Clear errors naming the field.
+  with pytest.raises(train_lib.CheckpointMismatch, match="v_source='estimate'"):
+    train_lib.describe_checkpoint(_pipeline_config(folder, **{"gradients.v_source": "checkpoint"}))
+  with pytest.raises(ValueError, match=r"model.vocab_size=256 differs from vocab_size=512"):
+    model_lib.model_config(_pipeline_config(folder, **{"model.vocab_size": 256}))
+  with pytest.raises(ValueError, match=r"data.seq_len=256 exceeds max_position_embeddings=128"):
+    model_lib.model_config(_pipeline_config(folder, **{"data.seq_len": 256}))
+  with pytest.raises(ValueError, match=r"model.checkpoint_step=3: a Hugging Face folder"):
+    train_lib.describe_checkpoint(_pipeline_config(folder, **{"model.checkpoint_step": 3}))
+  with pytest.raises(FileNotFoundError, match=r"has no config.json; supported formats: hf_llama"):
+    model_lib.model_config(_pipeline_config(str(tmp_path)))
+
+
+def test_tied_folder_structure_hash_differs_from_untied(tmp_path):
+  from tda import train as train_lib
+  untied, _ = _numpy_folder(tmp_path, tie=False)
+  tied, _ = _numpy_folder(tmp_path, tie=True)
+  a, b = (train_lib.describe_checkpoint(_pipeline_config(f)) for f in (untied, tied))
+  assert a["structure_sha256"] != b["structure_sha256"]
+  assert a["config_sha256"] != b["config_sha256"]
