@@ -66,7 +66,8 @@ class Context:
 
   @property
   def vocab_path(self) -> str:
-    """The SentencePiece model of this run."""
+    """The vocabulary of this run: a SentencePiece model file, or a Hugging Face
+    checkpoint folder whose tokenizer it is (`tda.data.get_vocabulary`)."""
     from tda.stages import vocab
     return self.cached("vocab_path", lambda: vocab.load(self))
 

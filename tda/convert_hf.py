@@ -4,8 +4,8 @@ bergson (EleutherAI's PyTorch TrackStar pipeline) reads a `save_pretrained`
 causal LM plus a tokenizer, and the optimizer's second moments as a PyTorch
 `optimizer.pt` in transformers' Adafactor layout. This module maps our
 `block='sequential'`, `scale_embeddings=False` Transformer onto
-`LlamaForCausalLM` (tied embeddings, or an `lm_head` when `tie_embeddings=False`) and our optax Adafactor state onto that
-layout, so both pipelines see the same model and the same V.
+`LlamaForCausalLM` (tied embeddings, or an `lm_head` when `tie_embeddings=False`)
+and our optax Adafactor state onto that layout, so both pipelines see the same model and the same V.
 
 Weights: a Dense kernel is stored (in, out); torch's Linear weight is
 [out, in], so kernels are transposed. Embedding, RMSNorm scales and RoPE

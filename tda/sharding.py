@@ -80,9 +80,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # per axis of the parameter, the mesh axis it is split over (None: replicated).
 # Tensor parallelism (Megatron-style) over MODEL: the vocabulary (of the embedding
 # and of an untied head), the output features of the column-parallel projections
-# (q, k, v, gate, up) and the input features of the row-parallel ones (o, down). FSDP over DATA: the other
-# (d_model) axis of every matrix; the kernels all-gather it before computing
-# (`gathered`), so DATA only divides what each device *stores*. Norm scales are
+# (q, k, v, gate, up) and the input features of the row-parallel ones (o, down).
+# FSDP over DATA: the other (d_model) axis of every matrix; the kernels all-gather
+# it before computing (`gathered`), so DATA only divides what each device *stores*. Norm scales are
 # small and replicated. The first matching rule wins; a parameter no rule matches
 # is an error (add a rule here).
 #

@@ -58,8 +58,9 @@ def workdirs(tmp_path_factory):
 def _script(ck, est, *flags):
   args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   p = subprocess.run(
-      [sys.executable, "scripts/compare_v_sources.py", "--config=configs/trackstar_tiny.py:runlocal",
-       *args, f"--checkpoint_workdir={ck}", f"--estimate_workdir={est}", *flags],
+      [sys.executable, "scripts/compare_v_sources.py",
+       "--config=configs/trackstar_tiny.py:runlocal", *args, f"--checkpoint_workdir={ck}",
+       f"--estimate_workdir={est}", *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert p.returncode == 0, p.stderr[-3000:]
@@ -84,7 +85,8 @@ def test_json_has_every_field_and_cosines_in_range(workdirs):
   assert set(out["cosine_by_kind"]) == {"embeddings", "attention", "mlp", "norms"}
   for key in ("cos_v_mean", "cos_inv_sqrt_v_mean"):
     assert math.isfinite(out[key]) and -1.0 <= out[key] <= 1.0 + 1e-6
-  assert out["estimate_summary"]["samples"] == 16 and out["estimate_summary"]["v_source"] == "estimate"
+  summary = out["estimate_summary"]
+  assert summary["samples"] == 16 and summary["v_source"] == "estimate"
 
 
 @pytest.mark.slow

@@ -90,8 +90,10 @@ def test_hf_folder_runs_through_retrieval(hf_run):
   assert cov["attributed_share"] == 1.0
   assert os.path.isdir(os.path.join(w, "second_moments"))
   queries = test_pipeline._jsonl(os.path.join(w, "world", "facts.jsonl"))
-  rows = test_pipeline._jsonl(os.path.join(w, "results", "proponents", "trackstar.jsonl"))
-  assert len(rows) == len(queries) and all(len(r["proponent_ids"]) for r in rows)
+  ranked = wd.read_json(os.path.join(w, "retrieval", "trackstar.json"))
+  assert len(wd.read_json(os.path.join(w, "retrieval", "query_ids.json"))) == len(queries)
+  assert len(ranked["top_ids"]) == len(queries) and all(len(r) for r in ranked["top_ids"])
+  assert np.all(np.isfinite(ranked["top_scores"]))
   # Passages were tokenised by the folder's tokenizer: BOS (1) first, EOS (2) last.
   sp = hfc.load_vocabulary(folder)
   text = test_pipeline._jsonl(os.path.join(w, "world", "passages.jsonl"))[0]["text"]
