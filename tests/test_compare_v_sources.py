@@ -31,8 +31,8 @@ def _config(**extra):
   c = trackstar_tiny.get_config("runlocal")
   c.unlock()
   for k, v in {**OVERRIDES, **extra}.items():
-    section, key = k.split(".")
-    c[section][key] = v
+    *section, key = k.split(".")
+    (c[section[0]] if section else c)[key] = v
   c.lock()
   return c
 
