@@ -10,6 +10,7 @@ the script from the committed checkpoint and estimate."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,6 @@ def test_printed_report(workdirs):
   assert lines[0] == "trackstar: checkpoint V  MRR 0.5000  recall@10 0.7500"
   assert lines[1] == "trackstar: estimated V   MRR 0.3750  recall@10 0.6250"
   assert lines[2].startswith("cosine(V_ckpt, V_est): mean ")
-  means = [float(x.rstrip(";")) for x in lines[2].split() if x[0] in "-0123456789"]
+  means = [float(x) for x in re.findall(r"mean (-?[0-9.]+)", lines[2])]
   assert len(means) == 2 and all(-1.0 <= m <= 1.0 + 1e-6 for m in means)
   assert sum(line.strip().startswith("embed/embedding ") for line in lines) == 1
