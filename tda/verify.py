@@ -137,8 +137,62 @@ def read_json(folder: str, rel: str) -> Any:
   return json.loads(read_bytes(folder, rel))
 
 
+class _HashingReader(io.RawIOBase):
+  """A file whose bytes are hashed as they are read (once each, seeks allowed)."""
+
+  def __init__(self, f):
+    super().__init__()
+    self._f, self._h, self._done = f, hashlib.sha256(), 0
+
+  def readable(self):
+    return True
+
+  def seekable(self):
+    return True
+
+  def seek(self, offset, whence=os.SEEK_SET):
+    return self._f.seek(offset, whence)
+
+  def tell(self):
+    return self._f.tell()
+
+  def readinto(self, b):
+    start = self._f.tell()
+    n = self._f.readinto(b)
+    if n and start + n > self._done:  # Hash only bytes not hashed yet (in order).
+      if start > self._done:
+        self._f.seek(self._done)
+        self.readinto(memoryview(bytearray(start - self._done)))
+        self._f.seek(start + n)
+      skip = self._done - start
+      self._h.update(memoryview(b)[max(skip, 0):n])
+      self._done = start + n
+    return n
+
+  def finish(self) -> tuple[int, str]:
+    """Reads (and hashes) the rest; returns (size, sha256)."""
+    self._f.seek(self._done)
+    while self.read(1 << 20):
+      pass
+    return self._done, self._h.hexdigest()
+
+
 def load_npy(folder: str, rel: str) -> np.ndarray:
-  return np.load(io.BytesIO(read_bytes(folder, rel)), allow_pickle=False)
+  """A committed `.npy`, hashed as numpy reads it (no second pass, no extra copy)."""
+  rec = _record(folder)
+  with open(os.path.join(folder, rel), "rb") as f:
+    reader = _HashingReader(f)
+    x = np.load(reader, allow_pickle=False)
+    size, digest = reader.finish()
+  if rec is not None:
+    stage = _split(folder)[1]
+    if rel not in rec:
+      raise ArtefactCorrupted(f"stage '{stage}': {rel} was not committed with the stage "
+                              f"(not in {wd.MARKER}); refusing to read it")
+    bad = _mismatch(stage, rel, rec[rel], size=size, digest=digest)
+    if bad:
+      raise ArtefactCorrupted(f"{bad}. Delete {folder} and rerun the stage.")
+  return x
 
 
 @dataclasses.dataclass
@@ -239,7 +293,7 @@ def verify_stage(workdir: str, stage: str) -> Verdict:
     return Verdict(stage, "FAILED", f"unreadable {wd.MARKER}: {e}", [str(e)])
   if marker is None:
     tmp = wd.temp_dir(workdir, stage)
-    what = "not committed" + (f" (interrupted run in {tmp})" if os.path.isdir(tmp) else "")
+    what = f"interrupted run in {tmp}" if os.path.isdir(tmp) else "nothing written"
     return Verdict(stage, "not committed", what)
   rec = marker.get(FILES)
   problems, hashed = [], 0
