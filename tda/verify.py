@@ -25,7 +25,9 @@ against their manifests, which always held their sha256.
 Command line: `python -m tda.verify --workdir=W [--json] [--strict]` checks every
 committed stage fully (every byte of every file, every table shard, unit norms)
 and prints one verdict per stage; exit status 1 if any stage FAILED (with
-`--strict`, also if any is UNRECORDED or PARTIAL).
+`--strict`, also if any is UNRECORDED or PARTIAL). `--repair` first deletes the
+table shards that fail and reopens their stage (a rerun recomputes only those);
+`--adopt` first records the hashes of stages committed without them.
 """
 
 from __future__ import annotations
@@ -358,6 +360,26 @@ def repair(workdir: str) -> list[str]:
   return done
 
 
+def adopt(workdir: str) -> list[str]:
+  """Records the file hashes of stages committed without them, trusting their bytes
+  as they are now (a table's shards are checked against their manifest first)."""
+  from tda import stages as stages_lib
+  done = []
+  for stage in stages_lib.NAMES:
+    marker = wd.committed(workdir, stage)
+    if marker is None or FILES in marker:
+      continue
+    v = verify_stage(workdir, stage)
+    if v.status == "FAILED":
+      done.append(f"{stage}: not adopted: {v.detail}")
+      continue
+    folder = wd.stage_dir(workdir, stage)
+    marker[FILES] = record_files(folder)
+    wd.write_json(os.path.join(folder, wd.MARKER), marker)
+    done.append(f"{stage}: recorded {len(marker[FILES])} file(s) as they are now")
+  return done
+
+
 def verify_workdir(workdir: str) -> list[Verdict]:
   from tda import stages as stages_lib
   if not os.path.isdir(workdir):
@@ -366,11 +388,13 @@ def verify_workdir(workdir: str) -> list[Verdict]:
 
 
 def report(workdir: str, *, strict: bool = False, repair_first: bool = False,
-           as_json: bool = False) -> int:
-  """Verifies `workdir` (after `repair` if asked), prints the verdicts; the exit status."""
+           adopt_first: bool = False, as_json: bool = False) -> int:
+  """Verifies `workdir` (after `repair` / `adopt` if asked), prints the verdicts;
+  returns the exit status."""
   from tda import cli
   with cli.stdout_to_stderr(as_json):
     repairs = repair(workdir) if repair_first else []
+    repairs += adopt(workdir) if adopt_first else []
     verdicts = verify_workdir(workdir)
   failed = [v.stage for v in verdicts if v.status == "FAILED"]
   weak = [v.stage for v in verdicts if v.status in ("UNRECORDED", "PARTIAL")]
@@ -393,7 +417,7 @@ def report(workdir: str, *, strict: bool = False, repair_first: bool = False,
 def main(argv: list[str]) -> None:
   del argv
   sys.exit(report(_WORKDIR.value, strict=_STRICT.value, repair_first=_REPAIR.value,
-                  as_json=_JSON.value))
+                  adopt_first=_ADOPT.value, as_json=_JSON.value))
 
 
 if __name__ == "__main__":
@@ -404,5 +428,8 @@ if __name__ == "__main__":
   _REPAIR = flags.DEFINE_bool(
       "repair", False, "First delete every table shard that fails its check and reopen "
       "its stage, so the next run recomputes only those shards.")
+  _ADOPT = flags.DEFINE_bool(
+      "adopt", False, "Record the file hashes of stages committed without them, trusting "
+      "their bytes as they are now (tables: shards checked first).")
   _JSON = cli.define_json_flag()
   app.run(main)
