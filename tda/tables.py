@@ -128,15 +128,18 @@ def _shard_files(root: str) -> dict[str, bytes]:
   return out
 
 
-def _files_digest(files: dict[str, bytes]) -> tuple[str, int, dict[str, list]]:
-  """sha256 over the files (sorted by path), their total size, and per file [bytes, sha256]."""
+def _files_digest(files: dict[str, bytes], *,
+                  per_file: bool = True) -> tuple[str, int, dict[str, list]]:
+  """sha256 over the files (sorted by path), their total size, and (`per_file`) each
+  file's [bytes, sha256]."""
   h = hashlib.sha256()
   per = {}
   for rel in sorted(files):
     data = files[rel]
     h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little"))
     h.update(data)
-    per[rel] = [len(data), hashlib.sha256(data).hexdigest()]
+    if per_file:
+      per[rel] = [len(data), hashlib.sha256(data).hexdigest()]
   return h.hexdigest(), sum(len(d) for d in files.values()), per
 
 
@@ -469,6 +472,7 @@ def finalize_table(*, path: str, num_shards: int) -> dict:
 # Unit-norm rows are checked on load: |norm - 1| <= tolerance (the storage round
 # trip's bound, see the module doc; int8 adds sqrt(d) * scale / 2 per row). Rows of
 # zeros are the excluded (non-finite) passages and pass.
+_MEMORY = ts.Context()
 _NORM_TOL = {"float32": 1e-4, "bfloat16": 2.0 ** -8 + 1e-4, "int8": 1e-4}
 
 
@@ -555,9 +559,10 @@ class Table:
     if not os.path.isdir(self._dir(s)):
       raise TableCorrupted(f"{where} is missing{advice}")
     files = _shard_files(self._dir(s))
-    digest, nbytes, per = _files_digest(files)
+    digest, nbytes, _ = _files_digest(files, per_file=False)  # The one pass over the bytes.
     if digest == info["sha256"] and nbytes == info["stored_bytes"]:
       return files
+    per = _files_digest(files)[2]  # Only to say which file differs.
     what = []
     rec = read_commit(self.path, s) or {}
     if rec.get("sha256") == info["sha256"] and "files" in rec:
@@ -588,15 +593,20 @@ class Table:
     files = self._load_checked(s)
     ids = json.loads(files[IDS])
     arrays = {}
-    for name in ("vectors", "scale") if self.dtype == "int8" else ("vectors",):
-      ctx = ts.Context()
-      kv = ts.KvStore.open({"driver": "memory"}, context=ctx).result()
+    # Decoded from the checked bytes in memory (one shared context: its thread pool).
+    prefix = f"{uuid.uuid4().hex}/"
+    kv = ts.KvStore.open({"driver": "memory", "path": prefix}, context=_MEMORY).result()
+    try:
       for rel, data in files.items():
-        if rel.startswith(name + os.sep):
-          kv[rel[len(name) + 1:].replace(os.sep, "/")] = data
-      arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "memory"}}, context=ctx,
-                    open=True, read=True).result()
-      arrays[name] = arr[:n].read().result()
+        if rel != IDS:
+          kv[rel.replace(os.sep, "/")] = data
+      for name in ("vectors", "scale") if self.dtype == "int8" else ("vectors",):
+        arr = ts.open({"driver": "zarr3", "kvstore": {
+            "driver": "memory", "path": f"{prefix}{name}/"}}, context=_MEMORY,
+                      open=True, read=True).result()
+        arrays[name] = arr[:n].read().result()
+    finally:
+      kv.delete_range(ts.KvStore.KeyRange()).result()
     if self.dtype == "int8":
       x_nd = dequantize_int8(arrays["vectors"], arrays["scale"])
     else:
@@ -609,7 +619,7 @@ class Table:
     return ids, x_nd
 
   def _check_unit(self, s: int, ids, x_nd, scale_n):
-    norm_n = np.linalg.norm(x_nd.astype(np.float64), axis=1)
+    norm_n = np.sqrt(np.einsum("nd,nd->n", x_nd, x_nd, dtype=np.float64))
     tol_n = np.full(len(ids), _NORM_TOL[self.dtype])
     if scale_n is not None:
       tol_n = tol_n + np.sqrt(self.d) * scale_n[:len(ids)] / 2
