@@ -98,8 +98,9 @@ def _record(folder: str) -> dict[str, Any] | None:
   if rec is None and folder not in _warned:
     _warned.add(folder)
     logging.warning("stage '%s' in %s was committed without file hashes (before they were "
-                    "recorded): its files are read unchecked. To record them, delete %s and "
-                    "rerun the stage.", stage, workdir, folder)
+                    "recorded): its files are read unchecked. To record them: python -m "
+                    "tda.verify --workdir=%s --adopt (trusts the bytes as they are now), or "
+                    "delete %s and rerun the stage.", stage, workdir, workdir, folder)
   return rec
 
 
@@ -309,8 +310,9 @@ def verify_stage(workdir: str, stage: str) -> Verdict:
     return Verdict(stage, "FAILED", f"{len(problems)} problem(s): " + "; ".join(problems),
                    problems)
   if rec is None:
-    advice = (f"committed without file hashes (before they were recorded): delete {folder} "
-              f"and rerun stage '{stage}' to record them")
+    advice = (f"committed without file hashes (before they were recorded): to record them, "
+              f"--adopt (trusts the bytes as they are now) or delete {folder} and rerun "
+              f"stage '{stage}'")
     if n_tables:
       return Verdict(stage, "PARTIAL", f"{n_shards} shard(s) of {n_tables} table(s) match "
                      f"their records; its other files are unrecorded: {advice}")
@@ -409,7 +411,7 @@ def report(workdir: str, *, strict: bool = False, repair_first: bool = False,
     print(v.line())
   print(f"verify {workdir}: " + (f"FAILED ({', '.join(bad)})" if bad else "no stage failed") +
         (f"; NOT fully verified: {len(weak)} stage(s) committed without file hashes "
-         f"({', '.join(weak)}): rerun them to record hashes; --strict fails on them"
+         f"({', '.join(weak)}): record them with --adopt or by rerunning them; --strict fails on them"
          if weak else ""))
   return 1 if bad else 0
 
