@@ -627,9 +627,10 @@ class Table:
     bad = np.flatnonzero(~zero_n & ~(np.abs(norm_n - 1) <= tol_n))  # NaN norms are bad.
     if len(bad):
       r = bad[0]
+      row = self.manifest["shards"][s]["start_row"] + r
       raise TableCorrupted(
           f"table {self.path}: shard {_shard_id(s)} has {len(bad)} row(s) that should be "
-          f"unit-norm but are not (first: row {self.manifest['shards'][s]['start_row'] + r}, id {ids[r]!r}, norm "
+          f"unit-norm but are not (first: row {row}, id {ids[r]!r}, norm "
           f"{norm_n[r]:.6g}, tolerance {tol_n[r]:.3g}). {self.advice}")
 
   @property

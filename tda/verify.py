@@ -411,7 +411,8 @@ def report(workdir: str, *, strict: bool = False, repair_first: bool = False,
     print(v.line())
   print(f"verify {workdir}: " + (f"FAILED ({', '.join(bad)})" if bad else "no stage failed") +
         (f"; NOT fully verified: {len(weak)} stage(s) committed without file hashes "
-         f"({', '.join(weak)}): record them with --adopt or by rerunning them; --strict fails on them"
+         f"({', '.join(weak)}): record them with --adopt or by rerunning them; --strict "
+         "fails on them"
          if weak else ""))
   return 1 if bad else 0
 
