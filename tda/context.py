@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from tda import verify
 from tda import workdir as wd
 
 
@@ -35,21 +36,26 @@ class Context:
   # --- Committed stages --------------------------------------------------------
 
   def stage_dir(self, stage: str) -> str:
-    """The committed folder of `stage` (a clear error when it is not committed)."""
+    """The committed folder of `stage` (a clear error when it is not committed),
+    checked once per run against its commit record (`tda.verify.check_stage`)."""
     if wd.committed(self.workdir, stage) is None:
       raise FileNotFoundError(
           f"stage '{stage}' is not committed in {self.workdir}: run it first "
           f"(--config.stages must include it, or an earlier run must have).")
+    self.cached(f"verified:{stage}", lambda: verify.check_stage(self.workdir, stage))
     return wd.stage_dir(self.workdir, stage)
 
   def summary(self, stage: str) -> dict[str, Any]:
     """The committed `summary.json` of `stage`."""
-    return wd.read_json(os.path.join(self.stage_dir(stage), wd.SUMMARY))
+    return verify.read_json(self.stage_dir(stage), wd.SUMMARY)
 
   def upstream(self, *stages: str) -> dict[str, str]:
     """{stage: digest of its committed fingerprint}: for a downstream fingerprint,
     so a stage reruns (or is refused) when anything it was computed from changed."""
-    return {s: wd.digest(wd.committed(self.workdir, s) or {}) for s in stages}
+    def fp(s):
+      marker = wd.committed(self.workdir, s)
+      return {"fingerprint": marker["fingerprint"]} if marker else {}
+    return {s: wd.digest(fp(s)) for s in stages}
 
   @property
   def results_dir(self) -> str:

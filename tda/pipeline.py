@@ -26,6 +26,7 @@ import ml_collections
 
 from tda import context as context_lib
 from tda import distributed
+from tda import faults
 from tda import methods as methods_lib
 from tda import stages as stages_lib
 from tda import workdir as wd
@@ -59,6 +60,7 @@ def run_stage(ctx: context_lib.Context, stage) -> bool:
     summary = None
     if leader or getattr(stage, "ALL_PROCESSES", False):
       summary = stage.run(ctx, tmp)
+    faults.point(name, "commit")
     distributed.barrier(f"tda-ran-{name}")
     if leader:
       wd.commit(ctx.workdir, name, fingerprint, summary)

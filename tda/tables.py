@@ -17,6 +17,12 @@ addresses local (or FUSE-mounted) paths; the protocol is GCS-friendly because a
 reader trusts a shard only through its COMMIT.json, which is written after the
 shard's data (locally the whole shard folder is then renamed into place).
 
+Reads are verified: `Table.read_shard` reads a shard's files once, checks their
+sha256 and size against the manifest (naming the file that differs, from the
+shard's per-file record) and decodes only then, from memory; `Table.open` refuses
+missing or extra shard folders, and with `unit_norm` every row must be unit (or
+zero). A write that storage refuses raises `TableWriteError` naming the shard.
+
 Rows map to shards by global row index: shard s holds rows
 [s * rows_per_shard, (s + 1) * rows_per_shard) and belongs to process
 s % num_processes. Only the last shard may be partial.
@@ -30,8 +36,10 @@ Storage dtypes and their round trip (x a float32 row):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -43,6 +51,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from tda import faults
 from tda.workdir import json_roundtrip, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -59,6 +68,10 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 class TableError(ValueError):
   """A table is missing, incomplete, or was written from another setup."""
+
+
+class TableWriteError(TableError, OSError):
+  """Storage refused a write (disk full, quota, I/O error); the shard was discarded."""
 
 
 class TableCorrupted(TableError):
@@ -103,21 +116,37 @@ def _shard_id(s: int) -> str:
   return f"{s:06d}"
 
 
-def _dir_digest(root: str) -> tuple[str, int]:
-  """sha256 over every file under `root` except the commit record, and their size."""
+def _shard_files(root: str) -> dict[str, bytes]:
+  """{relative path: bytes} of every file of a shard folder except its commit record."""
+  out = {}
+  for r, _, fs in os.walk(root):
+    for f in fs:
+      rel = os.path.relpath(os.path.join(r, f), root)
+      if rel != COMMIT:
+        with open(os.path.join(r, f), "rb") as fh:
+          out[rel] = fh.read()
+  return out
+
+
+def _files_digest(files: dict[str, bytes], *,
+                  per_file: bool = True) -> tuple[str, int, dict[str, list]]:
+  """sha256 over the files (sorted by path), their total size, and (`per_file`) each
+  file's [bytes, sha256]."""
   h = hashlib.sha256()
-  total = 0
-  files = sorted(os.path.relpath(os.path.join(r, f), root)
-                 for r, _, fs in os.walk(root) for f in fs)
-  for rel in files:
-    if rel == COMMIT:
-      continue
-    with open(os.path.join(root, rel), "rb") as f:
-      data = f.read()
+  per = {}
+  for rel in sorted(files):
+    data = files[rel]
     h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little"))
     h.update(data)
-    total += len(data)
-  return h.hexdigest(), total
+    if per_file:
+      per[rel] = [len(data), hashlib.sha256(data).hexdigest()]
+  return h.hexdigest(), sum(len(d) for d in files.values()), per
+
+
+def _dir_digest(root: str) -> tuple[str, int]:
+  """sha256 over every file under `root` except the commit record, and their size."""
+  digest, total, _ = _files_digest(_shard_files(root))
+  return digest, total
 
 
 def _header(*, d: int, dtype: str, rows_per_shard: int, meta: dict) -> dict:
@@ -269,7 +298,8 @@ class TableWriter:
       k, off = divmod(local + pos, self.rps)
       shard = k * self.n_proc + self.p
       take = min(len(ids) - pos, self.rps - off)
-      self._write_piece(shard, off, x_nd[pos:pos + take], ids[pos:pos + take])
+      with self._storage_errors(shard):
+        self._write_piece(shard, off, x_nd[pos:pos + take], ids[pos:pos + take])
       pos += take
     self._next_local = local + pos
 
@@ -322,6 +352,24 @@ class TableWriter:
     return {"shard": shard, "tmp": tmp, "arrays": arrays, "ids": [], "rows": 0,
             "stage": [], "staged": 0, "scale": []}
 
+  @contextlib.contextmanager
+  def _storage_errors(self, shard: int):
+    """A failed write (disk full, quota, I/O error) discards the shard being written
+    and raises TableWriteError naming it; committed shards are kept for a resume."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      if isinstance(e, TableError) or not (isinstance(e, OSError) or "OS error" in str(e)
+                                           or "rror writing" in str(e)):
+        raise
+      o, self._open, self._closed = self._open, None, True
+      if o is not None:
+        shutil.rmtree(o["tmp"], ignore_errors=True)
+      raise TableWriteError(
+          f"table {self.path}: writing shard {_shard_id(shard)} failed: {e}. The shard was "
+          f"discarded; the {len(self.committed)} committed shard(s) are kept: free space "
+          "(or fix the storage) and rerun to resume.") from e
+
   def _write_staged(self, o: dict, n: int):
     """Writes the first n staged rows at the shard's current row offset."""
     x_nd = np.concatenate(o["stage"]) if len(o["stage"]) > 1 else o["stage"][0]
@@ -346,23 +394,26 @@ class TableWriter:
       scale_n[:o["rows"]] = np.concatenate(o["scale"])
       o["arrays"]["scale"].write(scale_n).result()
     write_json(os.path.join(o["tmp"], IDS), o["ids"])
-    digest, nbytes = _dir_digest(o["tmp"])
+    digest, nbytes, per_file = _files_digest(_shard_files(o["tmp"]))
     s = o["shard"]
     rec = {**self.header, "shard": s, "start_row": s * self.rps, "rows": o["rows"],
-           "sha256": digest, "stored_bytes": nbytes, "process_index": self.p,
+           "sha256": digest, "stored_bytes": nbytes, "files": per_file,
+           "process_index": self.p,
            "host": socket.gethostname(), "written_at": time.time()}
     write_json(os.path.join(o["tmp"], COMMIT), rec)
     os.rename(o["tmp"], os.path.join(self._shards_dir, _shard_id(s)))
     self.committed[s] = rec
     self._open = None
     self._on_event("commit", s, o["rows"])
+    faults.point("tables", "shard")
 
   def close(self) -> None:
     """Commits the partial last shard; with one process also finalizes the table."""
     if self._closed:
       return
     if self._open is not None:
-      self._commit(self._open)
+      with self._storage_errors(self._open["shard"]):
+        self._commit(self._open)
     self._closed = True
     if self.n_proc == 1:
       finalize_table(path=self.path,
@@ -418,18 +469,37 @@ def finalize_table(*, path: str, num_shards: int) -> dict:
   return manifest
 
 
+# Unit-norm rows are checked on load: |norm - 1| <= tolerance (the storage round
+# trip's bound, see the module doc; int8 adds sqrt(d) * scale / 2 per row). Rows of
+# zeros are the excluded (non-finite) passages and pass.
+_MEMORY = ts.Context()
+_NORM_TOL = {"float32": 1e-4, "bfloat16": 2.0 ** -8 + 1e-4, "int8": 1e-4}
+
+
 @dataclasses.dataclass
 class Table:
-  """A finalized table, opened for reading."""
+  """A finalized table, opened for reading.
+
+  Every shard is checked as it is read (`read_shard`): its bytes are hashed as they
+  are loaded and compared with the manifest's record, before they are decoded;
+  with `unit_norm`, every row must be finite with norm 1 (within the storage
+  dtype's round-trip bound) or all zeros.
+  """
   path: str
   manifest: dict
+  unit_norm: bool = False
+  # How to recover from a bad shard (a refusal ends with it).
+  advice: str = ("Delete the shard's folder and write it again with a TableWriter on "
+                 "this path (only missing shards are written).")
 
   @classmethod
-  def open(cls, path: str, *, expect: dict | None = None) -> "Table":
+  def open(cls, path: str, *, expect: dict | None = None,
+           unit_norm: bool = False, advice: str | None = None) -> "Table":
     """Opens `path`; `expect` keys are checked against meta (and d/dtype/rows_per_shard).
 
     Raises:
       TableError: no manifest, or fields differ from `expect` (all named).
+      TableCorrupted: a shard folder is missing, or one not in the manifest exists.
     """
     man = os.path.join(path, MANIFEST)
     if not os.path.exists(man):
@@ -442,7 +512,17 @@ class Table:
       diff = _diff(have, json_roundtrip(expect), sorted(expect))
       if diff:
         raise TableError(f"table {path} does not match what was expected: {'; '.join(diff)}")
-    return cls(path=path, manifest=m)
+    want = {_shard_id(i["shard"]) for i in m["shards"]}
+    shards_dir = os.path.join(path, "shards")
+    have = set(os.listdir(shards_dir)) if os.path.isdir(shards_dir) else set()
+    problems = [f"shard {n} is missing ({os.path.join(shards_dir, n)})"
+                for n in sorted(want - have)]
+    problems += [f"{os.path.join(shards_dir, n)} is not a shard of the manifest (extra)"
+                 for n in sorted(have - want)]
+    t = cls(path=path, manifest=m, unit_norm=unit_norm, **({"advice": advice} if advice else {}))
+    if problems:
+      raise TableCorrupted(f"table {path}: {'; '.join(problems)}. {t.advice}")
+    return t
 
   def __len__(self) -> int:
     return self.manifest["rows"]
@@ -471,25 +551,91 @@ class Table:
   def _dir(self, s: int) -> str:
     return os.path.join(self.path, "shards", _shard_id(s))
 
+  def _load_checked(self, s: int) -> dict[str, bytes]:
+    """The shard's files, read once and checked against the manifest's record."""
+    info = self.manifest["shards"][s]
+    where = f"table {self.path}: shard {_shard_id(s)} ({self._dir(s)})"
+    advice = f". {self.advice}"
+    if not os.path.isdir(self._dir(s)):
+      raise TableCorrupted(f"{where} is missing{advice}")
+    files = _shard_files(self._dir(s))
+    digest, nbytes, _ = _files_digest(files, per_file=False)  # The one pass over the bytes.
+    if digest == info["sha256"] and nbytes == info["stored_bytes"]:
+      return files
+    per = _files_digest(files)[2]  # Only to say which file differs.
+    what = []
+    rec = read_commit(self.path, s) or {}
+    if rec.get("sha256") == info["sha256"] and "files" in rec:
+      recorded = rec["files"]
+      what += [f"{f} missing" for f in sorted(set(recorded) - set(per))]
+      what += [f"{f} not recorded (extra file)" for f in sorted(set(per) - set(recorded))]
+      for f in sorted(set(per) & set(recorded)):
+        (n, h), (n0, h0) = per[f], recorded[f]
+        if n != n0:
+          what.append(f"{f} has {n} bytes, {n0} recorded" + (" (truncated)" if n < n0 else ""))
+        elif h != h0:
+          what.append(f"{f} sha256 differs (same size: bytes changed)")
+    if not what:
+      what.append(f"stored {nbytes} bytes, {info['stored_bytes']} recorded" if
+                  nbytes != info["stored_bytes"] else
+                  f"sha256 {digest[:12]}… != recorded {info['sha256'][:12]}… (same size)")
+    raise TableCorrupted(f"{where} differs from its commit record: {'; '.join(what)}{advice}")
+
   def read_shard(self, s: int) -> tuple[list[str], np.ndarray]:
-    """(ids, float32 [rows, d]) of shard `s`, decoded."""
+    """(ids, float32 [rows, d]) of shard `s`, checked (see the class doc), decoded.
+
+    Raises:
+      TableCorrupted: the shard's bytes differ from the record, or (unit_norm)
+        a row is non-finite or not of norm 1.
+    """
     info = self.manifest["shards"][s]
     n = info["rows"]
-    ids = read_json(os.path.join(self._dir(s), IDS))
-    vec = ts.open({"driver": "zarr3", "kvstore": {
-        "driver": "file", "path": os.path.join(self._dir(s), "vectors")}},
-                  open=True, read=True).result()
-    x_nd = vec[:n].read().result()
+    files = self._load_checked(s)
+    ids = json.loads(files[IDS])
+    arrays = {}
+    # Decoded from the checked bytes in memory (one shared context: its thread pool).
+    prefix = f"{uuid.uuid4().hex}/"
+    kv = ts.KvStore.open({"driver": "memory", "path": prefix}, context=_MEMORY).result()
+    try:
+      for rel, data in files.items():
+        if rel != IDS:
+          kv[rel.replace(os.sep, "/")] = data
+      for name in ("vectors", "scale") if self.dtype == "int8" else ("vectors",):
+        arr = ts.open({"driver": "zarr3", "kvstore": {
+            "driver": "memory", "path": f"{prefix}{name}/"}}, context=_MEMORY,
+                      open=True, read=True).result()
+        arrays[name] = arr[:n].read().result()
+    finally:
+      kv.delete_range(ts.KvStore.KeyRange()).result()
     if self.dtype == "int8":
-      sc = ts.open({"driver": "zarr3", "kvstore": {
-          "driver": "file", "path": os.path.join(self._dir(s), "scale")}},
-                   open=True, read=True).result()
-      return ids, dequantize_int8(x_nd, sc[:n].read().result())
-    return ids, x_nd.astype(np.float32, copy=False)
+      x_nd = dequantize_int8(arrays["vectors"], arrays["scale"])
+    else:
+      x_nd = arrays["vectors"].astype(np.float32, copy=False)
+    if len(ids) != n or x_nd.shape != (n, self.d):
+      raise TableCorrupted(f"table {self.path}: shard {_shard_id(s)} decodes to {len(ids)} "
+                           f"ids and {x_nd.shape} vectors; {n} rows of d={self.d} recorded")
+    if self.unit_norm:
+      self._check_unit(s, ids, x_nd, arrays.get("scale"))
+    return ids, x_nd
+
+  def _check_unit(self, s: int, ids, x_nd, scale_n):
+    norm_n = np.sqrt(np.einsum("nd,nd->n", x_nd, x_nd, dtype=np.float64))
+    tol_n = np.full(len(ids), _NORM_TOL[self.dtype])
+    if scale_n is not None:
+      tol_n = tol_n + np.sqrt(self.d) * scale_n[:len(ids)] / 2
+    zero_n = ~np.any(x_nd, axis=1)
+    bad = np.flatnonzero(~zero_n & ~(np.abs(norm_n - 1) <= tol_n))  # NaN norms are bad.
+    if len(bad):
+      r = bad[0]
+      row = self.manifest["shards"][s]["start_row"] + r
+      raise TableCorrupted(
+          f"table {self.path}: shard {_shard_id(s)} has {len(bad)} row(s) that should be "
+          f"unit-norm but are not (first: row {row}, id {ids[r]!r}, norm "
+          f"{norm_n[r]:.6g}, tolerance {tol_n[r]:.3g}). {self.advice}")
 
   @property
   def shards(self) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Iterates (ids, float32 [rows, d]) shard by shard."""
+    """Iterates (ids, float32 [rows, d]) shard by shard, each checked as it is read."""
     return (self.read_shard(s) for s in range(self.manifest["num_shards"]))
 
   def read_all(self) -> tuple[list[str], np.ndarray]:
@@ -503,17 +649,21 @@ class Table:
 
   @property
   def ids(self) -> list[str]:
+    """Every row's example id (each shard's ids checked with the shard's bytes)."""
     out: list[str] = []
     for s in range(self.manifest["num_shards"]):
-      out.extend(read_json(os.path.join(self._dir(s), IDS)))
+      out.extend(json.loads(self._load_checked(s)[IDS]))
     return out
 
   def verify(self) -> None:
-    """Recomputes every shard's sha256; raises TableCorrupted naming bad shards."""
+    """Checks every shard (bytes, and norms with unit_norm); raises TableCorrupted
+    naming the bad shards and what differs."""
     bad = []
-    for info in self.shard_infos:
-      digest, _ = _dir_digest(self._dir(info["shard"]))
-      if digest != info["sha256"]:
-        bad.append(f"shard {info['shard']} ({self._dir(info['shard'])})")
+    for s in range(self.manifest["num_shards"]):
+      try:
+        self.read_shard(s)
+      except TableCorrupted as e:
+        bad.append(str(e))
     if bad:
-      raise TableCorrupted(f"table {self.path}: checksum mismatch in {', '.join(bad)}")
+      raise TableCorrupted("; ".join(bad))
+

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from tda import batches
+from tda import faults
 from tda import model as model_lib
 from tda import sharding
 from tda import workdir as wd
@@ -89,6 +90,7 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -
       state=ocp.args.StandardSave({"params": state.params, "opt_state": state.opt_state}),
       meta=ocp.args.JsonSave({**meta, "step": state.step})))
   mngr.wait_until_finished()
+  faults.point("train", "checkpoint")
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: TrainState,

@@ -126,10 +126,14 @@ def begin(workdir: str, stage: str, fingerprint: dict[str, Any], *,
 
 def commit(workdir: str, stage: str, fingerprint: dict[str, Any],
            summary: dict[str, Any]) -> str:
-  """Writes the summary and marker into the temp folder and renames it into place."""
+  """Writes the summary and marker (with `tda.verify.record_files`: every file's size
+  and sha256) into the temp folder and renames it into place."""
   tmp, final = temp_dir(workdir, stage), stage_dir(workdir, stage)
+  from tda import verify  # pylint: disable=g-import-not-at-top (verify imports workdir)
   write_json(os.path.join(tmp, SUMMARY), summary)
-  write_json(os.path.join(tmp, MARKER), {"fingerprint": fingerprint})
+  # Every file's size and sha256: readers refuse what changed after this commit.
+  write_json(os.path.join(tmp, MARKER), {"fingerprint": fingerprint,
+                                         verify.FILES: verify.record_files(tmp)})
   os.remove(os.path.join(tmp, STARTED))
   os.rename(tmp, final)
   return final

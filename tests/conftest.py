@@ -12,3 +12,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+  """One default pipeline run (`trackstar_tiny.py:runlocal`), shared by the end-to-end
+  tests; they read it, copy it, or rerun it without changing committed stages."""
+  from tests.helpers import run_tda
+  w = str(tmp_path_factory.mktemp("default"))
+  run_tda(w)
+  return w

@@ -1,6 +1,8 @@
 """Small shared builders for tests: a tiny model, a few training steps, a context."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -8,6 +10,20 @@ import numpy as np
 from tda import config as config_lib
 from tda import model as model_lib
 from tda import train as train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tda(workdir, *overrides, config="configs/trackstar_tiny.py:runlocal", check=True,
+            env=None, **popen_kwargs):
+  """`python -m tda.run` in a subprocess on one CPU device; raises on failure if `check`."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
+  p = subprocess.run([sys.executable, "-m", "tda.run", f"--config={config}",
+                      f"--workdir={workdir}", *overrides], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=900, **popen_kwargs)
+  if check and p.returncode != 0:
+    raise AssertionError(f"tda.run failed:\n{p.stderr[-4000:]}")
+  return p
 
 
 def tiny_config(**overrides):

@@ -9,16 +9,14 @@ import collections
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tda import tables as tables_lib
 from tests import entailment
+from tests.helpers import ROOT, run_tda  # noqa: F401 (run_tda: used by other tests too)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "byo")
 # The most frequent buckets of `trackstar_tiny.py:runlocal` (12 of its 28 facts).
 FREQUENT_BUCKETS = ("4-10", "11-30")
@@ -27,17 +25,6 @@ FREQUENT_BUCKETS = ("4-10", "11-30")
 # each example its batch neighbour's gradient got 1/12. A subtler bug (one member's
 # sign flipped) still ranks well: the kernel comparison below is what catches it.
 MIN_FREQUENT_RANK1 = 0.5
-
-
-def run_tda(workdir, *overrides, config="configs/trackstar_tiny.py:runlocal", check=True,
-            env=None):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
-  p = subprocess.run([sys.executable, "-m", "tda.run", f"--config={config}",
-                      f"--workdir={workdir}", *overrides], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=900)
-  if check and p.returncode != 0:
-    raise AssertionError(f"tda.run failed:\n{p.stderr[-4000:]}")
-  return p
 
 
 def _snapshot(workdir):
@@ -60,13 +47,6 @@ def _jsonl(path):
 def _read_json(path):
   with open(path) as f:
     return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-  w = str(tmp_path_factory.mktemp("default"))
-  run_tda(w)
-  return w
 
 
 @pytest.fixture(scope="module")

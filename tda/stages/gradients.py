@@ -26,6 +26,7 @@ from tda import distributed
 from tda import featurize
 from tda import methods as methods_lib
 from tda import projection as proj
+from tda import verify
 from tda import workdir as wd
 
 STAGE = "gradients"
@@ -119,11 +120,11 @@ class Outputs:
   def whitener(self, table: str) -> np.ndarray | None:
     """R^{-1/2} of a table's methods (None: the methods use no R)."""
     path = os.path.join(self.folder, f"whitener_{table}.npy")
-    return np.load(path) if os.path.exists(path) else None
+    return verify.load_npy(self.folder, os.path.basename(path)) if os.path.exists(path) else None
 
   def final_queries(self, table: str) -> np.ndarray:
     """[Q, d] the queries' final vectors for searching `table`."""
-    return np.load(os.path.join(self.folder, f"queries_final_{table}.npy"))
+    return verify.load_npy(self.folder, f"queries_final_{table}.npy")
 
 
 def load(ctx) -> Outputs:

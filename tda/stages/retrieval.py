@@ -20,6 +20,7 @@ import numpy as np
 from tda import baselines
 from tda import index as index_lib
 from tda import methods as methods_lib
+from tda import verify
 from tda import workdir as wd
 
 STAGE = "retrieval"
@@ -107,4 +108,4 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
 def load(ctx) -> dict[str, dict[str, Any]]:
   """method -> {top_ids, top_scores, bottom_ids, bottom_scores} over all queries."""
   d = ctx.stage_dir(STAGE)
-  return {m: wd.read_json(os.path.join(d, f"{m}.json")) for m in ctx.summary(STAGE)["methods"]}
+  return {m: verify.read_json(d, f"{m}.json") for m in ctx.summary(STAGE)["methods"]}

@@ -101,10 +101,17 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
           "rows_per_s_process0": rows_done / max(wall, 1e-9)}
 
 
+REPAIR = ("To recompute only the bad shard(s): python -m tda.verify --workdir={workdir} "
+          "--repair (deletes them and reopens the tables stage), then rerun the tables stage.")
+
+
 def load(ctx, name: str) -> tables_lib.Table:
-  """The committed table `name`, opened with the meta it must have."""
+  """The committed table `name`, opened with the meta it must have; every shard is
+  checked against its commit record as it is read (and unit norms, if unit)."""
   return tables_lib.Table.open(os.path.join(ctx.stage_dir(STAGE), name),
-                               expect=meta(ctx, name))
+                               expect=meta(ctx, name),
+                               unit_norm=methods_lib.switches(name).unit,
+                               advice=REPAIR.format(workdir=ctx.workdir))
 
 
 def excluded_ids(ctx) -> set[str]:
