@@ -12,6 +12,8 @@ import json
 
 import ml_collections
 
+from tda import errors
+
 # Paper frequency buckets (DESIGN.md §3): facts stated in 1, 2-3, 4-10, 11-30 passages.
 DEFAULT_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11-30", 11, 30))
 
@@ -253,6 +255,6 @@ def bucket_ranges(config: ml_collections.ConfigDict) -> list[tuple[str, int, int
       name, lo, hi = spec.split(":")
       out.append((name, int(lo), int(hi)))
     except ValueError as e:
-      raise ValueError(
+      raise errors.UserError(
           f"world.bucket_ranges entry {spec!r} is not 'name:lo:hi'") from e
   return out

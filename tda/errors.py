@@ -13,3 +13,7 @@ EXIT_USER_ERROR = 2
 
 class UserError(ValueError):
   """A mistake in the run's inputs, explained: what, where, how to fix."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+  """A file or folder the run was pointed at (data, checkpoint, vocabulary) is not there."""

@@ -43,6 +43,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from tda import errors
 from tda.workdir import json_roundtrip, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -57,7 +58,7 @@ _CHUNK_BYTES = 4 << 20
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
-class TableError(ValueError):
+class TableError(errors.UserError):
   """A table is missing, incomplete, or was written from another setup."""
 
 

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from tda import batches
+from tda import errors
 from tda import model as model_lib
 from tda import sharding
 from tda import workdir as wd
@@ -160,7 +161,7 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
   tx = make_optimizer(config)
   mngr = checkpoint_manager(checkpoint_dir, max_to_keep=None)
   if mngr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}; run the train stage")
+    raise errors.MissingInput(f"no checkpoint in {checkpoint_dir}; run the train stage")
   step = resolve_step(checkpoint_dir, step)
   _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir)
   have, where = checkpoint_leaf_shapes(checkpoint_dir, step), step_dir(checkpoint_dir, step)
@@ -209,14 +210,14 @@ _ORBAX_LAYOUT = ("orbax: <checkpoint>/<step>/ with items 'state' = {'params', 'o
                  "(StandardSave) and 'meta' (JsonSave, holding 'model' = the model config)")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(errors.UserError):
   """A checkpoint's tree does not fit the model and optimizer the config builds."""
 
 
 def check_checkpoint_format(fmt: str) -> None:
   """Raises unless `fmt` (`model.checkpoint_format`) is a supported format."""
   if fmt not in CHECKPOINT_FORMATS:
-    raise ValueError(f"model.checkpoint_format={fmt!r} is not supported; supported "
+    raise errors.UserError(f"model.checkpoint_format={fmt!r} is not supported; supported "
                      f"formats: {', '.join(CHECKPOINT_FORMATS)}")
 
 
@@ -228,13 +229,13 @@ def resolve_step(checkpoint_dir: str, step: int | None) -> int:
   """`step`, or the newest one when None; a step not saved lists the available ones."""
   steps = available_steps(checkpoint_dir)
   if not steps:
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"{checkpoint_dir} holds no checkpoint (no <step>/ folder); supported formats: "
         f"{_ORBAX_LAYOUT}")
   if step is None:
     return steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f"checkpoint step {step} is not in {checkpoint_dir}; "
+    raise errors.MissingInput(f"checkpoint step {step} is not in {checkpoint_dir}; "
                             f"available steps: {steps}")
   return step
 
@@ -357,7 +358,7 @@ def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   check_checkpoint_format(m.checkpoint_format)
   path = os.path.abspath(m.checkpoint)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"model.checkpoint={m.checkpoint!r} is not a folder; supported "
+    raise errors.MissingInput(f"model.checkpoint={m.checkpoint!r} is not a folder; supported "
                             f"formats: {_ORBAX_LAYOUT}")
   step = resolve_step(path, m.checkpoint_step)
   have = checkpoint_leaf_shapes(path, step)
