@@ -60,16 +60,22 @@ class _LogBar:
   def __init__(self, total: int | None, desc: str, unit: str):
     self.total, self.desc, self.unit = total, desc, unit
     self.n = 0
+    self.postfix = ""
     self.t0 = self.last = time.monotonic()
+
+  def set_postfix(self, **kwargs) -> None:
+    self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
   def line(self) -> str:
     dt = max(time.monotonic() - self.t0, 1e-9)
     rate = self.n / dt
     if self.total:
       eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-      return (f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n / self.total:.0f}%), "
-              f"{rate:.3g} {self.unit}/s, elapsed {_fmt_time(dt)}, ETA {_fmt_time(eta)}")
-    return f"{self.desc}: {self.n} {self.unit}s, {rate:.3g} {self.unit}/s, elapsed {_fmt_time(dt)}"
+      s = (f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n / self.total:.0f}%), "
+           f"{rate:.3g} {self.unit}/s, elapsed {_fmt_time(dt)}, ETA {_fmt_time(eta)}")
+    else:
+      s = f"{self.desc}: {self.n} {self.unit}s, {rate:.3g} {self.unit}/s, elapsed {_fmt_time(dt)}"
+    return f"{s} ({self.postfix})" if self.postfix else s
 
   def update(self, n: int = 1) -> None:
     self.n += n
@@ -89,21 +95,28 @@ class _NoBar:
   def update(self, n: int = 1) -> None:
     self.n += n
 
+  def set_postfix(self, **kwargs) -> None:
+    pass
+
   def close(self) -> None:
     pass
 
 
-@contextlib.contextmanager
-def bar(*, total: int | None, desc: str, unit: str = "it") -> Iterator:
-  """A progress bar with `.update(n)`; see the module docstring."""
-  if not _STATE["enabled"] or not _leader():
-    b = _NoBar()
-  elif sys.stderr.isatty():
+def start(*, total: int | None, desc: str, unit: str = "it", enabled: bool = True):
+  """A started progress bar with `.update(n)`, `.set_postfix(**kw)` and `.close()`."""
+  if not enabled or not _STATE["enabled"] or not _leader():
+    return _NoBar()
+  if sys.stderr.isatty():
     import tqdm
-    b = tqdm.tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
-                  file=sys.stderr)
-  else:
-    b = _LogBar(total, desc, unit)
+    return tqdm.tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
+                     file=sys.stderr)
+  return _LogBar(total, desc, unit)
+
+
+@contextlib.contextmanager
+def bar(*, total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> Iterator:
+  """`start` as a context manager (closed on exit); see the module docstring."""
+  b = start(total=total, desc=desc, unit=unit, enabled=enabled)
   try:
     yield b
   finally:

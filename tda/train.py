@@ -28,6 +28,7 @@ from etils import epath
 from tda import batches
 from tda import errors
 from tda import model as model_lib
+from tda import progress
 from tda import sharding
 from tda import workdir as wd
 
@@ -409,6 +410,7 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
   params, opt_state = state.params, state.opt_state
   t0, start_step, loss = time.time(), state.step, float("nan")
   tokens_seen = 0
+  bar = progress.start(total=t.steps - state.step, desc="train", unit="step")
   for step in range(state.step, t.steps):
     batch = batches.batch_at(tokens_nt=tokens_nt, step=step, batch_size=t.batch_size,
                              seed=config.seed, length_group=t.length_group)
@@ -421,13 +423,16 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
     done = step + 1
     if done % t.log_every == 0 or done == t.steps:
       loss = float(loss_arr)
-      logging.info("step %d loss %.4f (%.0f tok/s)", done, loss,
-                   tokens_seen / max(time.time() - t0, 1e-9))
+      logging.debug("step %d loss %.4f (%.0f tok/s)", done, loss,
+                    tokens_seen / max(time.time() - t0, 1e-9))
+      bar.set_postfix(loss=f"{loss:.4f}")
     if done % t.checkpoint_every == 0 or done == t.steps:
       save(mngr, TrainState(done, params, opt_state),
            {**meta, "data_position": done * t.batch_size, "loss": float(loss_arr)})
     if on_step is not None:
       on_step(done)
+    bar.update(1)
+  bar.close()
   wall = time.time() - t0
   return {"steps": t.steps, "resumed_from": start_step, "final_loss": float(loss),
           "wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9)}
