@@ -113,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_eval = me = ml_collections.ConfigDict()
   me.batch_size = 64
   me.max_new_tokens = 8
-  me.num_samples = 0         # Temperature samples per query (model_confidence); 0: skip.
+  me.num_samples = 5         # Temperature samples per query: model_confidence, the viewers'
+                             # decoder samples (0: skip; confidence is then p(target)).
   me.temperature = 1.0
 
   # --- Per-example gradients (tda.gradients, tda.projection, tda.correction)
