@@ -61,14 +61,18 @@ class _LogBar:
     self.total, self.desc, self.unit = total, desc, unit
     self.n = 0
     self.postfix = ""
+    self.t_first, self.n_first = None, 0
     self.t0 = self.last = time.monotonic()
 
   def set_postfix(self, **kwargs) -> None:
     self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
   def line(self) -> str:
-    dt = max(time.monotonic() - self.t0, 1e-9)
-    rate = self.n / dt
+    now = time.monotonic()
+    dt = max(now - self.t0, 1e-9)
+    # The rate leaves out the first update, which usually includes compilation.
+    rate = ((self.n - self.n_first) / max(now - self.t_first, 1e-9)
+            if self.t_first is not None and self.n > self.n_first else self.n / dt)
     if self.total:
       eta = (self.total - self.n) / rate if rate > 0 else float("inf")
       s = (f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n / self.total:.0f}%), "
@@ -80,6 +84,8 @@ class _LogBar:
   def update(self, n: int = 1) -> None:
     self.n += n
     now = time.monotonic()
+    if self.t_first is None:
+      self.t_first, self.n_first = now, self.n
     if now - self.last >= _STATE["interval_s"]:
       self.last = now
       logging.info("%s", self.line())

@@ -66,6 +66,11 @@ def quiet_third_party(*, verbose: bool) -> None:
       handler.addFilter(_OwnOrSevere())
   warnings.simplefilter("ignore")
   warnings.filterwarnings("default", module=r"tda(\.|$)")
+  try:
+    import sentencepiece  # Its C++ INFO lines ("precompiled_charsmap is empty") on each load.
+    sentencepiece.set_min_log_level(2)
+  except (ImportError, AttributeError):
+    pass
 
 
 _NATIVE_LOG = re.compile(r"^(?:[IWE]\d{4} |WARNING: All log messages before absl::InitializeLog)")
