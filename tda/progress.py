@@ -62,6 +62,7 @@ class _LogBar:
     self.n = 0
     self.postfix = ""
     self.t_first, self.n_first = None, 0
+    self.n_logged = -1
     self.t0 = self.last = time.monotonic()
 
   def set_postfix(self, **kwargs) -> None:
@@ -87,11 +88,11 @@ class _LogBar:
     if self.t_first is None:
       self.t_first, self.n_first = now, self.n
     if now - self.last >= _STATE["interval_s"]:
-      self.last = now
+      self.last, self.n_logged = now, self.n
       logging.info("%s", self.line())
 
   def close(self) -> None:
-    if self.n:
+    if self.n and self.n != self.n_logged:
       logging.info("%s", self.line())
 
 
