@@ -167,7 +167,15 @@ def write_config(config, workdir: str) -> None:
   from tda import workdir as wd
   if not distributed.is_leader():
     return
-  wd.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    try:
+      if wd.read_json(path) == new:
+        return  # A rerun of the same config rewrites nothing.
+    except ValueError:
+      pass
+  wd.write_json(path, new)
 
 
 def footer_lines(workdir: str, timings: dict[str, float]) -> list[str]:
