@@ -45,6 +45,11 @@ def _leader() -> bool:
     return True
 
 
+def _stderr_is_tty() -> bool:
+  run_output = sys.modules.get("tda.run_output")  # fd 2 may be a log filter's pipe
+  return run_output.stderr_is_tty() if run_output is not None else sys.stderr.isatty()
+
+
 def _fmt_time(s: float) -> str:
   if s != s or s == float("inf"):
     return "?"
@@ -113,7 +118,7 @@ def start(*, total: int | None, desc: str, unit: str = "it", enabled: bool = Tru
   """A started progress bar with `.update(n)`, `.set_postfix(**kw)` and `.close()`."""
   if not enabled or not _STATE["enabled"] or not _leader():
     return _NoBar()
-  if sys.stderr.isatty():
+  if _stderr_is_tty():
     import tqdm
     return tqdm.tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
                      file=sys.stderr)

@@ -27,9 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; a bad config override (e.g. a mistyped key) is a user error."""
   try:
-    # Loading the config file imports TensorFlow (seqio), whose C++ logs start then.
-    with run_output.native_logs_quieted(verbose=run_output.verbose_in(argv)):
-      return flags.FLAGS(argv)
+    return flags.FLAGS(argv)
   except flags.Error as e:
     run_output.exit_on_user_error(
         errors.UserError(f"{e}. See python -m tda.run --helpshort for the flags."),
@@ -54,12 +52,10 @@ def main(argv):
   verbose = logging.get_verbosity() > logging.INFO
   run_output.quiet_third_party(verbose=verbose)
   try:
-    with run_output.native_logs_quieted(verbose=verbose):
-      import jax
-      from tda import distributed
-      from tda import pipeline
-      distributed.initialize(_CONFIG.value)
-      jax.devices()  # Backend initialisation: its C++ probes log here.
+    import jax
+    from tda import distributed
+    from tda import pipeline
+    distributed.initialize(_CONFIG.value)
     jax.config.update("jax_threefry_partitionable", True)
     config, workdir = _CONFIG.value, _WORKDIR.value
     run_output.print_header(config, workdir, config_arg=flags.FLAGS["config"].config_filename)
@@ -76,4 +72,5 @@ if __name__ == "__main__":
   if not run_output.verbose_in(sys.argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    run_output.filter_native_logs()
   app.run(main, flags_parser=_parse_flags)

@@ -19,17 +19,18 @@ the C++ log level environment before those load.
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import glob
 import json
 import logging
 import os
 import re
 import sys
-import tempfile
 import traceback
 import warnings
-from typing import Any, Iterator
+from typing import Any
+
+from absl import logging as absl_logging
 
 from tda import errors
 
@@ -73,41 +74,59 @@ def quiet_third_party(*, verbose: bool) -> None:
     pass
 
 
-_NATIVE_LOG = re.compile(r"^(?:[IWE]\d{4} |WARNING: All log messages before absl::InitializeLog)")
+# Lines of C++ logging (absl / glog / tsl style, and SentencePiece's) that libraries
+# write straight to fd 2: "I1202 00:00:00.0 123 file.cc:31] ...", "normalizer.cc(51)
+# LOG(INFO) ...", absl's "WARNING: All log messages before absl::InitializeLog() ...".
+_NATIVE_LOG = re.compile(r"^(?:[IW]\d{4} |E0000 .*cuda|\S+\.cc\(\d+\) LOG\((?:INFO|WARNING)\)"
+                         r"|WARNING: All log messages before absl::InitializeLog)")
+_FILTER: dict[str, Any] = {}
 
 
-@contextlib.contextmanager
-def native_logs_quieted(*, verbose: bool) -> Iterator[None]:
-  """Drops C++ INFO/WARNING/ERROR log lines (TensorFlow, XLA, CUDA probes) written to fd 2.
+def filter_native_logs() -> None:
+  """Drops other libraries' C++ INFO/WARNING lines written to fd 2, for this process.
 
-  TensorFlow and jaxlib log through absl's C++ logging before anything can
-  configure it (e.g. "Could not find cuda drivers" on a CPU machine), so while
-  they load, fd 2 goes to a temporary file; afterwards its lines come back to
-  stderr except those in the C++ log format. On an exception, or with `verbose`,
-  everything comes back.
+  TensorFlow, XLA, CUDA probes and TensorFlow Text's SentencePiece log from C++
+  straight to file descriptor 2, before anything can configure them. Python's
+  `sys.stderr` (our logs, tqdm) is moved to a copy of the original stderr, and fd 2
+  to a pipe that a thread copies back line by line, leaving out the lines in those
+  C++ log formats (ERROR lines stay, except the CUDA probe's on CPU machines). Call
+  once, at start-up, unless `--verbosity` >= 1.
   """
-  if verbose:
-    yield
+  if _FILTER:
     return
+  import threading
   sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile(mode="w+b") as tmp:
-    os.dup2(tmp.fileno(), 2)
-    failed = False
-    try:
-      yield
-    except BaseException:
-      failed = True
-      raise
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      tmp.seek(0)
-      text = tmp.read().decode("utf-8", "replace")
-      keep = [l for l in text.splitlines(keepends=True) if failed or not _NATIVE_LOG.match(l)]
-      sys.stderr.write("".join(keep))
-      sys.stderr.flush()
+  orig_fd = os.dup(2)
+  tty = os.isatty(2)
+  sys.stderr = os.fdopen(os.dup(orig_fd), "w", buffering=1, errors="backslashreplace")
+  # absl's Python log lines look like C++ ones: they go to the new stderr, unfiltered.
+  absl_logging.get_absl_handler().python_handler.setStream(sys.stderr)
+  read_fd, write_fd = os.pipe()
+  os.dup2(write_fd, 2)
+  os.close(write_fd)
+
+  def pump():
+    with os.fdopen(read_fd, "rb") as r:
+      for raw in r:
+        line = raw.decode("utf-8", "replace")
+        if not _NATIVE_LOG.match(line):
+          os.write(orig_fd, raw)
+
+  thread = threading.Thread(target=pump, name="native-log-filter", daemon=True)
+  thread.start()
+  _FILTER.update(thread=thread, orig_fd=orig_fd, tty=tty)
+
+  def restore():
+    sys.stderr.flush()
+    os.dup2(orig_fd, 2)  # Closes the pipe's last write end: the pump drains and ends.
+    thread.join(timeout=5)
+
+  atexit.register(restore)
+
+
+def stderr_is_tty() -> bool:
+  """Whether the run's stderr is a terminal (also once `filter_native_logs` moved fd 2)."""
+  return _FILTER["tty"] if _FILTER else sys.stderr.isatty()
 
 
 def exit_on_user_error(err: BaseException, *, verbose: bool,
