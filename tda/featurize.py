@@ -21,6 +21,7 @@ from tda import gradients as grad_lib
 from tda import hessian
 from tda import methods as methods_lib
 from tda import model as model_lib
+from tda import progress
 from tda import projection as proj
 from tda import sharding
 
@@ -106,8 +107,8 @@ class Featurizer:
     put = lambda a: jax.device_put(a, self._batch_sharding)
     return self._fn(self._params, self._mats, self._corr, put(tokens_bt), put(mask_bt))
 
-  def __call__(self, *, tokens_nt, mask_nt, ids) -> dict[str, Any]:
-    """Vectors for every example, in input order.
+  def __call__(self, *, tokens_nt, mask_nt, ids, desc: str | None = None) -> dict[str, Any]:
+    """Vectors for every example, in input order (`desc`: show a progress line).
 
     Returns:
       dict with 'raw' (and 'corrected') float32 [N, d] and 'loss' [N]; rows that
@@ -124,6 +125,7 @@ class Featurizer:
     order = np.lexsort((np.arange(n), padded))
     out: dict[str, Any] = {}
     bs = self.batch_size
+    bar = progress.start(total=n, desc=desc or "", unit="example", enabled=bool(desc))
     for t in np.unique(padded):
       rows = order[padded[order] == t]
       for s in range(0, len(rows), bs):
@@ -137,6 +139,8 @@ class Featurizer:
           if k not in out:
             out[k] = np.zeros((n,) + v.shape[1:], np.float32)
           out[k][idx] = np.asarray(v)[:len(idx)]
+        bar.update(len(idx))
+    bar.close()
     finite = np.ones(n, bool)
     for k, v in out.items():
       finite &= np.isfinite(v.reshape(n, -1)).all(axis=1)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Sequence
 
+from tda import errors
+
 GRADIENT, LEXICAL, DENSE = "gradient", "lexical", "dense"
 KINDS = (GRADIENT, LEXICAL, DENSE)
 R_NONE, R_TRAIN, R_MIXED = "none", "train", "mixed"
@@ -97,7 +99,7 @@ VIEWER_ORDER = ("trackstar", "bm25", "dense", "gecko", "exp5", "exp4", "exp3", "
 def get(name: str) -> Method:
   """The registered method `name`; an unknown name is a ValueError naming the known ones."""
   if name not in METHODS:
-    raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    raise errors.UserError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
   return METHODS[name]
 
 
@@ -106,7 +108,7 @@ def check(names: Iterable[str], where: str = "eval.methods") -> list[str]:
   names = list(names)
   unknown = [n for n in names if n not in METHODS]
   if unknown:
-    raise ValueError(f"unknown method(s) {unknown} in {where}; known: {sorted(METHODS)}")
+    raise errors.UserError(f"unknown method(s) {unknown} in {where}; known: {sorted(METHODS)}")
   return names
 
 

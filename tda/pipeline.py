@@ -26,6 +26,7 @@ import ml_collections
 
 from tda import context as context_lib
 from tda import distributed
+from tda import errors
 from tda import faults
 from tda import methods as methods_lib
 from tda import stages as stages_lib
@@ -39,7 +40,7 @@ def stages_of(config: ml_collections.ConfigDict) -> list:
   names = [s.strip() for s in config.stages.split(",") if s.strip()]
   unknown = [s for s in names if s not in stages_lib.NAMES]
   if unknown:
-    raise ValueError(f"unknown stage(s) {unknown} in config.stages; known: "
+    raise errors.UserError(f"unknown stage(s) {unknown} in config.stages; known: "
                      f"{list(stages_lib.NAMES)}")
   return [s for s in stages_lib.STAGES if s.STAGE in names]
 

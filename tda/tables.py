@@ -51,6 +51,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from tda import errors
 from tda import faults
 from tda.workdir import json_roundtrip, read_json, write_json
 
@@ -66,7 +67,7 @@ _CHUNK_BYTES = 4 << 20
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
-class TableError(ValueError):
+class TableError(errors.UserError):
   """A table is missing, incomplete, or was written from another setup."""
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tda import model as model_lib
+from tda import progress
 from tda import train as train_lib
 
 
@@ -64,11 +65,14 @@ def tailpatch_pairs(*, fn, params, opt_state, passages_pt: np.ndarray,
   """Before/after target probabilities for each (passage, query) row pair."""
   n = len(passages_pt)
   before, after = np.zeros(n, np.float64), np.zeros(n, np.float64)
+  bar = progress.start(total=n, desc="tail-patch", unit="pair")
   for sl, pad in model_lib.fixed_batches(n, chunk):
     b, a = fn(params, opt_state, model_lib.pad_rows(passages_pt[sl], pad),
               model_lib.pad_rows(queries_pl[sl], pad), model_lib.pad_rows(qmasks_pl[sl], pad))
     before[sl] = np.asarray(b)[:sl.stop - sl.start]
     after[sl] = np.asarray(a)[:sl.stop - sl.start]
+    bar.update(sl.stop - sl.start)
+  bar.close()
   return before, after
 
 

@@ -25,8 +25,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from tda import batches
+from tda import errors
 from tda import faults
 from tda import model as model_lib
+from tda import progress
 from tda import sharding
 from tda import workdir as wd
 
@@ -166,7 +168,7 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
     return _load_hf(config, checkpoint_dir, model, tx, sharding.process_mesh(config))
   mngr = checkpoint_manager(checkpoint_dir, max_to_keep=None)
   if mngr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}; run the train stage")
+    raise errors.MissingInput(f"no checkpoint in {checkpoint_dir}; run the train stage")
   step = resolve_step(checkpoint_dir, step)
   _check_checkpoint_shape(config, read_meta(mngr, step), checkpoint_dir)
   have, where = checkpoint_leaf_shapes(checkpoint_dir, step), step_dir(checkpoint_dir, step)
@@ -215,14 +217,14 @@ _ORBAX_LAYOUT = ("orbax: <checkpoint>/<step>/ with items 'state' = {'params', 'o
                  "(StandardSave) and 'meta' (JsonSave, holding 'model' = the model config)")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(errors.UserError):
   """A checkpoint's tree does not fit the model and optimizer the config builds."""
 
 
 def check_checkpoint_format(fmt: str) -> None:
   """Raises unless `fmt` (`model.checkpoint_format`) is a supported format."""
   if fmt not in CHECKPOINT_FORMATS:
-    raise ValueError(f"model.checkpoint_format={fmt!r} is not supported; supported "
+    raise errors.UserError(f"model.checkpoint_format={fmt!r} is not supported; supported "
                      f"formats: {', '.join(CHECKPOINT_FORMATS)}")
 
 
@@ -234,13 +236,13 @@ def resolve_step(checkpoint_dir: str, step: int | None) -> int:
   """`step`, or the newest one when None; a step not saved lists the available ones."""
   steps = available_steps(checkpoint_dir)
   if not steps:
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"{checkpoint_dir} holds no checkpoint (no <step>/ folder); supported formats: "
         f"{_ORBAX_LAYOUT}")
   if step is None:
     return steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f"checkpoint step {step} is not in {checkpoint_dir}; "
+    raise errors.MissingInput(f"checkpoint step {step} is not in {checkpoint_dir}; "
                             f"available steps: {steps}")
   return step
 
@@ -365,7 +367,7 @@ def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if m.checkpoint_format == "hf_llama":
     return _describe_hf(config)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"model.checkpoint={m.checkpoint!r} is not a folder; supported "
+    raise errors.MissingInput(f"model.checkpoint={m.checkpoint!r} is not a folder; supported "
                             f"formats: {_ORBAX_LAYOUT}")
   step = resolve_step(path, m.checkpoint_step)
   have = checkpoint_leaf_shapes(path, step)
@@ -446,6 +448,7 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
   params, opt_state = state.params, state.opt_state
   t0, start_step, loss = time.time(), state.step, float("nan")
   tokens_seen = 0
+  bar = progress.start(total=t.steps - state.step, desc="train", unit="step")
   for step in range(state.step, t.steps):
     batch = batches.batch_at(tokens_nt=tokens_nt, step=step, batch_size=t.batch_size,
                              seed=config.seed, length_group=t.length_group)
@@ -458,13 +461,16 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
     done = step + 1
     if done % t.log_every == 0 or done == t.steps:
       loss = float(loss_arr)
-      logging.info("step %d loss %.4f (%.0f tok/s)", done, loss,
-                   tokens_seen / max(time.time() - t0, 1e-9))
+      logging.debug("step %d loss %.4f (%.0f tok/s)", done, loss,
+                    tokens_seen / max(time.time() - t0, 1e-9))
+      bar.set_postfix(loss=f"{loss:.4f}")
     if done % t.checkpoint_every == 0 or done == t.steps:
       save(mngr, TrainState(done, params, opt_state),
            {**meta, "data_position": done * t.batch_size, "loss": float(loss_arr)})
     if on_step is not None:
       on_step(done)
+    bar.update(1)
+  bar.close()
   wall = time.time() - t0
   return {"steps": t.steps, "resumed_from": start_step, "final_loss": float(loss),
           "wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9)}

@@ -21,6 +21,7 @@ from tda import featurize
 from tda import index as index_lib
 from tda import metrics
 from tda import model_eval
+from tda import progress
 
 
 def checkpoint_point(ctx, *, step: int) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def checkpoint_point(ctx, *, step: int) -> dict[str, Any]:
 def trend_points(ctx, *, steps) -> list[dict[str, Any]]:
   out = []
   available = ctx.checkpoint_steps
-  for step in steps:
+  for step in progress.iterate(steps, desc="trend", unit="checkpoint"):
     if step not in available:
       raise ValueError(f"eval.trend_steps has {step}, but the checkpoints kept are "
                        f"{available}: raise train.max_to_keep or pick saved steps")

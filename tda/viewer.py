@@ -43,6 +43,11 @@ _MUST_AGREE = ("inputs_plaintext", "targets_plaintext")
 _SCORE_DIGITS = 7  # Significant digits kept for embedded scores (display shows 4).
 
 
+def groundtruth_text(fact: dict[str, Any]) -> str:
+  """A fact as the paper's viewer shows its ground truth: "subject | relation | object"."""
+  return f"{fact['subject']} | {fact['relation']} | {fact['object']}"
+
+
 def result_rows(*, facts: Sequence[dict[str, Any]], passages: dict[str, str],
                 predictions: dict[str, dict[str, Any]], top_ids: Sequence[Sequence[str]],
                 top_scores: Any, bottom_ids: Sequence[Sequence[str]] | None = None,
@@ -91,8 +96,9 @@ def result_rows(*, facts: Sequence[dict[str, Any]], passages: dict[str, str],
                             else [finite(s) for s in bottom_scores[q]]),
         "fact_id": f["fact_id"],
         "relation": f["relation"],
-        "groundtruth": {"subject": f["subject"], "relation": f["relation"],
-                        "object": f["object"]},
+        # The paper's viewer shows `groundtruth` as text: "subject | relation | object".
+        "groundtruth": groundtruth_text(f),
+        "trex_id": f["example_id"],  # the paper's viewer lists queries by this name
         "subject": f["subject"],
         "object": f["object"],
         "c4_frequency": int(f["frequency"]),
@@ -239,6 +245,8 @@ def build_payload(*, results: dict[str, list[dict[str, Any]]],
   for qid in qids:
     q = queries[qid]
     gt = q.get("groundtruth") if isinstance(q.get("groundtruth"), dict) else None
+    if gt is None and all(q.get(k) is not None for k in ("subject", "relation", "object")):
+      gt = {k: q[k] for k in ("subject", "relation", "object")}
     conf = q.get("model_confidence")
     freq = q.get("c4_frequency")
     out_queries.append({

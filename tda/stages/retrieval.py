@@ -20,6 +20,7 @@ import numpy as np
 from tda import baselines
 from tda import index as index_lib
 from tda import methods as methods_lib
+from tda import progress
 from tda import verify
 from tda import workdir as wd
 
@@ -52,7 +53,9 @@ def gradient_rankings(ctx, *, k: int) -> tuple[dict[str, dict[str, Any]], dict[s
   ix = ctx.config.index
   excluded = ctx.excluded_ids
   out, timings = {}, {}
-  for table_name, methods in methods_lib.table_groups(ctx.config.eval.methods).items():
+  groups = methods_lib.table_groups(ctx.config.eval.methods)
+  for table_name, methods in progress.iterate(groups.items(), total=len(groups),
+                                              desc="retrieval: index search", unit="table"):
     t0 = time.time()
     table = ctx.table(table_name)
     res = index_lib.search_table(

@@ -24,6 +24,7 @@ from tda import config as config_lib
 from tda import distributed
 from tda import hessian
 from tda import methods as methods_lib
+from tda import progress
 from tda import tables as tables_lib
 from tda import workdir as wd
 
@@ -66,10 +67,12 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   n_shards = -(-n // rps)
   bad_ids: list[str] = []
   t0, rows_done = time.time(), 0
-  for s in range(pidx, n_shards, nproc):
+  mine = range(pidx, n_shards, nproc)
+  todo = [s for s in mine if not all(s in w.committed for w in writers.values())]
+  bar = progress.start(total=sum(min((s + 1) * rps, n) - s * rps for s in todo),
+                       desc="tables", unit="passage")
+  for s in todo:
     lo, hi = s * rps, min((s + 1) * rps, n)
-    if all(s in w.committed for w in writers.values()):
-      continue
     tok = corpus.tokens_nt[lo:hi]
     ids = corpus.ids[lo:hi]
     f = eng.featurizer(tokens_nt=tok, mask_nt=(tok != 0).astype(np.float32), ids=ids)
@@ -80,6 +83,8 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       x[f["bad_rows"]] = 0.0
       w.write(x, ids, start_row=lo)
     rows_done += hi - lo
+    bar.update(hi - lo)
+  bar.close()
   if bad_ids:
     logging.warning("%d passages have non-finite gradients (zeroed, excluded from "
                     "retrieval): %s", len(bad_ids), bad_ids[:10])
