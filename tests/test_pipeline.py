@@ -63,10 +63,8 @@ def _read_json(path):
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-  w = str(tmp_path_factory.mktemp("default"))
-  run_tda(w)
-  return w
+def default_run(runlocal_run):
+  return runlocal_run  # Built once per session (conftest.py), shared with other tests.
 
 
 @pytest.fixture(scope="module")
