@@ -180,8 +180,8 @@ def base_config() -> ml_collections.ConfigDict:
   qy.batch_size = 8              # Rows per gradient batch (a request, its per-token rows).
   qy.max_prompt_chars = 2000     # Longer prompts or targets are refused.
   qy.max_k = 100                 # Largest k a request may ask for.
-  qy.length_bucket = 0           # Query rows padded to a multiple of this; 0: data.seq_len
-                                 # (one compiled shape; prompts are short).
+  qy.length_bucket = 32          # Query rows run at their length rounded up to this
+                                 # (each length is one compilation); 0: data.seq_len.
 
   # --- Cost planning (tda.plan) -------------------------------------------
   c.plan = pl = ml_collections.ConfigDict()

@@ -267,13 +267,11 @@ class Engine:
     import sentencepiece as spm
     self.sp = spm.SentencePieceProcessor(model_file=self.ctx.vocab_path)
     model, state, _ = self.ctx.trained
-    q_config = ml_collections.ConfigDict(config.to_dict())
-    q_config.gradients.batch_size = batch_size
     self.seq_len = min(config.data.seq_len, model_lib.model_config(config).max_len)
-    # Rows run at their length rounded up to this (0: all at seq_len, one shape).
-    q_config.gradients.length_bucket = length_bucket or self.seq_len
+    self.batch_size = max(1, batch_size)
+    self.length_bucket = length_bucket or self.seq_len
     self.engine = featurize.make_engine(
-        q_config, model=model, state=state,
+        config, model=model, state=state,
         variants=tuple(methods_lib.variants(self.methods)) or None,
         second_moments=self.ctx.second_moments if config.gradients.correction else None)
     self.max_new_tokens = config.model_eval.max_new_tokens
@@ -311,11 +309,17 @@ class Engine:
                                 (jax.device_put(w), w.astype(np.float64)))
     return self._searchers[table]
 
-  def warm_up(self, methods: Sequence[str] | None = None) -> float:
-    """Loads tables and compiles the kernels with one throwaway query; seconds."""
+  def warm_up(self, methods: Sequence[str] | None = None, *,
+              all_lengths: bool = False) -> float:
+    """Loads tables and compiles the kernels (for one-row requests; with
+    `all_lengths`, at every length bucket up to the sequence length); seconds."""
     t0 = time.time()
+    lengths = (range(self.length_bucket, self.seq_len + 1, self.length_bucket)
+               if all_lengths else [self.length_bucket])
     with self._lock:
       self._greedy(["The"])
+      for t in lengths:
+        self._featurize(np.full((1, t), 3, np.int32), np.ones((1, t), np.float32))
     for m in methods or self.methods:
       self.trace([Request(prompt="The", target="a", method=m, k=1)])
     return time.time() - t0
@@ -348,10 +352,13 @@ class Engine:
     if longest + self.max_new_tokens > self.seq_len:
       raise QueryError(f"the prompt is {longest} tokens; with {self.max_new_tokens} "
                        f"generated tokens it exceeds the sequence length {self.seq_len}")
-    length = self.seq_len - self.max_new_tokens  # One compiled shape.
+    # Few compiled shapes: the prompt buffer rounded up to the length bucket, rows
+    # to a power of two.
+    length = min(-(-longest // self.length_bucket) * self.length_bucket,
+                 self.seq_len - self.max_new_tokens)
     out = []
-    bs = self.engine.featurizer.batch_size
-    for sl, pad in _batches(len(toks), bs):
+    for sl, _ in _batches(len(toks), self.batch_size):
+      bs = 1 << (sl.stop - sl.start - 1).bit_length()
       buf = np.zeros((bs, length), np.int32)
       lens = np.ones((bs,), np.int32)
       for j, t in enumerate(toks[sl]):
@@ -385,6 +392,35 @@ class Engine:
     with self._lock:
       return self._trace(requests)
 
+  def _featurize(self, tokens_nt: np.ndarray, mask_nt: np.ndarray) -> dict[str, Any]:
+    """Every row's projected gradients ('raw'/'corrected', 'loss', 'bad_rows':
+    non-finite rows) through the run's jitted kernel (`Featurizer.run_batch`) at
+    few shapes: at most `batch_size` rows a call, padded to a power of two (and
+    to the data axis), all at the longest row's length rounded up to
+    `length_bucket`. A request is one row (plus one per target token)."""
+    feat = self.engine.featurizer
+    n = len(tokens_nt)
+    used = (tokens_nt != 0).any(axis=0)
+    longest = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 2
+    t = int(model_lib.bucket_lengths([longest], multiple=self.length_bucket,
+                                     max_len=tokens_nt.shape[1])[0])
+    out: dict[str, Any] = {}
+    for s in range(0, n, self.batch_size):
+      m = min(self.batch_size, n - s)
+      b = sharding.pad_to_multiple(1 << (m - 1).bit_length(), feat.mesh)
+      tok = np.zeros((b, t), np.int32)
+      msk = np.zeros((b, t), np.float32)
+      tok[:m], msk[:m] = tokens_nt[s:s + m, :t], mask_nt[s:s + m, :t]
+      for key, v in feat.run_batch(tok, msk).items():
+        if key not in out:
+          out[key] = np.zeros((n,) + v.shape[1:], np.float32)
+        out[key][s:s + m] = np.asarray(v)[:m]
+    finite = np.ones(n, bool)
+    for v in out.values():
+      finite &= np.isfinite(v.reshape(n, -1)).all(axis=1)
+    out["bad_rows"] = np.flatnonzero(~finite)
+    return out
+
   def _trace(self, requests: list[Request]) -> list[dict[str, Any]]:
     tm = dict.fromkeys(TIMING_KEYS, 0.0)
     t_all = time.perf_counter()
@@ -412,7 +448,7 @@ class Engine:
           one = [0.0] * len(seq)
           one[len(p) + j] = 1.0
           rows.append(seq), masks.append(one), owner.append((i, j))
-    width = self.seq_len  # The featurizer trims to each row's length bucket.
+    width = self.seq_len  # `_featurize` trims to the length bucket.
     tokens_nt = np.zeros((len(rows), width), np.int32)
     mask_nt = np.zeros((len(rows), width), np.float32)
     for n, (s, m) in enumerate(zip(rows, masks)):
@@ -420,8 +456,7 @@ class Engine:
     tm["tokenise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    feats = self.engine.featurizer(tokens_nt=tokens_nt, mask_nt=mask_nt,
-                                   ids=[f"query{i}:{j}" for i, j in owner])
+    feats = self._featurize(tokens_nt, mask_nt)
     tm["gradient"] = time.perf_counter() - t0
     bad = set(int(b) for b in feats["bad_rows"])
 
@@ -597,7 +632,7 @@ def main(argv) -> None:
       if not reqs:
         raise QueryError(f"{fv.queries} holds no queries")
       check_finished(fv.workdir)
-      given = _CONFIG.value if _CONFIG else None
+      given = _CONFIG.value if _CONFIG is not None else None
       config = given if given is not None else config_from_workdir(fv.workdir)
       for n, r in enumerate(reqs):  # Bad requests fail before the model loads.
         try:

@@ -126,6 +126,8 @@ def make_handler(app: App):
         return self._error(411, "a Content-Length header is required")
       if n > MAX_BODY_BYTES:
         self.close_connection = True
+        if n <= 64 * MAX_BODY_BYTES:  # Drained, so the client reads the answer.
+          self.rfile.read(n)
         return self._error(413, f"the request body is {n} bytes; the limit is "
                            f"{MAX_BODY_BYTES}")
       body = self.rfile.read(n) if n > 0 else b""
@@ -174,12 +176,12 @@ def main(argv) -> None:
   if not fv.workdir:
     raise absl_app.UsageError("--workdir is required")
   try:
-    engine = query_lib.engine_from_flags(fv.workdir, _CONFIG.value if _CONFIG else None)
+    engine = query_lib.engine_from_flags(fv.workdir, _CONFIG.value if _CONFIG is not None else None)
   except (ValueError, query_lib.WorkdirNotReady, FileNotFoundError, RuntimeError) as e:
     sys.stderr.write(f"tda.serve: error: {e}\n")
     sys.exit(2)
   logging.info("loaded %s in %.1f s; compiling ...", fv.workdir, engine.load_s)
-  logging.info("warm-up %.1f s", engine.warm_up())
+  logging.info("warm-up %.1f s", engine.warm_up(all_lengths=True))
   server = make_server(App(engine), host=fv.host, port=fv.port)
   host, port = server.server_address[:2]
   print(f"tda.serve: http://{host}:{port}/  (POST {TRACE_PATH}; Ctrl-C stops)",

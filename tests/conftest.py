@@ -1,7 +1,11 @@
-"""Test set-up: 4 forced host CPU devices, so sharded code runs as on a pod slice."""
+"""Test set-up: 4 forced host CPU devices, so sharded code runs as on a pod slice;
+the session's one shared `:runlocal` run (and a query engine over it)."""
 
 import os
+import subprocess
 import sys
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
@@ -13,10 +17,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-import subprocess  # noqa: E402
-
-import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,3 +33,10 @@ def runlocal_run(tmp_path_factory):
   if p.returncode != 0:
     raise AssertionError(f"tda.run failed:\n{p.stderr[-4000:]}")
   return w
+
+
+@pytest.fixture(scope="session")
+def runlocal_engine(runlocal_run):
+  """`tda.query.Engine` over `runlocal_run`, loaded once per session."""
+  from tda import query as query_lib
+  return query_lib.engine_from_flags(runlocal_run)

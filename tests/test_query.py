@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from tda import index as index_lib
 from tda import query as query_lib
 from tda import workdir as wd
 
@@ -23,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def engine(runlocal_run):
-  return query_lib.engine_from_flags(runlocal_run)
+def engine(runlocal_engine):
+  return runlocal_engine
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,13 @@ def test_per_token_scores_sum_to_each_proponents_score(engine, facts, method):
 
 @pytest.mark.slow
 def test_without_a_target_the_greedy_continuation_is_traced(engine, facts):
+  cut = query_lib._cut_continuation  # pylint: disable=protected-access
   preds = engine.ctx.predictions
-  f = facts[0]
+  # model_eval decoded the same greedy continuations (same max_new_tokens).
+  f = next(f for f in facts if cut(preds[f["example_id"]]["prediction"]))
   res = engine.trace([query_lib.Request(prompt=f["inputs_plaintext"], k=3)])[0]
   assert res["target_source"] == query_lib.TARGET_GREEDY
-  # model_eval decoded the same greedy continuation (same max_new_tokens).
-  assert res["target"] == query_lib._cut_continuation(preds[f["example_id"]]["prediction"])  # pylint: disable=protected-access
+  assert res["target"] == cut(preds[f["example_id"]]["prediction"])
   given = engine.trace([query_lib.Request(prompt=f["inputs_plaintext"], target=res["target"],
                                           k=3)])[0]
   assert [h["id"] for h in given["proponents"]] == [h["id"] for h in res["proponents"]]
@@ -188,7 +190,9 @@ def _cli(*args):
 
 @pytest.mark.slow
 def test_cli_json_batch_and_clear_errors(runlocal_run, engine, facts, tmp_path):
-  f = facts[2]
+  preds = engine.ctx.predictions
+  cut = query_lib._cut_continuation  # pylint: disable=protected-access
+  f = next(f for f in facts[2:] if cut(preds[f["example_id"]]["prediction"]))
   queries = tmp_path / "q.jsonl"
   wd.write_jsonl(str(queries), [
       {"prompt": f["inputs_plaintext"], "target": f["targets_plaintext"]},
@@ -209,7 +213,27 @@ def test_cli_json_batch_and_clear_errors(runlocal_run, engine, facts, tmp_path):
   # Clear errors, before the model is loaded.
   p = _cli(f"--workdir={runlocal_run}", "--prompt=x", "--method=bm25")
   assert p.returncode == 2 and "lexical baseline" in p.stderr, p.stderr[-2000:]
-  p = _cli(f"--workdir={runlocal_run}", "--prompt= ")
-  assert p.returncode == 2 and "the prompt is empty" in p.stderr
   p = _cli(f"--workdir={tmp_path}", "--prompt=x")
   assert p.returncode == 2 and "is not a finished run" in p.stderr
+
+
+@pytest.mark.slow
+def test_scann_and_exact_searchers_agree_and_skip_excluded_passages(engine, facts):
+  try:
+    index_lib._scann_ops()  # pylint: disable=protected-access
+  except ImportError as e:
+    pytest.skip(f"scann unavailable: {e}")
+  table = engine._table("trackstar")  # pylint: disable=protected-access
+  ids = table.ids
+  excluded = {ids[0], ids[5]}  # As if their gradients had been non-finite.
+  exact = query_lib.Searcher(table=table, excluded=excluded, method="exact", index_params={})
+  scann = query_lib.Searcher(table=table, excluded=excluded, method="scann", index_params={})
+  q = exact.x_nd[[0, 3, 7]] + 0.01 * exact.x_nd[[1, 2, 4]]  # Queries near excluded rows too.
+  a, b = exact.search(q, 6), scann.search(q, 6)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[2], b[2])
+  np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a[3], b[3], rtol=1e-5, atol=1e-6)
+  for rows in (a[0], a[2]):
+    assert not {ids[r] for r in rows.ravel()} & excluded
+  assert np.all(np.diff(a[1], axis=1) <= 0) and np.all(np.diff(a[3], axis=1) >= 0)
