@@ -73,8 +73,8 @@ def test_per_token_gradients_sum_to_the_sequence_gradient(engine, facts):
   mask[0, len(p):n] = 1.0
   for j in range(len(t)):
     mask[1 + j, len(p) + j] = 1.0
-  out = engine.engine.featurizer(tokens_nt=tokens, mask_nt=mask,
-                                 ids=[str(i) for i in range(len(tokens))])
+  out = engine._featurize(tokens, mask)  # pylint: disable=protected-access
+  assert not len(out["bad_rows"])
   for variant in ("raw", "corrected"):
     seq, parts = out[variant][0].astype(np.float64), out[variant][1:].astype(np.float64)
     assert np.abs(seq).max() > 0
