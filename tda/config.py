@@ -181,6 +181,14 @@ def base_config() -> ml_collections.ConfigDict:
   ev.dense_model = "all-MiniLM-L6-v2"
   ev.trend_steps = (100, 200)    # Earlier checkpoints for the model-quality trend ((): none).
 
+  # --- Tracing your own prompts (tda.query, tda.serve) --------------------
+  c.query = qy = ml_collections.ConfigDict()
+  qy.batch_size = 8              # Rows per gradient batch (a request, its per-token rows).
+  qy.max_prompt_chars = 2000     # Longer prompts or targets are refused.
+  qy.max_k = 100                 # Largest k a request may ask for.
+  qy.length_bucket = 32          # Query rows run at their length rounded up to this
+                                 # (each length is one compilation); 0: data.seq_len.
+
   # --- Cost planning (tda.plan) -------------------------------------------
   c.plan = pl = ml_collections.ConfigDict()
   pl.rows = _int()               # Rows to featurise; None: 365M if data.source == 'c4'.

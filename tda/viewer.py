@@ -317,8 +317,14 @@ def embed_json(obj: Any) -> str:
           .replace("\u2029", "\\u2029"))
 
 
-def render_html(*, payload: dict[str, Any], title: str = "TrackStar results viewer") -> str:
-  """The page: template + inline script (allowed by its CSP hash) + data."""
+def render_html(*, payload: dict[str, Any], title: str = "TrackStar results viewer",
+                served: bool = False) -> str:
+  """The page: template + inline script (allowed by its CSP hash) + data.
+
+  `served`: the page comes from `tda.serve`, whose API its "trace a prompt" box
+  calls (`payload["trace"]`), so its CSP also allows requests to its own origin
+  (`connect-src 'self'`); the offline page allows no network at all.
+  """
   if not os.path.exists(TEMPLATE_PATH):
     raise FileNotFoundError(
         f"viewer template missing: {TEMPLATE_PATH} (is package_data set for "
@@ -330,6 +336,8 @@ def render_html(*, payload: dict[str, Any], title: str = "TrackStar results view
   if not script or not tail:
     raise ValueError(f"{TEMPLATE_PATH}: no <script id=\"viewer-app\"> block found")
   digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+  if served:
+    head = head.replace("default-src 'none';", "default-src 'none'; connect-src 'self';", 1)
   page = (head.replace("__SCRIPT_HASH__", f"sha256-{digest}")
           .replace("__TITLE__", html.escape(title))
           .replace("__DATA__", embed_json(payload))

@@ -1,7 +1,10 @@
-"""Test set-up: 4 forced host CPU devices, so sharded code runs as on a pod slice."""
+"""Test set-up: 4 forced host CPU devices, so sharded code runs as on a pod slice;
+the session's one shared `:runlocal` run (and a query engine over it)."""
 
 import os
 import sys
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
@@ -14,9 +17,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-import pytest  # noqa: E402
-
-
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
   """One default pipeline run (`trackstar_tiny.py:runlocal`), shared by the end-to-end
@@ -25,3 +25,10 @@ def default_run(tmp_path_factory):
   w = str(tmp_path_factory.mktemp("default"))
   run_tda(w)
   return w
+
+
+@pytest.fixture(scope="session")
+def runlocal_engine(default_run):
+  """`tda.query.Engine` over `default_run`, loaded once per session."""
+  from tda import query as query_lib
+  return query_lib.engine_from_flags(default_run)

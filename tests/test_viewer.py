@@ -304,6 +304,21 @@ def test_loads_clean_and_shows_all_metrics(hand_page):
       "[data-testid=detail-groundtruth]")
 
 
+def test_offline_trace_box_asks_for_the_server_and_makes_no_request(hand_page):
+  # The Page records any request but the file itself as a problem (checked at close).
+  p = hand_page.page
+  assert p.is_hidden("[data-testid=trace-controls]")
+  assert "start tda.serve" in p.text_content("[data-testid=trace-status]")
+
+
+def test_served_page_allows_its_own_origin_only_when_served():
+  payload = viewer.build_payload(results={"trackstar": hand_rows("trackstar")})
+  offline = viewer.render_html(payload=payload)
+  served = viewer.render_html(payload=payload, served=True)
+  assert "connect-src" not in offline and "default-src 'none';" in offline
+  assert "default-src 'none'; connect-src 'self';" in served
+
+
 @pytest.mark.parametrize("testid,value,rows,expected", [
     # relation = place_of_birth: q0..q3.
     ("filter-relation", "place_of_birth", [0, 1, 2, 3],
