@@ -13,13 +13,17 @@ choice of d must not look at test.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
 
-from tda import featurize
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tda import featurize  # pylint: disable=g-import-not-at-top
 from tda import methods as methods_lib
 from tda import protocol
 from tda import context as context_lib
