@@ -131,11 +131,12 @@ def render(metrics: dict[str, Any]) -> str:
   for name, c in orderings.items():
     v = c["values"]
     scale, digits = (100.0, 2) if "tailpatch" in name else (1.0, 3)
-    ours = ", ".join(f"{k} {_f(x * scale if isinstance(x, float) else x, digits)}"
-                     for k, x in v.items() if isinstance(x, (int, float)) and k != "threshold")
-    ours += "".join(f", {m} {_f(x * scale, digits)}" for k in ("min_baseline", "max_gradient",
-                                                               "best_other")
-                    for m, x in (v.get(k) or {}).items() if isinstance(x, (int, float)))
+    parts = [f"{k} {_f(x * scale if isinstance(x, float) else x, digits)}"
+             for k, x in v.items() if isinstance(x, (int, float)) and k != "threshold"]
+    parts += [f"{m} {_f(x * scale, digits)}"
+              for k in ("min_baseline", "max_gradient", "best_other")
+              for m, x in (v.get(k) or {}).items() if isinstance(x, (int, float))]
+    ours = ", ".join(parts)
     dci = v.get("diff_ci") or {}
     if "diff" in dci:
       d = _diff_ci(dci, scale, digits)
