@@ -13,6 +13,9 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.name = "trackstar_tiny"
   args = set((arg or "").split(",")) - {""}
+  # d = 5 blocks × 8 × 8 = 320, so the corpus (~1,400 passages, all in the R_train
+  # sample) estimates R from more than 4 × d samples (DESIGN.md §3, "Protocol").
+  c.gradients.k_in = c.gradients.k_out = 8
   if "sequential" in args:
     c.model.block = "sequential"
   if "adam" in args:
@@ -36,7 +39,7 @@ def get_config(arg=None):
     c.gradients.k_in = c.gradients.k_out = 8
     c.gradients.batch_size = 8
     c.hessian.train_samples = 32
-    c.hessian.auto_top_k = 4
+    c.hessian.lambda_top_k_fraction = 0.01
     c.tables.rows_per_shard = 64
     c.eval.tailpatch_queries = 4
     c.eval.tailpatch_k = 3

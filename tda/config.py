@@ -141,12 +141,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Hessian approximation R (tda.hessian) ------------------------------
   c.hessian = h = ml_collections.ConfigDict()
-  h.train_samples = 4096         # Training passages sampled for R_train (all, if fewer).
-  h.lambda_ = 0.9               # λ for R = λ R_eval + (1-λ) R_train (paper: 0.9 on T-REx).
-  h.lambda_auto = False         # Choose λ by the top-K rule of tda.hessian instead.
-  h.auto_top_k = 16              # 'auto': top-K eigen-directions of R_eval to downweight.
-  h.auto_overlap = 0.9
-  h.damping = 1.0                # × mean eigenvalue of R (see tda.hessian on why this large).
+  h.train_samples = 4096         # Training passages sampled for R_train (all, if fewer);
+                                 # R is estimated from >= 4 × d of them (a warning otherwise).
+  h.lambda_rule = "top_k"        # 'top_k' (paper's rule, unnormalised R) | 'fixed' (lambda_,
+                                 # unnormalised) | 'fixed_normalised' (lambda_ on trace-scaled R).
+  h.lambda_ = 0.9                # λ for the 'fixed' rules (paper: 0.9 on T-REx, 0.99 on C4).
+  h.lambda_top_k_fraction = 1000 / 65536  # 'top_k': K/d of R_eval's directions downweighted.
+  h.damping_candidates = (1e-3, 1e-2, 1e-1, 1.0)  # × mean eigenvalue; chosen per method on dev.
+  h.damping = 1.0                # × mean eigenvalue, where no dev sweep runs (the trend).
   h.block_diagonal = False       # Block-diagonal R over projection blocks.
 
   # --- Gradient tables (tda.tables) ---------------------------------------
@@ -176,7 +178,11 @@ def base_config() -> ml_collections.ConfigDict:
   ev.methods = ("trak", "exp1", "exp2", "exp3", "exp4", "exp5", "trackstar",
                 "trackstar_no_task_r", "bm25", "dense")
   ev.tailpatch_k = 10
-  ev.tailpatch_queries = 64      # Queries tail-patched per method (0: all).
+  ev.dev_fraction = 0.3          # Share of each (bucket, relation) stratum of queries on dev.
+  ev.split_seed = 0              # Seed of the dev/test split (tda.protocol).
+  ev.rank_depth = 0              # Rank depth for MRR (0: the whole corpus, exact).
+  ev.bootstrap_samples = 1000    # Resamples of the test queries for every 95% CI.
+  ev.tailpatch_queries = 0       # Test queries tail-patched per method (0: all).
   ev.tailpatch_lr = _float()     # None: the training schedule's final LR.
   ev.dense_model = "all-MiniLM-L6-v2"
   ev.trend_steps = (100, 200)    # Earlier checkpoints for the model-quality trend ((): none).

@@ -23,6 +23,7 @@ from tda import methods as methods_lib
 from tda import model as model_lib
 from tda import progress
 from tda import projection as proj
+from tda import protocol
 from tda import sharding
 
 
@@ -208,24 +209,64 @@ def hessian_sample(config, n: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
+class DevPool:
+  """What the dev sweep scores: dev query vectors and this process's share of a
+  passage pool (the R_train sample plus the dev queries' ground-truth passages).
+
+  Attributes:
+    queries: variant -> [Qd, d] dev query vectors.
+    pool: variant -> [P_local, d] this process's pool vectors.
+    relevant_qp: [Qd, P_local] whether pool passage p entails dev query q's fact.
+  """
+  queries: dict[str, np.ndarray]
+  pool: dict[str, np.ndarray]
+  relevant_qp: np.ndarray
+
+
+@dataclasses.dataclass
 class Fit:
-  """R_train and R_eval per variant (mean autocorrelations) and the whiteners."""
+  """R_train and R_eval per variant (mean autocorrelations), the whiteners, and
+  the dev sweep (table -> {"candidates", "dev_mrr", "chosen"}; {} without one)."""
   r_train: dict[str, np.ndarray]
   r_eval: dict[str, np.ndarray]
   whiteners: hessian.Whiteners
+  sweep: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def dev_ranks(*, queries_qd: np.ndarray, pool_pd: np.ndarray,
+              relevant_qp: np.ndarray) -> np.ndarray:
+  """Exact first-relevant ranks of the dev queries over the whole pool, with each
+  process holding a share of the pool (`tda.protocol.first_relevant_rank`, summed
+  across processes)."""
+  s = np.asarray(queries_qd, np.float64) @ np.asarray(pool_pd, np.float64).T
+  rel = np.asarray(relevant_qp, bool)
+  best_local = np.where(rel, s, -np.inf).max(axis=1, initial=-np.inf)
+  per_proc = np.full((jax.process_count(), len(s)), -1e300)
+  per_proc[jax.process_index()] = np.maximum(best_local, -1e300)
+  best = distributed.sum_across_processes(
+      np.where(np.arange(jax.process_count())[:, None] == jax.process_index(), per_proc, 0.0))
+  best = best.max(axis=0)
+  counts = np.stack([((s >= best[:, None]) & ~rel).sum(1), rel.any(1)]).astype(np.float64)
+  counts = distributed.sum_across_processes(counts)
+  return np.where(counts[1] > 0, 1 + counts[0], 0).astype(np.int64)
 
 
 def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
-                  train: dict[str, np.ndarray], block_sizes=None) -> Fit:
+                  train: dict[str, np.ndarray], block_sizes=None,
+                  dev: DevPool | None = None) -> Fit:
   """R_train (summed over every process's share of the sample), R_eval and each
   method's R^{-1/2}, from featurised vectors per variant (`config.hessian`).
 
   Args:
     config: the run config.
     methods: gradient method names.
-    queries: variant -> [Q, d] query vectors (finite rows only).
+    queries: variant -> [Q, d] the vectors R_eval is estimated on (the dev
+      queries; finite rows only).
     train: variant -> [n, d] this process's share of the R_train sample.
     block_sizes: projection block sizes, used when `hessian.block_diagonal`.
+    dev: the dev pool; with it, each table's damping is the candidate of
+      `hessian.damping_candidates` with the best dev MRR (the first on ties), and
+      every method's dev MRR is recorded. Without it, `hessian.damping`.
   """
   r_train, r_eval = {}, {}
   for v in methods_lib.variants(methods):
@@ -235,9 +276,36 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
     s, cnt = hessian.autocorrelation(vectors_nd=queries[v])
     r_eval[v] = s / max(cnt, 1)
   h = config.hessian
-  whiteners = hessian.build_whiteners(
-      methods=methods, r_train=r_train, r_eval=r_eval,
-      lam="auto" if h.lambda_auto else h.lambda_, damping=h.damping,
-      top_k=h.auto_top_k, overlap=h.auto_overlap,
-      block_sizes=block_sizes if h.block_diagonal else None)
-  return Fit(r_train=r_train, r_eval=r_eval, whiteners=whiteners)
+  prep = hessian.prepare(methods=methods, r_train=r_train, r_eval=r_eval,
+                         lambda_rule=h.lambda_rule, lam=h.lambda_,
+                         top_k_fraction=h.lambda_top_k_fraction,
+                         block_sizes=block_sizes if h.block_diagonal else None)
+  if dev is None:
+    return Fit(r_train, r_eval, prep.whiteners(h.damping))
+  candidates = [float(x) for x in h.damping_candidates]
+  if not candidates:
+    raise ValueError("hessian.damping_candidates is empty")
+  tables = methods_lib.table_groups(methods)
+  scores: dict[str, list[float]] = {t: [] for t in tables}
+  for c in candidates:
+    wh = prep.whiteners(c)
+    for t in tables:
+      if wh.matrices[t] is None and scores[t]:
+        continue  # No R: the damping does not matter; scored once.
+      v, unit = methods_lib.switches(t).variant, methods_lib.switches(t).unit
+      ranks = dev_ranks(
+          queries_qd=hessian.apply_np(vectors_nd=dev.queries[v], whitener=wh.matrices[t],
+                                      unit=unit),
+          pool_pd=hessian.apply_np(vectors_nd=dev.pool[v], whitener=wh.matrices[t], unit=unit),
+          relevant_qp=dev.relevant_qp)
+      scores[t].append(protocol.mrr_from_ranks(ranks))
+  chosen, sweep = {}, {}
+  for t, ms in tables.items():
+    uses_r = len(scores[t]) == len(candidates) and hessian.r_key(t)[1] != methods_lib.R_NONE
+    best = candidates[int(np.argmax(scores[t]))] if uses_r else None
+    sweep[t] = {"methods": ms, "candidates": candidates if uses_r else [],
+                "dev_mrr": scores[t] if uses_r else [], "chosen": best,
+                "dev_mrr_chosen": max(scores[t])}
+    for m in ms:
+      chosen[m] = best if uses_r else h.damping
+  return Fit(r_train, r_eval, prep.whiteners(chosen), sweep)

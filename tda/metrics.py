@@ -51,13 +51,17 @@ def first_correct_rank(*, proponent_ids: Sequence[str], relevant: set[str]) -> i
 
 
 def attribution(*, top_ids: Sequence[Sequence[str]], relevant: Sequence[Any],
-                k: int = 10) -> dict[str, Any]:
+                k: int = 10, full_ranks: Sequence[int] | None = None) -> dict[str, Any]:
   """Attribution metrics of ranked proponents against ground truth (DESIGN.md §3).
 
   Args:
     top_ids: per query, the proponent ids best first (lengths may differ).
     relevant: per query, the set of ids that entail its fact.
     k: cut-off for recall and precision (the paper uses 10).
+    full_ranks: per query, the rank of the first relevant passage in a deeper
+      ranking than `top_ids` (e.g. the whole corpus; 0 = none within it). When
+      given, MRR and recall come from these ranks (so a first correct passage
+      at rank 11+ still counts in MRR) and precision from `top_ids`.
 
   Returns:
     {"mrr": mean over queries of 1/rank of the first correct proponent among
@@ -88,6 +92,16 @@ def attribution(*, top_ids: Sequence[Sequence[str]], relevant: Sequence[Any],
     ranks[q] = first_correct_rank(proponent_ids=ids, relevant=rel)
     head = list(ids[:k])
     prec[q] = sum(pid in rel for pid in head) / len(head) if head else 0.0
+  if full_ranks is not None:
+    full = np.asarray(full_ranks, np.int64)
+    if full.shape != (n,) or (full < 0).any():
+      raise ValueError(f"attribution: full_ranks must be {n} ranks >= 0, got shape {full.shape}")
+    listed = ranks > 0
+    if (full[listed] > ranks[listed]).any():
+      q = int(np.flatnonzero(listed & (full > ranks))[0])
+      raise ValueError(f"attribution: query {q} has a correct proponent at rank {ranks[q]} "
+                       f"of top_ids but full_ranks says {full[q]}")
+    ranks = full
   rr = np.where(ranks > 0, 1.0 / np.maximum(ranks, 1), 0.0)
   hit = (ranks > 0) & (ranks <= k)
   return {
@@ -226,3 +240,56 @@ def by_group(*, values: dict[str, Any], groups: Sequence[str],
         "count": {k: int(np.isfinite(v[sel]).sum()) for k, v in arrays.items()},
     }
   return out
+
+
+def _boot_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+  """Means of `n_boot` resamples (with replacement) of the rows of x."""
+  n = len(x)
+  idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+  return x[idx].mean(axis=1)
+
+
+def bootstrap_ci(values_q: Any, *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+  """Percentile bootstrap CI of the mean over queries (NaN values are dropped).
+
+  Args:
+    values_q: [q] per-query values (e.g. reciprocal ranks).
+    n_boot: resamples of the queries.
+    seed: resampling seed (the same seed resamples the same query indices, so
+      methods scored on the same queries share resamples).
+    level: coverage, e.g. 0.95.
+
+  Returns:
+    (lo, hi); (NaN, NaN) when no value is finite.
+  """
+  if not 0.0 < level < 1.0:
+    raise ValueError(f"level must be in (0, 1), got {level}")
+  if n_boot < 1:
+    raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+  x = np.asarray(values_q, np.float64)
+  x = x[np.isfinite(x)]
+  if not len(x):
+    return float("nan"), float("nan")
+  m = _boot_means(x, n_boot, seed)
+  a = (1.0 - level) / 2
+  return float(np.quantile(m, a)), float(np.quantile(m, 1.0 - a))
+
+
+def paired_diff_ci(a_q: Any, b_q: Any, *, n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> dict[str, float]:
+  """Mean of b − a over the queries where both are finite, with a paired
+  percentile bootstrap CI (both methods resampled on the same queries).
+
+  Returns:
+    {"diff", "lo", "hi", "n"}; NaNs (n = 0) when no query has both.
+  """
+  a, b = np.asarray(a_q, np.float64), np.asarray(b_q, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired_diff_ci: shapes {a.shape} and {b.shape} must be equal and 1-D")
+  ok = np.isfinite(a) & np.isfinite(b)
+  d = (b - a)[ok]
+  if not len(d):
+    return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+  lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed, level=level)
+  return {"diff": float(d.mean()), "lo": lo, "hi": hi, "n": int(len(d))}

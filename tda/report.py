@@ -55,6 +55,8 @@ class MethodResult:
     tailpatch_abs: [q, k_tp] p_after - p_before per proponent by rank; NaN rows
       for queries not tail-patched; None if not computed.
     tailpatch_rel: [q, k_tp] (p_after - p_before) / p_before; same layout.
+    first_relevant_rank: [q] rank of the first entailing passage in the full
+      ranking (0: none); None: MRR from `top_ids` only.
   """
   name: str
   family: str
@@ -65,6 +67,7 @@ class MethodResult:
   bottom_scores: Any = None
   tailpatch_abs: Any = None
   tailpatch_rel: Any = None
+  first_relevant_rank: Any = None
 
 
 # --- Validation ---------------------------------------------------------------
@@ -158,16 +161,19 @@ def _index_facts(facts: list[dict[str, Any]], query_ids: Sequence[str],
 
 # --- Metrics ------------------------------------------------------------------
 
-def _method_metrics(m: MethodResult, facts_q: list[dict],
-                    bucket_order: Sequence[str]) -> dict[str, Any]:
-  """One method's metrics.json entry."""
+def _method_metrics(m: MethodResult, facts_q: list[dict], bucket_order: Sequence[str],
+                    n_boot: int, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """One method's metrics.json entry (each metric with a bootstrap 95% CI over
+  queries) and its per-query values (for paired comparisons)."""
   att = metrics_lib.attribution(top_ids=m.top_ids,
-                                relevant=[set(f["passage_ids"]) for f in facts_q], k=10)
+                                relevant=[set(f["passage_ids"]) for f in facts_q], k=10,
+                                full_ranks=m.first_relevant_rank)
   n_q = len(facts_q)
   values = {"mrr": att["rr"], "recall_at_10": att["hit"].astype(np.float64)}
   entry = {"family": m.family, "mrr": att["mrr"], "recall_at_10": att["recall_at_10"],
            "precision_at_10": att["precision_at_10"], "tailpatch_abs": None,
-           "tailpatch_rel": None, "tailpatch_at_k": {}, "n_tailpatched": 0}
+           "tailpatch_rel": None, "tailpatch_at_k": {}, "n_tailpatched": 0,
+           "full_ranking": m.first_relevant_rank is not None}
   if m.tailpatch_abs is not None:
     tp = metrics_lib.tailpatch_summary(abs_qk=m.tailpatch_abs, rel_qk=m.tailpatch_rel)
     entry.update(tailpatch_abs=tp["tailpatch_abs"], tailpatch_rel=tp["tailpatch_rel"],
@@ -176,12 +182,21 @@ def _method_metrics(m: MethodResult, facts_q: list[dict],
     values["tailpatch_abs"], values["tailpatch_rel"] = tp["abs_q"], tp["rel_q"]
   else:
     values["tailpatch_abs"] = values["tailpatch_rel"] = np.full(n_q, np.nan)
+  for key in ("mrr", "recall_at_10", "tailpatch_abs", "tailpatch_rel"):
+    entry[f"{key}_ci"] = list(metrics_lib.bootstrap_ci(values[key], n_boot=n_boot, seed=seed))
+  entry["median_rank"] = (float(np.median(att["rank"][att["rank"] > 0]))
+                          if (att["rank"] > 0).any() else None)
   groups = metrics_lib.by_group(values=values, groups=[f["bucket"] for f in facts_q],
                                 order=list(bucket_order))
   entry["by_bucket"] = {b: {**g["mean"], "n": g["n"],
                             "n_tailpatched": g["count"]["tailpatch_abs"]}
                         for b, g in groups.items()}
-  return entry
+  g = np.asarray([f["bucket"] for f in facts_q])
+  for b in bucket_order:
+    for key in ("mrr", "tailpatch_abs"):
+      entry["by_bucket"][b][f"{key}_ci"] = list(metrics_lib.bootstrap_ci(
+          values[key][g == b], n_boot=n_boot, seed=seed))
+  return entry, values
 
 
 # --- Entry point --------------------------------------------------------------
@@ -190,7 +205,8 @@ def write_report(*, results_dir: str, methods: dict[str, MethodResult],
                  facts: list[dict[str, Any]], passages: dict[str, str],
                  predictions: dict[str, dict[str, Any]], bucket_order: Sequence[str],
                  timings_s: dict[str, float], model_eval: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
   """Scores every method and writes all evaluation outputs to `results_dir`.
 
   Args:
@@ -205,6 +221,8 @@ def write_report(*, results_dir: str, methods: dict[str, MethodResult],
     timings_s: stage -> wall seconds.
     model_eval: the model-eval summary.
     extra: more top-level keys for metrics.json (must not shadow ours).
+    n_boot, seed: bootstrap resamples and seed of every CI (`tda.metrics.bootstrap_ci`;
+      one seed, so all methods share resamples).
 
   Returns:
     The metrics dict written to metrics.json (NaN written as null).
@@ -218,13 +236,17 @@ def write_report(*, results_dir: str, methods: dict[str, MethodResult],
   names = list(methods)
   facts_q = _index_facts(facts, query_ids, passages, bucket_order)
 
-  entries = {name: _method_metrics(methods[name], facts_q, bucket_order) for name in names}
+  scored = {name: _method_metrics(methods[name], facts_q, bucket_order, n_boot, seed)
+            for name in names}
+  entries = {name: e for name, (e, _) in scored.items()}
   out = {
       "methods": entries,
       "timings_s": dict(timings_s),
       "model_eval": model_eval,
       "num_queries": len(query_ids),
-      "paper_orderings": claims.paper_orderings(methods=entries),
+      "paper_orderings": claims.paper_orderings(
+          methods=entries, per_query={name: v for name, (_, v) in scored.items()},
+          n_boot=n_boot, seed=seed),
       **(extra or {}),
   }
   out = json_values.to_jsonable(out)

@@ -10,8 +10,8 @@ schedule's final value, i.e. the step size the model's last updates had, so one
 tail-patch step is one more step of the same training run.
 
 Pairs are vectorised: `jax.vmap` over (passage, query) pairs in fixed-size
-chunks (one compiled shape), and each distinct pair is computed once even when
-several methods retrieve it.
+chunks, grouped by passage length bucket (one compiled shape per bucket width),
+and each distinct pair is computed once even when several methods retrieve it.
 """
 
 from __future__ import annotations
@@ -97,14 +97,20 @@ def tailpatch_methods(*, fn, params, opt_state, corpus_tokens_nt: np.ndarray,
       for pid in ranked[q][:k]:
         pairs.setdefault((q, pid), len(pairs))
   keys = list(pairs)
+  before, after = np.zeros(len(keys)), np.zeros(len(keys))
   if keys:
     passages = corpus_tokens_nt[[row_of[pid] for _, pid in keys]]
-    width = int(model_lib.bucket_lengths(np.array([(passages != 0).sum(1).max()]),
-                                         multiple=32, max_len=passages.shape[1])[0])
-    before, after = tailpatch_pairs(
-        fn=fn, params=params, opt_state=opt_state, passages_pt=passages[:, :width],
-        queries_pl=query_tokens_nl[[q for q, _ in keys]],
-        qmasks_pl=query_mask_nl[[q for q, _ in keys]], chunk=chunk)
+    # Pairs grouped by their passage's length bucket: each group runs at its own
+    # width (one compiled shape per width), not all at the longest passage's.
+    widths = model_lib.bucket_lengths((passages != 0).sum(1), multiple=32,
+                                      max_len=passages.shape[1])
+    q_rows = np.array([q for q, _ in keys])
+    for w in np.unique(widths):
+      sel = np.flatnonzero(widths == w)
+      before[sel], after[sel] = tailpatch_pairs(
+          fn=fn, params=params, opt_state=opt_state, passages_pt=passages[sel, :int(w)],
+          queries_pl=query_tokens_nl[q_rows[sel]], qmasks_pl=query_mask_nl[q_rows[sel]],
+          chunk=chunk)
   out = {}
   n_q = len(query_tokens_nl)
   for method, ranked in rankings.items():

@@ -47,21 +47,47 @@ def test_damping_adds_a_multiple_of_the_identity_before_inverting():
     np.testing.assert_allclose(w @ (r + delta * np.eye(6)) @ w, np.eye(6), atol=1e-4)
 
 
-def test_mix_weights_unit_scaled_r_and_auto_lambda_is_the_smallest_that_works():
+def test_mix_is_unnormalised_unless_the_labelled_variant_asks():
   rt, re = np.diag([4.0, 2.0, 2.0]), np.diag([0.0, 0.0, 9.0])
-  m = hessian.mix(r_train=rt, r_eval=re, lam=0.9)
-  np.testing.assert_allclose(np.trace(m) / 3, 1.0)  # Both scaled to unit mean eigenvalue.
+  np.testing.assert_allclose(hessian.mix(r_train=rt, r_eval=re, lam=0.9), 0.9 * re + 0.1 * rt)
+  m = hessian.mix(r_train=rt, r_eval=re, lam=0.9, normalise=True)
   np.testing.assert_allclose(m, 0.9 * re / 3 + 0.1 * rt / (8 / 3))
-  with pytest.raises(ValueError, match="lambda"):
+  with pytest.raises(ValueError, match="λ must be in"):
     hessian.mix(r_train=rt, r_eval=re, lam=1.5)
-  # Auto λ: R_eval's top direction (axis 2) must lead the mixed spectrum.
-  lam = hessian.auto_lambda(r_train=np.diag([9.0, 1.0, 1.0]), r_eval=np.diag([0.1, 0.1, 5.0]),
-                            top_k=1, grid=(0.1, 0.3, 0.5, 0.7, 0.9))
-  mixed = hessian.mix(r_train=np.diag([9.0, 1.0, 1.0]), r_eval=np.diag([0.1, 0.1, 5.0]), lam=lam)
-  assert np.argmax(np.diag(mixed)) == 2
-  smaller = hessian.mix(r_train=np.diag([9.0, 1.0, 1.0]), r_eval=np.diag([0.1, 0.1, 5.0]),
-                        lam=lam - 0.2)
-  assert np.argmax(np.diag(smaller)) == 0  # The smallest λ on the grid that works.
+
+
+def test_lambda_rule_downweights_exactly_the_top_k_eval_directions_on_raw_scales():
+  # R_eval's eigenbasis is the axes; ratios e_i / t_i = 8, 4, 1, 0.25.
+  rt = np.diag([1.0, 2.0, 3.0, 4.0])
+  re = np.diag([8.0, 8.0, 3.0, 1.0])
+  for k, rho in ((1, 8.0), (2, 4.0), (3, 1.0)):
+    lam, info = hessian.lambda_top_k(r_train=rt, r_eval=re, top_k=k)
+    np.testing.assert_allclose(lam, 1 / (1 + rho))
+    assert info["top_k"] == k and info["dominated"] == k - 1  # The K-th is the tie point.
+    eps = 1e-6  # Just above λ, exactly K directions are weighted more by R_eval.
+    dominated = (lam + eps) * np.diag(re) > (1 - lam - eps) * np.diag(rt)
+    assert dominated.sum() == k
+  # Scale invariance: λ/(1-λ) absorbs a scale of R_eval; the mixed R's shape is unchanged.
+  lam1, _ = hessian.lambda_top_k(r_train=rt, r_eval=re, top_k=2)
+  lam2, _ = hessian.lambda_top_k(r_train=rt, r_eval=100 * re, top_k=2)
+  m1 = hessian.mix(r_train=rt, r_eval=re, lam=lam1)
+  m2 = hessian.mix(r_train=rt, r_eval=100 * re, lam=lam2)
+  np.testing.assert_allclose(m1 / np.trace(m1), m2 / np.trace(m2), rtol=1e-9)
+  assert lam2 < lam1
+  # Rank-deficient R_eval (few dev queries): K beyond its rank is a clear error.
+  with pytest.raises(ValueError, match="fewer than K=3"):
+    hessian.lambda_top_k(r_train=rt, r_eval=np.diag([1.0, 1.0, 0.0, 0.0]), top_k=3)
+  assert hessian.top_k_of(65536, 1000 / 65536) == 1000 and hessian.top_k_of(320, 1000 / 65536) == 5
+
+
+def test_shared_eigendecomposition_gives_each_damping_its_own_inverse_sqrt():
+  a = np.random.default_rng(0).normal(size=(6, 6))
+  r = a @ a.T
+  e = hessian.eigen(r_dd=r, block_sizes=[2, 4])
+  for damping in (1e-3, 1.0):
+    np.testing.assert_allclose(e.inv_sqrt(damping),
+                               hessian.inv_sqrt(r_dd=r, damping=damping, block_sizes=[2, 4]))
+    assert np.all(e.inv_sqrt(damping)[:2, 2:] == 0)
 
 
 def test_each_ablation_switch_changes_only_what_it_claims():
@@ -70,7 +96,7 @@ def test_each_ablation_switch_changes_only_what_it_claims():
   r_train = {"raw": raw.T @ raw / len(raw), "corrected": cor.T @ cor / len(cor)}
   r_eval = {"raw": q_raw.T @ q_raw / 50, "corrected": q_cor.T @ q_cor / 50}
   wh = hessian.build_whiteners(methods=GRADIENT, r_train=r_train, r_eval=r_eval,
-                               lam=0.9, damping=0.1, top_k=4, overlap=0.9, block_sizes=None)
+                               lambda_rule="fixed", lam=0.9, damping=0.1)
   x = {"raw": raw[:20], "corrected": cor[:20]}
   g = {m: wh.transform(method=m, vectors_nd=x[methods_lib.switches(m).variant]) for m in GRADIENT}
   unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)

@@ -150,25 +150,39 @@ def test_report_checks_every_applicable_paper_ordering_and_all_hold(written):
       "baselines_beat_gradient_mrr", "trackstar_best_gradient_mrr",
       "trackstar_best_gradient_recall", "trackstar_tailpatch_gt_bm25",
       "mrr_exp1_lt_exp2", "mrr_exp2_lt_exp3", "mrr_exp3_lt_exp4", "mrr_exp4_lt_trackstar",
-      "trak_near_zero"}  # No dense tail-patch, no exp5: those claims are absent.
-  assert all(c["holds"] for c in po.values()), po
+      "trak_near_zero", "trackstar_best_tailpatch"}  # No dense tail-patch, no exp5.
+  # Six queries: every point estimate is on the claimed side, but the paired CIs
+  # are wide, so no claim "differs" and the strict ones need not "hold".
+  assert all(c["verdict"] in ("holds", "inconclusive") for c in po.values()), po
+  assert all(c["holds"] == (c["verdict"] == "holds") for c in po.values())
+  ts_tp = po["trackstar_best_tailpatch"]["values"]["diff_ci"]["trackstar-trak"]
+  assert ts_tp["diff"] == pytest.approx(0.0062) and ts_tp["lo"] > 0  # Constant shift.
+  assert po["trackstar_best_tailpatch"]["verdict"] == "holds"
   base = po["baselines_beat_gradient_mrr"]["values"]
   assert base["min_baseline"] == {"dense": pytest.approx(_mrr(RANKS["dense"][1]))}
   assert base["max_gradient"] == {"trackstar": pytest.approx(_mrr(RANKS["trackstar"][1]))}
-  assert po["trackstar_tailpatch_gt_bm25"]["values"] == {
-      "trackstar": pytest.approx(0.006), "bm25": pytest.approx(0.002)}
+  v = dict(po["trackstar_tailpatch_gt_bm25"]["values"])
+  ci = v.pop("diff_ci")
+  assert v == {"trackstar": pytest.approx(0.006), "bm25": pytest.approx(0.002)}
+  assert ci["diff"] == pytest.approx(0.004) and ci["n"] == 4  # The tail-patched queries.
 
 
-def test_breaking_one_ladder_step_fails_exactly_that_ordering(tmp_path):
+def test_breaking_one_ladder_step_fails_exactly_that_ordering(written, tmp_path):
+  before = written[1]["paper_orderings"]
   ranks = copy.deepcopy(RANKS)
   # Exp. 3 finds its only correct proponent at rank 12: MRR 1/72 < Exp. 2's 1/12
   # (and recall 0), which breaks exactly the exp2 < exp3 step.
   ranks["exp3"] = ("gradient", [0, 0, 0, 0, 0, 12])
   po = _write(tmp_path, methods=_methods(ranks))["paper_orderings"]
-  failed = sorted(k for k, c in po.items() if not c["holds"])
-  assert failed == ["mrr_exp2_lt_exp3"]
-  assert po["mrr_exp2_lt_exp3"]["values"] == {"exp2": pytest.approx(1 / 12),
-                                              "exp3": pytest.approx(1 / 72)}
+  def reversed_(claims_):
+    return sorted(k for k, c in claims_.items() if k.startswith("mrr_")
+                  and c["values"]["diff_ci"]["diff"] < 0)
+  assert reversed_(before) == [] and reversed_(po) == ["mrr_exp2_lt_exp3"]
+  # Six queries cannot show the reversal is real: not "holds", not "differs".
+  assert po["mrr_exp2_lt_exp3"]["verdict"] == "inconclusive"
+  v = po["mrr_exp2_lt_exp3"]["values"]
+  assert (v["exp2"], v["exp3"]) == (pytest.approx(1 / 12), pytest.approx(1 / 72))
+  assert v["diff_ci"]["diff"] == pytest.approx(1 / 72 - 1 / 12)
 
 
 def test_paper_orderings_allow_exp5_tie_and_flag_failed_claims():
@@ -344,3 +358,19 @@ def test_invalid_inputs_raise_before_anything_is_written(tmp_path):
   with pytest.raises(ValueError, match="family must be one of"):
     _write(tmp_path, methods=ms)
   assert not (tmp_path / "results").exists()  # Validation happens before writing.
+
+
+def test_paper_comparison_sets_our_cis_beside_the_paper_and_explains_each_unheld_claim(written):
+  from tda import paper_comparison
+  _, out = written
+  md = paper_comparison.render(out)
+  ts = out["methods"]["trackstar"]
+  lo, hi = ts["mrr_ci"]
+  assert f"| TrackStar | {ts['mrr']:.3f} [{lo:.3f}, {hi:.3f}] | 0.365 |" in md
+  for c in out["paper_orderings"].values():
+    assert f"| {c['claim']} | **{c['verdict']}** |" in md
+  unheld = [c for c in out["paper_orderings"].values() if c["verdict"] != "holds"]
+  assert unheld  # Six queries leave some strict claims inconclusive...
+  for c in unheld:  # ...and each gets its measured per-bucket breakdown.
+    section = md.split(f"### {c['claim']} — {c['verdict']}")[1].split("###")[0]
+    assert "By frequency bucket" in section

@@ -2,11 +2,15 @@
 per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3), and the
 model-quality trend over earlier checkpoints (`tda.trend`).
 
-All methods are scored on the same queries: MRR and recall@10 against the
-ground-truth entailing passages of each fact, and tail-patch on the top-k
-proponents of a fixed, seeded sample of `eval.tailpatch_queries` queries (the
-same sample for every method; each distinct (query, passage) pair is
-tail-patched once). The report (`tda.report`) is published to `<workdir>/results/`.
+All methods are scored on the same **test** queries (`tda.protocol`; the dev
+queries tuned R_eval, λ and the damping in the 'gradients' stage): MRR over the
+full ranking and recall@10 against the ground-truth entailing passages of each
+fact, and tail-patch on the top-k proponents of every test query (or a seeded
+sample of `eval.tailpatch_queries` of them; each distinct (query, passage) pair
+is tail-patched once), each with a bootstrap 95% CI over the test queries. The
+report (`tda.report`) and the comparison with the paper (`tda.paper_comparison`)
+are published to `<workdir>/results/`; metrics.json says `"split": "test"` and
+records every chosen value with how it was chosen (`protocol`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 from tda import config as config_lib
 from tda import figures
 from tda import methods as methods_lib
+from tda import paper_comparison
+from tda import protocol
 from tda import report
 from tda import tailpatch
 from tda import trend
@@ -60,13 +66,17 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   rankings = ctx.rankings
   corpus, queries = ctx.arrays
   facts_by_id = {f["fact_id"]: f for f in world.facts}
-  facts = [facts_by_id[f] for f in queries.fact_ids]
+  split = ctx.gradients.split()
+  test = np.array([i for i, qid in enumerate(queries.ids) if split[qid] == protocol.TEST])
+  if not len(test):
+    raise ValueError("no test queries: lower eval.dev_fraction")
+  facts = [facts_by_id[queries.fact_ids[i]] for i in test]
 
   t0 = time.time()
   model, state, _ = ctx.trained
   lr = tailpatch.default_lr(config)
   fn = tailpatch.make_batched(model, tailpatch.tailpatch_optimizer(config, lr))
-  rows = tailpatch_sample(n_queries=len(queries.ids), n=ev.tailpatch_queries, seed=config.seed)
+  rows = test[tailpatch_sample(n_queries=len(test), n=ev.tailpatch_queries, seed=config.seed)]
   tp = tailpatch.tailpatch_methods(
       fn=fn, params=state.params, opt_state=state.opt_state,
       corpus_tokens_nt=corpus.tokens_nt, row_of={pid: i for i, pid in enumerate(corpus.ids)},
@@ -83,28 +93,74 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       continue  # A skipped optional baseline (its reason is in the retrieval summary).
     r = rankings[m]
     abs_qk, rel_qk = tp[m]
+    pick = lambda xs: [xs[i] for i in test]
     methods[m] = report.MethodResult(
         name=m, family=methods_lib.get(m).family,
-        query_ids=list(queries.ids), top_ids=r["top_ids"],
-        top_scores=np.asarray(r["top_scores"], np.float32), bottom_ids=r["bottom_ids"],
-        bottom_scores=np.asarray(r["bottom_scores"], np.float32),
-        tailpatch_abs=abs_qk, tailpatch_rel=rel_qk)
+        query_ids=pick(queries.ids), top_ids=pick(r["top_ids"]),
+        top_scores=np.asarray(pick(r["top_scores"]), np.float32),
+        bottom_ids=pick(r["bottom_ids"]),
+        bottom_scores=np.asarray(pick(r["bottom_scores"]), np.float32),
+        tailpatch_abs=abs_qk[test], tailpatch_rel=rel_qk[test],
+        first_relevant_rank=(pick(r["first_relevant_rank"])
+                             if "first_relevant_rank" in r else None))
   timings = {**_all_timings(ctx.results_dir), **ctx.timings}
   timings["evaluation.tailpatch"] = t_tail
   results = os.path.join(out_dir, "results")
   os.makedirs(results)
   model_eval = ctx.summary("model_eval")
+  grads = ctx.summary("gradients")
+  choices = protocol_record(config, grads=grads, lr=lr, n_dev=grads.get("dev_queries"),
+                            n_test=len(test), n_tailpatched=len(rows),
+                            rank_depth=ctx.summary("retrieval").get("rank_depth"))
   metrics = report.write_report(
       results_dir=results, methods=methods, facts=facts, passages=passages,
       predictions=ctx.predictions,
       bucket_order=[b for b, _, _ in config_lib.bucket_ranges(config)],
-      timings_s=timings, model_eval=model_eval,
-      extra={"tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
-             "retrieval": ctx.summary("retrieval"), "gradients": ctx.summary("gradients")})
+      timings_s=timings, model_eval=model_eval, n_boot=ev.bootstrap_samples,
+      seed=ev.split_seed,
+      extra={"split": protocol.TEST, "protocol": choices,
+             "tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
+             "retrieval": ctx.summary("retrieval"), "gradients": grads})
+  paper_comparison.write(results_dir=results, metrics=metrics)
   if "trackstar" in metrics["methods"] and jax.process_count() == 1:
     metrics["trend"] = _trend(ctx, metrics, results)
     wd.write_json(os.path.join(results, "metrics.json"), metrics)
   return metrics
+
+
+def protocol_record(config, *, grads: dict[str, Any], lr: float, n_dev, n_test: int,
+                    n_tailpatched: int, rank_depth) -> dict[str, Any]:
+  """Every value the reported numbers depend on that could have been tuned, with
+  how it was chosen (metrics.json `protocol`)."""
+  h, ev = config.hessian, config.eval
+  return {
+      "split": {"dev_fraction": ev.dev_fraction, "split_seed": ev.split_seed,
+                "stratified_by": ["bucket", "relation"], "dev_queries": n_dev,
+                "test_queries": n_test},
+      "reported_on": protocol.TEST,
+      "r_eval": "dev queries",
+      "lambda": {"value": grads.get("lambda"), **(grads.get("lambda_choice") or {}),
+                 "how": ("the paper's rule (tda.hessian.lambda_top_k) on the unnormalised "
+                         "dev R_eval and R_train; K fixed by hessian.lambda_top_k_fraction, "
+                         "not tuned") if h.lambda_rule == "top_k"
+                        else f"fixed by hessian.lambda_ ({h.lambda_rule}), not tuned"},
+      "damping": {"value": grads.get("damping"), "sweep": grads.get("damping_sweep"),
+                  "how": "per table, the candidate with the best dev MRR (full ranking of "
+                         "the R_train sample plus the dev ground truth)"},
+      "d": {"value": grads.get("d"), "train_samples": grads.get("train_samples"),
+            "samples_per_dim": grads.get("samples_per_dim"),
+            "block_diagonal": grads.get("block_diagonal"),
+            "how": "fixed by the config (gradients.k_in/k_out) so that R_train has "
+                   ">= 4 × d samples; not tuned"},
+      "tailpatch_lr": {"value": lr, "how": ("eval.tailpatch_lr" if ev.tailpatch_lr is not None
+                                            else "the training schedule's final LR; not tuned")},
+      "tailpatch": {"k": ev.tailpatch_k, "queries": n_tailpatched},
+      "mrr": {"rank_depth": rank_depth,
+              "how": "rank of the first entailing passage in the full ranking"
+                     if not ev.rank_depth else f"ranking {ev.rank_depth} deep"},
+      "ci": {"method": "percentile bootstrap over test queries, 95%",
+             "samples": ev.bootstrap_samples, "seed": ev.split_seed},
+  }
 
 
 def _trend(ctx, metrics, results: str) -> list[dict[str, Any]]:

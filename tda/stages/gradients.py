@@ -7,8 +7,14 @@ vectors, one set per table (methods with identical transforms share a table).
 Also commits `coverage.json` (`tda.projection.coverage`: which parameters are
 attributed, by kind, and which are not and why), logged on every run.
 
-Every process featurises its share of the R_train sample; R_train is summed
-across processes; process 0 writes.
+The protocol (`tda.protocol`): the queries are split into dev and test
+(`split.json`); R_eval is estimated from the dev queries only; λ follows the
+paper's rule (`tda.hessian`); each R-using table's damping is chosen by its dev
+MRR over the pool of the R_train sample and the dev ground truth, every candidate
+and its dev score recorded in the summary (`damping_sweep`).
+
+Every process featurises its share of the pool; R_train is summed across
+processes; process 0 writes.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from tda import distributed
 from tda import featurize
 from tda import methods as methods_lib
 from tda import projection as proj
+from tda import protocol
 from tda import verify
 from tda import workdir as wd
 
@@ -38,6 +45,7 @@ COVERAGE = "coverage.json"
 def fingerprint(ctx) -> dict[str, Any]:
   c = ctx.config
   return {"gradients": c.gradients.to_dict(), "hessian": c.hessian.to_dict(),
+          "split": {k: c.eval[k] for k in ("dev_fraction", "split_seed")},
           "methods": methods_lib.gradient(c.eval.methods), "train_step": ctx.checkpoint_step,
           "seq_len": c.data.seq_len, "upstream": ctx.upstream(
               "world", "vocab", "train",
@@ -61,21 +69,44 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   if q["bad_ids"]:
     logging.warning("%d queries have non-finite gradients: %s", len(q["bad_ids"]),
                     q["bad_ids"][:10])
+  facts_by_id = {f["fact_id"]: f for f in ctx.world.facts}
+  facts_q = [facts_by_id[f] for f in queries.fact_ids]
+  split = protocol.query_split(config, facts_q)
+  dev_rows = np.setdiff1d(np.flatnonzero(split == protocol.DEV), q["bad_rows"])
+  if not len(dev_rows):
+    raise ValueError("no dev queries: R_eval and every tuned choice need them; raise "
+                     f"eval.dev_fraction (now {config.eval.dev_fraction})")
+  # The pool the dev sweep ranks: the R_train sample plus the dev queries' ground
+  # truth (at the default scale the sample is the whole corpus).
   sample = featurize.hessian_sample(config, len(corpus.ids))
-  mine = sample[jax.process_index()::jax.process_count()]  # R_train: each process a share.
+  row_of = {pid: i for i, pid in enumerate(corpus.ids)}
+  gt = {row_of[p] for r in dev_rows for p in facts_q[r]["passage_ids"] if p in row_of}
+  pool = np.union1d(sample, np.fromiter(gt, np.int64, len(gt)))
+  mine = pool[jax.process_index()::jax.process_count()]  # Each process a share.
   t0 = time.time()
   p = eng.featurizer(tokens_nt=corpus.tokens_nt[mine],
                      mask_nt=(corpus.tokens_nt[mine] != 0).astype(np.float32),
                      ids=[corpus.ids[i] for i in mine], desc="gradients: R_train sample")
   t_p = time.time() - t0
-  keep_q = np.setdiff1d(np.arange(len(queries.ids)), q["bad_rows"])
-  keep_p = np.setdiff1d(np.arange(len(mine)), p["bad_rows"])
+  ok_p = np.setdiff1d(np.arange(len(mine)), p["bad_rows"])
+  in_sample = ok_p[np.isin(mine[ok_p], sample)]
   variants = methods_lib.variants(methods)
+  n_sample = int(distributed.sum_across_processes(np.array([len(in_sample)], np.float64))[0])
+  if n_sample < 4 * eng.plan.dim:
+    logging.warning("R_train is estimated from %d passages for d=%d (fewer than 4 × d): "
+                    "lower gradients.k_in/k_out or use hessian.block_diagonal", n_sample,
+                    eng.plan.dim)
+  mine_ids = [corpus.ids[i] for i in mine[ok_p]]
+  dev = featurize.DevPool(
+      queries={v: q[v][dev_rows] for v in variants},
+      pool={v: p[v][ok_p] for v in variants},
+      relevant_qp=np.array([np.isin(mine_ids, facts_q[r]["passage_ids"]) for r in dev_rows],
+                           bool).reshape(len(dev_rows), len(mine_ids)))
   t0 = time.time()
   fit = featurize.fit_whiteners(
-      config, methods=methods, queries={v: q[v][keep_q] for v in variants},
-      train={v: p[v][keep_p] for v in variants},
-      block_sizes=[b.dim for b in eng.plan.blocks])
+      config, methods=methods, queries={v: q[v][dev_rows] for v in variants},
+      train={v: p[v][in_sample] for v in variants},
+      block_sizes=[b.dim for b in eng.plan.blocks], dev=dev)
   t_h = time.time() - t0
   if not distributed.is_leader():
     return {}  # Process 0 writes; every process computed the same whiteners.
@@ -94,12 +125,19 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
     np.save(os.path.join(out_dir, f"queries_final_{table}.npy"), final)
   wd.write_json(os.path.join(out_dir, "query_ids.json"), queries.ids)
   wd.write_json(os.path.join(out_dir, COVERAGE), cov)
-  logging.info("gradients: d=%d, λ=%s, queries %.1fs, R sample %.1fs, hessian %.1fs",
-               eng.plan.dim, whiteners.lam, t_q, t_p, t_h)
+  wd.write_json(os.path.join(out_dir, "split.json"),
+                {"query_ids": queries.ids, "split": [str(x) for x in split]})
+  logging.info("gradients: d=%d, λ=%s, damping %s, queries %.1fs, pool %.1fs, hessian %.1fs",
+               eng.plan.dim, whiteners.lam, whiteners.damping, t_q, t_p, t_h)
   return {
       "d": eng.plan.dim, "blocks": [(b.name, b.dim, len(b.members)) for b in eng.plan.blocks],
-      "lambda": whiteners.lam, "num_queries": len(queries.ids),
-      "train_samples": int(len(sample)), "bad_query_ids": q["bad_ids"],
+      "lambda": whiteners.lam, "lambda_choice": whiteners.lambda_info,
+      "damping": whiteners.damping, "damping_sweep": fit.sweep,
+      "num_queries": len(queries.ids), "dev_queries": int(len(dev_rows)),
+      "test_queries": int((split == protocol.TEST).sum()),
+      "train_samples": n_sample, "samples_per_dim": n_sample / eng.plan.dim,
+      "block_diagonal": bool(config.hessian.block_diagonal),
+      "dev_pool": int(len(pool)), "bad_query_ids": q["bad_ids"],
       "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(),
       "correction_members": eng.correction_counts,
       "checkpoint_step": eng.step, "kernel": config.gradients.kernel,
@@ -121,6 +159,11 @@ class Outputs:
     """R^{-1/2} of a table's methods (None: the methods use no R)."""
     path = os.path.join(self.folder, f"whitener_{table}.npy")
     return verify.load_npy(self.folder, os.path.basename(path)) if os.path.exists(path) else None
+
+  def split(self) -> dict[str, str]:
+    """query id -> 'dev' | 'test' (`tda.protocol`), as the stage chose it."""
+    s = wd.read_json(os.path.join(self.folder, "split.json"))
+    return dict(zip(s["query_ids"], s["split"]))
 
   def final_queries(self, table: str) -> np.ndarray:
     """[Q, d] the queries' final vectors for searching `table`."""

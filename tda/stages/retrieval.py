@@ -5,7 +5,10 @@ reordering, or the exact brute force; `index.method`) with the query vectors of
 the 'gradients' stage; each table is opened with the meta it must have, so a
 table written from another model, seed or d is refused. Baselines (BM25, dense
 embeddings) rank the same corpus through `tda.baselines`. Every method's ranking
-is committed as `<method>.json`.
+is committed as `<method>.json`: the top and bottom `index.k` passages of every
+query, and `first_relevant_rank`, the rank of the best-ranked passage that
+entails the query's fact in a ranking `eval.rank_depth` deep (0: the whole
+corpus, so MRR is exact; 0 in the list = not within the depth).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from tda import baselines
 from tda import index as index_lib
 from tda import methods as methods_lib
+from tda import metrics
 from tda import progress
 from tda import verify
 from tda import workdir as wd
@@ -28,14 +32,35 @@ STAGE = "retrieval"
 
 
 def fingerprint(ctx) -> dict[str, Any]:
-  return {"index": ctx.config.index.to_dict(),
+  return {"index": ctx.config.index.to_dict(), "rank_depth": ctx.config.eval.rank_depth,
           "methods": methods_lib.check(ctx.config.eval.methods),
           "upstream": ctx.upstream("world", "vocab", "gradients", "tables")}
 
 
-def _ranking(ids_top, s_top, ids_bot, s_bot) -> dict[str, Any]:
-  return {"top_ids": ids_top, "top_scores": np.asarray(s_top, float).tolist(),
-          "bottom_ids": ids_bot, "bottom_scores": np.asarray(s_bot, float).tolist()}
+def _ranking(ids_top, s_top, ids_bot, s_bot, *, k: int, relevant) -> dict[str, Any]:
+  """The top/bottom k of deep rankings, and each query's first relevant rank in them."""
+  ranks = [metrics.first_correct_rank(proponent_ids=ids, relevant=rel)
+           for ids, rel in zip(ids_top, relevant)]
+  return {"top_ids": [list(r[:k]) for r in ids_top],
+          "top_scores": [np.asarray(r[:k], float).tolist() for r in s_top],
+          "bottom_ids": [list(r[:k]) for r in ids_bot],
+          "bottom_scores": [np.asarray(r[:k], float).tolist() for r in s_bot],
+          "first_relevant_rank": ranks, "depth": int(max(map(len, ids_top), default=0))}
+
+
+def relevant_sets(ctx) -> list[set[str]]:
+  """Per query, the ids of the passages that entail its fact."""
+  facts = {f["fact_id"]: f for f in ctx.world.facts}
+  return [set(facts[f]["passage_ids"]) for f in ctx.arrays[1].fact_ids]
+
+
+def depth(ctx) -> int:
+  """How deep every method ranks (`eval.rank_depth`; 0: the whole corpus)."""
+  n = len(ctx.arrays[0].ids)
+  d = ctx.config.eval.rank_depth
+  if d < 0:
+    raise ValueError(f"eval.rank_depth must be >= 0, got {d}")
+  return max(ctx.config.index.k, min(d, n) if d else n)
 
 
 def _drop_excluded(res: index_lib.Retrieval, excluded: set[str], k: int):
@@ -52,6 +77,8 @@ def _drop_excluded(res: index_lib.Retrieval, excluded: set[str], k: int):
 def gradient_rankings(ctx, *, k: int) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
   ix = ctx.config.index
   excluded = ctx.excluded_ids
+  deep = depth(ctx)
+  relevant = relevant_sets(ctx)
   out, timings = {}, {}
   groups = methods_lib.table_groups(ctx.config.eval.methods)
   for table_name, methods in progress.iterate(groups.items(), total=len(groups),
@@ -60,9 +87,9 @@ def gradient_rankings(ctx, *, k: int) -> tuple[dict[str, dict[str, Any]], dict[s
     table = ctx.table(table_name)
     res = index_lib.search_table(
         table=table, queries_qd=ctx.gradients.final_queries(table_name),
-        k=min(k + len(excluded), len(table)), method=ix.method,
+        k=min(deep + len(excluded), len(table)), method=ix.method,
         index_params=index_lib.index_params_from_config(ix), chunk_rows=ix.chunk_rows)
-    ranking = _ranking(*_drop_excluded(res, excluded, k))
+    ranking = _ranking(*_drop_excluded(res, excluded, deep), k=k, relevant=relevant)
     for m in methods:
       out[m] = ranking
     timings[table_name] = time.time() - t0
@@ -87,8 +114,9 @@ def baseline_rankings(ctx, *, methods, k: int) -> tuple[dict[str, dict[str, Any]
     t0 = time.time()
     r = baselines.run_baseline(method=m, passage_ids=[p["id"] for p in passages],
                                passage_texts=[p["text"] for p in passages],
-                               query_texts=texts, k=k)
-    out[m] = _ranking(r.top_ids, r.top_scores, r.bottom_ids, r.bottom_scores)
+                               query_texts=texts, k=min(depth(ctx), len(passages)))
+    out[m] = _ranking(r.top_ids, r.top_scores, r.bottom_ids, r.bottom_scores, k=k,
+                      relevant=relevant_sets(ctx))
     info[m] = time.time() - t0
   return out, info
 
@@ -103,7 +131,8 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   wd.write_json(os.path.join(out_dir, "query_ids.json"), queries.ids)
   for m, r in rankings.items():
     wd.write_json(os.path.join(out_dir, f"{m}.json"), r)
-  return {"methods": sorted(rankings), "k": k, "index_method": config.index.method,
+  return {"methods": sorted(rankings), "k": k, "rank_depth": depth(ctx),
+          "index_method": config.index.method,
           "timings_s": {**timings, **{m: v for m, v in info.items() if m in rankings}},
           **{k_: v for k_, v in info.items() if k_ not in rankings}}
 

@@ -1,0 +1,89 @@
+"""The evaluation protocol (DESIGN.md §3, "Protocol"): which queries tune, which report.
+
+The queries are split, seeded and stratified by (frequency bucket, relation), into
+**dev** and **test** (`eval.dev_fraction`, `eval.split_seed`). Every tuned value
+(the damping of each R-using method; λ comes from the paper's rule, whose K is
+fixed by `hessian.lambda_top_k_fraction`) is chosen on dev, and R_eval is
+estimated from dev queries; every reported number is on test.
+
+Dev scoring (`dev_mrr`) ranks a pool of passages exactly: the R_train sample plus
+the dev queries' ground-truth passages (at the default scale the sample is the
+whole corpus, so the pool is the corpus and the dev MRR is exact).
+
+Pure functions of arrays and fact records; the 'gradients' and 'evaluation' stages
+call them.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import numpy as np
+
+DEV, TEST = "dev", "test"
+
+
+def split_queries(*, buckets: Sequence[str], relations: Sequence[str],
+                  dev_fraction: float, seed: int) -> np.ndarray:
+  """Seeded, stratified dev/test assignment of queries.
+
+  Within each (bucket, relation) stratum the queries are shuffled with a seed
+  derived from `seed` and the stratum's name, and round(dev_fraction × n) of them
+  (at most n − 1, so every stratum with two or more queries keeps one on test) go
+  to dev. The assignment of a stratum does not depend on the other strata.
+
+  Args:
+    buckets, relations: per query, its frequency bucket and relation.
+    dev_fraction: share of each stratum on dev, in [0, 1).
+    seed: the split seed.
+
+  Returns:
+    [Q] array of 'dev' / 'test'.
+  """
+  if len(buckets) != len(relations):
+    raise ValueError(f"split_queries: {len(buckets)} buckets but {len(relations)} relations")
+  if not 0.0 <= dev_fraction < 1.0:
+    raise ValueError(f"eval.dev_fraction must be in [0, 1), got {dev_fraction}")
+  strata: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
+  for i, key in enumerate(zip(buckets, relations)):
+    strata[(str(key[0]), str(key[1]))].append(i)
+  out = np.full(len(buckets), TEST, dtype=object)
+  for (b, r), rows in sorted(strata.items()):
+    n = len(rows)
+    n_dev = min(int(np.floor(dev_fraction * n + 0.5)), max(n - 1, 0))
+    # A stable per-stratum seed: the same stratum gets the same split whatever else exists.
+    key = [seed] + [ord(c) for c in f"{b}\x00{r}"]
+    perm = np.random.default_rng(key).permutation(n)
+    for j in perm[:n_dev]:
+      out[rows[j]] = DEV
+  return out
+
+
+def query_split(config, facts_q: Sequence[dict[str, Any]]) -> np.ndarray:
+  """`split_queries` for the run's queries (fact records in query order)."""
+  return split_queries(buckets=[f["bucket"] for f in facts_q],
+                       relations=[f["relation"] for f in facts_q],
+                       dev_fraction=config.eval.dev_fraction, seed=config.eval.split_seed)
+
+
+def first_relevant_rank(*, scores_qn: np.ndarray, relevant_qn: np.ndarray) -> np.ndarray:
+  """Exact 1-based rank of each query's best-scoring relevant passage; 0 if none.
+
+  Ties are counted against the query: rank = 1 + the number of irrelevant
+  passages scoring at least as high as the best relevant one, so a tie never
+  inflates a metric.
+  """
+  scores_qn = np.asarray(scores_qn, np.float64)
+  relevant_qn = np.asarray(relevant_qn, bool)
+  if scores_qn.shape != relevant_qn.shape or scores_qn.ndim != 2:
+    raise ValueError(f"scores {scores_qn.shape} and relevant {relevant_qn.shape} must be "
+                     "the same [Q, N] shape")
+  best = np.where(relevant_qn, scores_qn, -np.inf).max(axis=1)
+  above = ((scores_qn >= best[:, None]) & ~relevant_qn).sum(axis=1)
+  return np.where(relevant_qn.any(axis=1), 1 + above, 0).astype(np.int64)
+
+
+def mrr_from_ranks(ranks_q: np.ndarray) -> float:
+  r = np.asarray(ranks_q)
+  return float(np.where(r > 0, 1.0 / np.maximum(r, 1), 0.0).mean()) if len(r) else float("nan")

@@ -1,0 +1,136 @@
+"""Tests for the evaluation protocol: the dev/test split, exact full-ranking MRR,
+bootstrap CIs, CI-judged claims, and the dev sweep of the damping."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from tda import claims
+from tda import featurize
+from tda import hessian
+from tda import metrics
+from tda import protocol
+from tests import helpers
+
+
+def _strata(n_per=7):
+  buckets, relations = [], []
+  for b in ("1", "2-3", "4-10"):
+    for r in ("born", "capital", "sport"):
+      buckets += [b] * n_per
+      relations += [r] * n_per
+  return buckets, relations
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+  buckets, relations = _strata()
+  s = protocol.split_queries(buckets=buckets, relations=relations, dev_fraction=0.3, seed=0)
+  assert set(s) == {"dev", "test"} and len(s) == len(buckets)  # Every query in exactly one.
+  per = collections.Counter((b, r, x) for b, r, x in zip(buckets, relations, s))
+  for b in ("1", "2-3", "4-10"):
+    for r in ("born", "capital", "sport"):
+      assert per[(b, r, "dev")] == 2 and per[(b, r, "test")] == 5  # round(0.3 × 7) per stratum.
+  again = protocol.split_queries(buckets=buckets, relations=relations, dev_fraction=0.3, seed=0)
+  other = protocol.split_queries(buckets=buckets, relations=relations, dev_fraction=0.3, seed=1)
+  assert list(again) == list(s) and list(other) != list(s)
+  # A stratum's assignment does not depend on the other strata.
+  part = protocol.split_queries(buckets=buckets[:7], relations=relations[:7], dev_fraction=0.3,
+                                seed=0)
+  assert list(part) == list(s[:7])
+  # A single-query stratum stays on test; a bad fraction is refused.
+  assert list(protocol.split_queries(buckets=["1"], relations=["x"], dev_fraction=0.5,
+                                     seed=0)) == ["test"]
+  with pytest.raises(ValueError, match="dev_fraction"):
+    protocol.split_queries(buckets=buckets, relations=relations, dev_fraction=1.0, seed=0)
+
+
+def test_full_ranking_mrr_counts_ranks_beyond_ten_and_ties_against_the_query():
+  scores = np.array([np.arange(20, 0, -1), [5.0] * 20], np.float64)  # Row 1: all tied.
+  rel = np.zeros((2, 20), bool)
+  rel[0, 14] = True  # Rank 15 in a strictly decreasing row.
+  rel[1, 0] = True   # Tied with 19 irrelevant passages: counted as rank 20.
+  ranks = protocol.first_relevant_rank(scores_qn=scores, relevant_qn=rel)
+  assert list(ranks) == [15, 20]
+  assert protocol.mrr_from_ranks(ranks) == pytest.approx((1 / 15 + 1 / 20) / 2)
+  # attribution() with full ranks: MRR from the deep rank, recall@10 a miss.
+  att = metrics.attribution(top_ids=[["x%d" % i for i in range(10)]],
+                            relevant=[{"gold"}], full_ranks=[15])
+  assert att["mrr"] == pytest.approx(1 / 15) and att["recall_at_10"] == 0.0
+  att = metrics.attribution(top_ids=[["x", "gold"]], relevant=[{"gold"}])
+  assert att["mrr"] == 0.5
+  with pytest.raises(ValueError, match="full_ranks says 5"):
+    metrics.attribution(top_ids=[["x", "gold"]], relevant=[{"gold"}], full_ranks=[5])
+  # Dev ranks agree with the single-process definition.
+  q = np.random.default_rng(0).normal(size=(4, 3))
+  p = np.random.default_rng(1).normal(size=(30, 3))
+  rel = np.random.default_rng(2).random((4, 30)) < 0.1
+  rel[0] = False
+  np.testing.assert_array_equal(
+      featurize.dev_ranks(queries_qd=q, pool_pd=p, relevant_qp=rel),
+      protocol.first_relevant_rank(scores_qn=q @ p.T, relevant_qn=rel))
+
+
+def test_bootstrap_ci_covers_the_mean_narrows_with_n_and_pairs_methods():
+  rng = np.random.default_rng(0)
+  x = rng.random(400)
+  lo, hi = metrics.bootstrap_ci(x, n_boot=500, seed=0)
+  assert lo < x.mean() < hi
+  lo_s, hi_s = metrics.bootstrap_ci(x[:40], n_boot=500, seed=0)
+  assert hi_s - lo_s > 2 * (hi - lo)  # ~sqrt(10) wider with a tenth of the queries.
+  assert metrics.bootstrap_ci(x, n_boot=500, seed=0) == (lo, hi)  # Seeded.
+  assert np.isnan(metrics.bootstrap_ci([np.nan, np.nan])[0])
+  # Paired: a constant shift has a degenerate CI even though each method's CI is wide.
+  d = metrics.paired_diff_ci(x, x + 0.01, n_boot=200)
+  assert d["lo"] == pytest.approx(0.01) and d["hi"] == pytest.approx(0.01) and d["n"] == 400
+  assert claims.verdict(d, strict=True) == "holds"
+  assert claims.verdict({"diff": -0.1, "lo": -0.2, "hi": -0.01}, strict=False) == "differs"
+  assert claims.verdict({"diff": 0.01, "lo": -0.05, "hi": 0.07}, strict=True) == "inconclusive"
+  assert claims.verdict({"diff": 0.01, "lo": -0.05, "hi": 0.07}, strict=False) == "holds"
+
+
+def test_claims_are_judged_by_paired_cis():
+  rng = np.random.default_rng(0)
+  base = rng.random(300)
+  per_query = {"exp1": {"mrr": base}, "exp2": {"mrr": base + 0.05},
+               "trak": {"mrr": base + rng.normal(0, 0.3, 300)}}
+  entries = {m: {"family": "gradient", "mrr": float(v["mrr"].mean()),
+                 "mrr_ci": list(metrics.bootstrap_ci(v["mrr"]))}
+             for m, v in per_query.items()}
+  out = claims.paper_orderings(methods=entries, per_query=per_query, n_boot=200)
+  assert out["mrr_exp1_lt_exp2"]["verdict"] == "holds"
+  assert out["trak_near_zero"]["verdict"] == "inconclusive"  # Noisy, no real difference.
+
+
+def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_candidate():
+  c = helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1.0, 1e3),
+                             "hessian.lambda_top_k_fraction": 0.25})
+  rng = np.random.default_rng(0)
+  d = 8
+  pool = {v: rng.normal(size=(64, d)) for v in ("raw", "corrected")}
+  # Dev queries near their own passage, with a shared large direction on top.
+  shared = np.zeros(d)
+  shared[0] = 10.0
+  qs = {v: pool[v][:12] + 0.3 * rng.normal(size=(12, d)) + shared for v in pool}
+  rel = np.zeros((12, 64), bool)
+  rel[np.arange(12), np.arange(12)] = True
+  dev = featurize.DevPool(queries=qs, pool=pool, relevant_qp=rel)
+  methods = ["trak", "exp2", "exp5", "trackstar"]
+  fit = featurize.fit_whiteners(c, methods=methods, queries=qs, train=pool, dev=dev)
+  for t in ("trak", "exp5", "trackstar"):
+    sw = fit.sweep[t]
+    assert sw["candidates"] == [1e-3, 1.0, 1e3] and len(sw["dev_mrr"]) == 3
+    assert sw["chosen"] == sw["candidates"][int(np.argmax(sw["dev_mrr"]))]
+    assert fit.whiteners.damping[t] == sw["chosen"]
+    # The chosen whitener reproduces the recorded dev score.
+    ranks = featurize.dev_ranks(
+        queries_qd=fit.whiteners.transform(method=t, vectors_nd=qs["raw" if t == "trak"
+                                                                  else "corrected"]),
+        pool_pd=fit.whiteners.transform(method=t, vectors_nd=pool["raw" if t == "trak"
+                                                                  else "corrected"]),
+        relevant_qp=rel)
+    assert protocol.mrr_from_ranks(ranks) == pytest.approx(max(sw["dev_mrr"]))
+  assert fit.sweep["exp2"]["candidates"] == [] and "exp2" not in fit.whiteners.damping
+  lam, info = hessian.lambda_top_k(r_train=fit.r_train["corrected"],
+                                   r_eval=fit.r_eval["corrected"], top_k=2)
+  assert fit.whiteners.lam == pytest.approx(lam) and fit.whiteners.lambda_info["top_k"] == 2
