@@ -47,9 +47,16 @@ def base_config() -> ml_collections.ConfigDict:
   w.bucket_ranges = tuple(f"{n}:{lo}:{hi}" for n, lo, hi in DEFAULT_BUCKETS)
   w.facts_per_bucket = (60, 60, 60, 40)
   w.facts_per_passage = 2           # Max facts stated in one fact passage.
-  w.sentences_per_passage = (2, 4)  # Inclusive range of sentences a passage has.
+  # Passage length (docs/DESIGN.md §7): round(exp(N(log median, sigma))) sentences,
+  # clamped to `sentences_per_passage`. sigma = 1: C4's heavy tail (log-normal);
+  # the median and the floor of 2 keep the corpus's token budget; ~14% of passages
+  # are longer than data.seq_len and are truncated (train summary counts them).
+  w.sentences_per_passage = (2, 60)
+  w.sentences_median = 2.0
+  w.sentences_sigma = 1.0
   w.distractor_passages = 300       # Mention subject/object, entail nothing.
   w.filler_passages = 150
+  w.outlier_share = 0.03            # Boilerplate, repeated lines, digit tables, code.
   w.byo_corpus = _str()       # BYO: corpus JSONL (id, text).
   w.byo_facts = _str()        # BYO: T-REx facts JSONL.
   w.byo_sentences = _str()    # BYO: T-REx sentences JSONL (sentence_id, text, fact_triples).
