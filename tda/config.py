@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.0
   t.grad_clip = 1.0
   t.checkpoint_every = 100
-  t.max_to_keep = 10             # Earlier checkpoints feed the model-quality trend.
+  t.max_to_keep = 10
   t.log_every = 50
 
   # --- Model evaluation on the queries (tda.model_eval) -------------------
@@ -180,7 +180,13 @@ def base_config() -> ml_collections.ConfigDict:
   ev.tailpatch_queries = 64      # Queries tail-patched per method (0: all).
   ev.tailpatch_lr = _float()     # None: the training schedule's final LR.
   ev.dense_model = "all-MiniLM-L6-v2"
-  ev.trend_steps = (100, 200)    # Earlier checkpoints for the model-quality trend ((): none).
+
+  # --- The paper's trend by model size (tda.trend, stage 'trend') ---------
+  # Smaller models trained exactly like the attributed one (same data, optimizer,
+  # steps, so epochs), as 'name:d_model:n_layers:n_heads:d_ff'; (): no trend.
+  c.trend = tr = ml_collections.ConfigDict()
+  tr.sizes = ("small:32:1:1:128", "medium:64:2:2:256")
+  tr.final_name = "large"        # The attributed model's label in the trend.
 
   # --- Cost planning (tda.plan) -------------------------------------------
   c.plan = pl = ml_collections.ConfigDict()
@@ -227,7 +233,7 @@ def c4_scale_config(*, name: str, d_model: int, n_layers: int, n_heads: int, hea
   c.hessian.lambda_ = 0.9
   c.tables.dtype, c.tables.rows_per_shard = "bfloat16", 1 << 20
   c.index.method = "scann"
-  c.eval.trend_steps = ()
+  c.trend.sizes = ()
   c.mesh.axes = (("data", -1), ("model", model_axis))
   if runlocal:
     c.data.vocab_size, c.data.seq_len, m.max_len = 2048, 128, 128

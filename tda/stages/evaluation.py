@@ -1,6 +1,6 @@
 """Stage 'evaluation': attribution metrics, tail-patch influence, tables, plots and
-per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3), and the
-model-quality trend over earlier checkpoints (`tda.trend`).
+per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3). (The
+model-size trend is its own stage, 'trend'.)
 
 All methods are scored on the same queries: MRR and recall@10 against the
 ground-truth entailing passages of each fact, and tail-patch on the top-k
@@ -16,15 +16,12 @@ import os
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
 from tda import config as config_lib
-from tda import figures
 from tda import methods as methods_lib
 from tda import report
 from tda import tailpatch
-from tda import trend
 from tda import workdir as wd
 
 STAGE = "evaluation"
@@ -101,27 +98,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       timings_s=timings, model_eval=model_eval,
       extra={"tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
              "retrieval": ctx.summary("retrieval"), "gradients": ctx.summary("gradients")})
-  if "trackstar" in metrics["methods"] and jax.process_count() == 1:
-    metrics["trend"] = _trend(ctx, metrics, results)
-    wd.write_json(os.path.join(results, "metrics.json"), metrics)
   return metrics
-
-
-def _trend(ctx, metrics, results: str) -> list[dict[str, Any]]:
-  """Model-quality trend over earlier checkpoints plus the final model; plots it."""
-  t0 = time.time()
-  final_step = metrics["model_eval"]["train_step"]
-  points = trend.trend_points(ctx, steps=[s for s in ctx.config.eval.trend_steps
-                                          if s != final_step])
-  points.append({"step": final_step, "query_accuracy": metrics["model_eval"]["query_accuracy"],
-                 "precision_at_10": metrics["methods"]["trackstar"]["precision_at_10"],
-                 "mrr": metrics["methods"]["trackstar"]["mrr"],
-                 "recall_at_10": metrics["methods"]["trackstar"]["recall_at_10"]})
-  figures.plot_trend(points=[{"x": p["query_accuracy"], "y": p["precision_at_10"],
-                             "label": f"{p['step']} steps"} for p in points],
-                    path=os.path.join(results, "fig_trend.png"))
-  metrics["timings_s"]["evaluation.trend"] = time.time() - t0
-  return points
 
 
 def _all_timings(results_dir: str) -> dict[str, float]:
