@@ -7,8 +7,9 @@ attribution over the full ranking, with 95% bootstrap CIs over queries. Publishe
 `results/fig_trend.png`, `results/trend.md` and `results/trend.csv`.
 
 Resumable: a size's interrupted training resumes from its checkpoint. With
-`trend.sizes = ()` nothing is trained or measured. Single-process only (in a
-multi-process job it commits a summary saying it was skipped).
+`trend.sizes = ()`, or an adopted `model.checkpoint` (not trained here, so no
+size can be trained alike), nothing is trained or measured. Single-process only
+(in a multi-process job it commits a summary saying it was skipped).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   sizes = trend.parse_sizes(ctx.config.trend.sizes)  # Bad entries fail before training.
   if not sizes:
     return {"points": [], "skipped": "trend.sizes is empty"}
+  if ctx.config.model.checkpoint:
+    return {"points": [], "skipped": "model.checkpoint: the attributed model was not trained "
+                                     "here, so no smaller size can be trained alike"}
   if jax.process_count() > 1:
     return {"points": [], "skipped": "multi-process job: the trend runs single-process"}
   t0 = time.time()
