@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   w.facts_per_passage = 2           # Max facts stated in one fact passage.
   # Passage length (docs/DESIGN.md §7): round(exp(N(log median, sigma))) sentences,
   # clamped to `sentences_per_passage`. sigma = 1: C4's heavy tail (log-normal);
-  # the median and the floor of 2 keep the corpus's token budget; ~14% of passages
+  # the median and the floor of 2 keep the corpus's token budget; ~12% of passages
   # are longer than data.seq_len and are truncated (train summary counts them).
   w.sentences_per_passage = (2, 60)
   w.sentences_median = 2.0
