@@ -54,5 +54,4 @@ def get_config(arg=None):
     ix.method, ix.num_leaves, ix.num_leaves_to_search, ix.reorder = "exact", None, None, None
     c.mesh.axes = (("data", -1), ("model", 1))
     c.eval.tailpatch_queries, c.eval.tailpatch_k = 4, 3
-    c.eval.trend_steps = (10,)
   return config_lib.finalize(c)

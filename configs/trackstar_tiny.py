@@ -43,10 +43,12 @@ def get_config(arg=None):
     c.tables.rows_per_shard = 64
     c.eval.tailpatch_queries = 4
     c.eval.tailpatch_k = 3
-    c.eval.trend_steps = (10,)
+    c.trend.sizes = ("small:32:1:1:64",)
   return config_lib.finalize(c)
 
 
 def sweep():
-  """Ablations share one run; this sweeps model quality (the paper's trend)."""
-  return [{"train.steps": s} for s in (100, 200, 400)]
+  """Ablations share one run; this sweeps model size at a fixed number of steps
+  (the sizes of the 'trend' stage, which trains and measures them in one run)."""
+  return [{"model.d_model": d, "model.n_layers": l, "model.n_heads": h, "model.d_ff": f}
+          for d, l, h, f in ((32, 1, 1, 128), (64, 2, 2, 256), (128, 2, 4, 512))]

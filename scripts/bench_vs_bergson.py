@@ -115,21 +115,15 @@ def prepare(a) -> dict:
   import numpy as np
   import sentencepiece as spm
   from tda import batches
-  from tda import config as config_lib
   from tda import convert_hf
   from tda import data as data_lib
   from tda import model as model_lib
   from tda import train as train_lib
-  from tda import world as world_lib
+  from tda import synthetic_world
 
   os.makedirs(a.workdir, exist_ok=True)
   config = _config(a)
-  w = config.world
-  world = world_lib.generate_world(
-      seed=w.seed, relations=w.relations, bucket_ranges=config_lib.bucket_ranges(config),
-      facts_per_bucket=w.facts_per_bucket, facts_per_passage=w.facts_per_passage,
-      sentences_per_passage=w.sentences_per_passage,
-      distractor_passages=w.distractor_passages, filler_passages=w.filler_passages)
+  world = synthetic_world.generate_from_config(config)
   sp_path = data_lib.train_vocab(texts=[p["text"] for p in world.passages],
                                  vocab_size=a.vocab, model_prefix=os.path.join(a.workdir, "sp"))
   sp = spm.SentencePieceProcessor(model_file=sp_path)

@@ -49,9 +49,16 @@ def base_config() -> ml_collections.ConfigDict:
   w.bucket_ranges = tuple(f"{n}:{lo}:{hi}" for n, lo, hi in DEFAULT_BUCKETS)
   w.facts_per_bucket = (60, 60, 60, 40)
   w.facts_per_passage = 2           # Max facts stated in one fact passage.
-  w.sentences_per_passage = (2, 4)  # Inclusive range of sentences a passage has.
+  # Passage length (docs/DESIGN.md §7): round(exp(N(log median, sigma))) sentences,
+  # clamped to `sentences_per_passage`. sigma = 1: C4's heavy tail (log-normal);
+  # the median and the floor of 2 keep the corpus's token budget; ~12% of passages
+  # are longer than data.seq_len and are truncated (train summary counts them).
+  w.sentences_per_passage = (2, 60)
+  w.sentences_median = 2.0
+  w.sentences_sigma = 1.0
   w.distractor_passages = 300       # Mention subject/object, entail nothing.
   w.filler_passages = 150
+  w.outlier_share = 0.03            # Boilerplate, repeated lines, digit tables, code.
   w.byo_corpus = _str()       # BYO: corpus JSONL (id, text).
   w.byo_facts = _str()        # BYO: T-REx facts JSONL.
   w.byo_sentences = _str()    # BYO: T-REx sentences JSONL (sentence_id, text, fact_triples).
@@ -109,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.0
   t.grad_clip = 1.0
   t.checkpoint_every = 100
-  t.max_to_keep = 10             # Earlier checkpoints feed the model-quality trend.
+  t.max_to_keep = 10
   t.log_every = 50
 
   # --- Model evaluation on the queries (tda.model_eval) -------------------
@@ -185,7 +192,13 @@ def base_config() -> ml_collections.ConfigDict:
   ev.tailpatch_queries = 0       # Test queries tail-patched per method (0: all).
   ev.tailpatch_lr = _float()     # None: the training schedule's final LR.
   ev.dense_model = "all-MiniLM-L6-v2"
-  ev.trend_steps = (100, 200)    # Earlier checkpoints for the model-quality trend ((): none).
+
+  # --- The paper's trend by model size (tda.trend, stage 'trend') ---------
+  # Smaller models trained exactly like the attributed one (same data, optimizer,
+  # steps, so epochs), as 'name:d_model:n_layers:n_heads:d_ff'; (): no trend.
+  c.trend = tr = ml_collections.ConfigDict()
+  tr.sizes = ("small:32:1:1:128", "medium:64:2:2:256")
+  tr.final_name = "large"        # The attributed model's label in the trend.
 
   # --- Tracing your own prompts (tda.query, tda.serve) --------------------
   c.query = qy = ml_collections.ConfigDict()
@@ -240,7 +253,7 @@ def c4_scale_config(*, name: str, d_model: int, n_layers: int, n_heads: int, hea
   c.hessian.lambda_ = 0.9
   c.tables.dtype, c.tables.rows_per_shard = "bfloat16", 1 << 20
   c.index.method = "scann"
-  c.eval.trend_steps = ()
+  c.trend.sizes = ()
   c.mesh.axes = (("data", -1), ("model", model_axis))
   if runlocal:
     c.data.vocab_size, c.data.seq_len, m.max_len = 2048, 128, 128

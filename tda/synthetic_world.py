@@ -1,19 +1,35 @@
 """The synthetic fact world: a T-REx-like knowledge base over a C4-like corpus.
 
 `generate_world` builds, from one seed, facts (subject, relation, object) with a
-T-REx-style query each, and a corpus of short passages: fact passages that state
-1..k facts in varied paraphrases (one of them the query's own phrasing), distractor
-passages that mention a fact's subject or object without stating any fact, and
-filler passages that mention no entity at all. Ground truth is exact by
-construction: every fact lists the id of every passage that states it. The
-records are those of `tda.world`.
+T-REx-style query each, and a corpus of passages whose statistics are taken from
+the real setting (docs/DESIGN.md §7, each with its source):
+
+* passage lengths are log-normal in sentences with C4's floor of 3 sentences and
+  a heavy tail, so a share of passages is longer than `data.seq_len` and is
+  truncated when tokenised;
+* fact passages state 1..k facts in one of each relation's phrasings drawn
+  uniformly (the query's own cloze phrasing is not privileged, as LAMA's
+  templates are not T-REx's sentences), and name an entity in full at its first
+  mention in a passage and by its alias afterwards (the Wikipedia/news convention),
+  so the query's prompt + target appears verbatim in a minority of them;
+* entities carry aliases (T-REx's `entity0_alias`/`entity1_alias`), unique in the
+  world, so an alias resolves to one entity;
+* distractor passages mention a fact's subject and/or object, mostly both
+  together, without stating any fact; filler passages mention no entity;
+* a few percent of outlier passages: boilerplate, repeated lines, digit tables and
+  brace-free code (what survives C4's line filters).
+
+Ground truth is exact by construction: every fact lists the id of every passage
+that states it. The records are those of `tda.world`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import random
+import re
 from typing import Any, Sequence
 
 import faker
@@ -207,7 +223,7 @@ _CO_MENTIONS = {
 }
 
 # C4-like sentences about nothing in the knowledge base.
-_GENERIC = (
+_GENERIC_BASE = (
     "The farmers market on the east side opens at {h} every {day}.",
     "Add {n} cups of flour and stir until the dough is smooth and elastic.",
     "Our store will be closed on {day} while we count the inventory.",
@@ -241,8 +257,77 @@ _GENERIC = (
     "A good pair of walking shoes is worth the extra money in the long run.",
     "Please allow {n} to {n}0 business days for delivery of your order.",
 )
+# More C4-like sentences (slots: {n} digit, {day}, {month}, {item}, {color}), so a
+# long passage does not run out of distinct sentences.
+_GENERIC_MORE = (
+    "Our {color} {item} is back in stock and ships within {n} days.",
+    "The {item} comes with a {n} year warranty and a free carrying case.",
+    "We tested the {item} for {n} weeks before writing this review.",
+    "This {color} {item} looks great in a small kitchen or a home office.",
+    "Customers who bought the {item} also looked at matching accessories.",
+    "Read the instructions carefully before using the {item} for the first time.",
+    "The museum gift shop reopens on {day} after a short renovation.",
+    "Applications for the summer internship close at the end of {month}.",
+    "The yoga class meets twice a week in the community hall.",
+    "Water the seedlings every {n} days until the first leaves appear.",
+    "The city pool will extend its opening hours during the heat wave.",
+    "Bring a flashlight, a warm jacket and plenty of water on the trail.",
+    "The bakery on the corner sells fresh bread until noon on {day}.",
+    "Our office is open from nine to five, Monday through Friday.",
+    "A small leak under the sink can waste hundreds of gallons a year.",
+    "Many parents say the new playground is the best in the area.",
+    "The annual charity run raised money for the local food bank.",
+    "Remove the pan from the heat and let it cool for {n} minutes.",
+    "The recycling truck now comes every other {day} morning.",
+    "Students can borrow up to {n} books at a time from the library.",
+    "The old mill was turned into apartments and a small cafe.",
+    "Our newsletter goes out on the first {day} of every month.",
+    "This guide explains how to choose a {item} that fits your budget.",
+    "Most of the reviews praised the {item} for its battery life.",
+    "Local volunteers planted {n}0 trees along the river path in {month}.",
+    "The price of the {item} dropped by {n}0 percent during the sale.",
+    "Please wear comfortable shoes, as the tour involves a lot of walking.",
+    "The choir is looking for new members to join before the {month} concert.",
+    "A light breakfast and coffee are included in the room rate.",
+    "The farm offers pick-your-own apples every weekend in the autumn.",
+    "Drivers should expect delays on the bridge during the repairs.",
+    "Our support team usually replies within {n} hours on weekdays.",
+)
+_GENERIC = _GENERIC_BASE + _GENERIC_MORE
+_ITEMS = ("blender", "backpack", "desk lamp", "kettle", "rain jacket", "tent", "bike helmet",
+          "coffee grinder", "office chair", "phone case", "cutting board", "water bottle")
+_COLORS = ("red", "blue", "grey", "black", "white", "yellow", "navy", "olive")
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = ("January", "March", "April", "June", "October", "November", "December")
+
+# Outlier passages (C4 keeps lines that end in terminal punctuation and drops pages
+# with a curly bracket, so what remains of boilerplate, tables and code looks so).
+_BOILERPLATE = (
+    "Copyright {n}0{n}{n} All rights reserved.", "Powered by WordPress.",
+    "Share this: Facebook, Twitter, Pinterest, Email.", "Skip to main content.",
+    "Home | About | Contact | Blog | Shop.", "Posted in Uncategorized.",
+    "Leave a comment.", "You must be logged in to post a comment.",
+    "Your email address will not be published.", "Required fields are marked.",
+    "Previous post. Next post.", "Subscribe to our mailing list.",
+    "Back to top.", "This entry was posted on {day}.", "Tags: news, updates, misc.",
+    "Filed under: general.", "Log in. Register. Lost password.", "Search this site.",
+)
+_CODE = (
+    "import os, sys.", "def load(path): return open(path).read().",
+    "for i in range({n}0): print(i).", "x = np.zeros(({n}, {n})).",
+    "SELECT id, name FROM users WHERE id = {n}{n};", "git commit -m 'fix build'.",
+    "pip install requests=={n}.{n}.{n}.", "if x > {n}: return None.",
+    "while True: time.sleep({n}).", "chmod +x run.sh && ./run.sh.",
+    "df = pd.read_csv('data.csv').", "return [a + b for a, b in zip(xs, ys)].",
+)
+
+# C4's page filter keeps pages of at least 3 sentences (tensorflow_datasets
+# text/c4_utils.py: _MIN_NUM_SENTENCES = 3, _MIN_WORDS_PER_LINE = 5).
+C4_MIN_SENTENCES = 3
+# Fact statements (and distractor mentions) sit among a passage's first sentences,
+# so they survive truncation to `data.seq_len` (tests check their word offset).
+_HEAD_SENTENCES = 4
+OUTLIER_KINDS = ("boilerplate", "repeated_lines", "digit_table", "code")
 
 
 def _check_relations():
@@ -255,7 +340,8 @@ _check_relations()
 
 
 def _validate(*, relations, bucket_ranges, facts_per_bucket, facts_per_passage,
-              sentences_per_passage, distractor_passages, filler_passages):
+              sentences_per_passage, sentences_median, sentences_sigma, distractor_passages,
+              filler_passages, outlier_share):
   """Raises ValueError naming the config key that cannot be satisfied."""
   if not relations or len(set(relations)) != len(relations):
     raise ValueError(f"world.relations must be non-empty and distinct, got {relations!r}")
@@ -284,33 +370,57 @@ def _validate(*, relations, bucket_ranges, facts_per_bucket, facts_per_passage,
   if sentences_per_passage[1] > len(_GENERIC):
     raise ValueError(f"world.sentences_per_passage: at most {len(_GENERIC)} sentences a "
                      f"passage, got {sentences_per_passage!r}")
+  if not sentences_median > 0:
+    raise ValueError(f"world.sentences_median must be > 0, got {sentences_median!r}")
+  if not sentences_sigma >= 0:
+    raise ValueError(f"world.sentences_sigma must be >= 0, got {sentences_sigma!r}")
+  if not 0 <= outlier_share < 0.5:
+    raise ValueError(f"world.outlier_share must be in [0, 0.5), got {outlier_share!r}")
   for key, v in (("distractor_passages", distractor_passages),
                  ("filler_passages", filler_passages)):
     if int(v) != v or v < 0:
       raise ValueError(f"world.{key} must be an int >= 0, got {v!r}")
 
 
+def _fixed_words() -> frozenset[str]:
+  """Lower-cased words of the generator's own text: no alias may be one of them
+  (so 'Green' never names a person where a sentence says 'green parks')."""
+  texts = [t for rel in RELATIONS.values() for t in rel.templates + (rel.query,)]
+  texts += [t for v in _TAILS.values() for t in v]
+  texts += [t for v in _SUBJECT_FILLERS.values() for t in v]
+  texts += [t for v in _OBJECT_MENTIONS.values() for t in v]
+  texts += [t for v in _CO_MENTIONS.values() for t in v]
+  texts += list(_GENERIC) + list(_BOILERPLATE) + list(_CODE) + list(_ITEMS) + list(_COLORS)
+  texts += list(_DAYS) + list(_MONTHS)
+  return frozenset(w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t))
+
+
 class _Names:
-  """Hands out entity names no one of which is a substring of another."""
+  """Hands out entity names and aliases, no one of which is a substring of another
+  entity's (an entity's alias may be part of its own name)."""
 
   def __init__(self):
     self._taken: list[str] = []
+    self._reserved = _fixed_words()
 
-  def ok(self, name: str) -> bool:
-    low = name.lower()
-    return all(low not in t and t not in low for t in self._taken)
+  def ok(self, *group: str) -> bool:
+    low = [g.lower() for g in group]
+    return (all(g not in t and t not in g for g in low for t in self._taken)
+            and all(g not in self._reserved for g in low[1:]))
 
-  def take(self, name: str) -> bool:
-    if not self.ok(name):
+  def take(self, *group: str) -> bool:
+    """Registers a name and its aliases together, if none clashes."""
+    if not self.ok(*group):
       return False
-    self._taken.append(name.lower())
+    self._taken.extend(g.lower() for g in group)
     return True
 
-  def new(self, make, what: str) -> str:
+  def new(self, make, what: str) -> tuple[str, tuple[str, ...]]:
+    """(name, aliases) from `make()` -> (name, aliases), the first that fits."""
     for _ in range(2000):
-      name = make()
-      if self.take(name):
-        return name
+      name, aliases = make()
+      if self.take(name, *aliases):
+        return name, tuple(aliases)
     raise ValueError(f"world.facts_per_bucket: cannot find enough distinct {what} names")
 
 
@@ -324,11 +434,24 @@ def _capacity(relation: str, n_states: int) -> int:
           "landmark": len(_PLACE_WORDS) * len(_PLACE_KINDS)}[kind] // 2
 
 
+def generate_from_config(config) -> World:
+  """The synthetic world `config.world` describes (bucket ranges parsed from it)."""
+  from tda import config as config_lib  # Deferred: config imports nothing from here.
+  w = config.world
+  return generate_world(
+      seed=w.seed, relations=w.relations, bucket_ranges=config_lib.bucket_ranges(config),
+      facts_per_bucket=w.facts_per_bucket, facts_per_passage=w.facts_per_passage,
+      sentences_per_passage=w.sentences_per_passage, sentences_median=w.sentences_median,
+      sentences_sigma=w.sentences_sigma, distractor_passages=w.distractor_passages,
+      filler_passages=w.filler_passages, outlier_share=w.outlier_share)
+
+
 def generate_world(*, seed: int, relations: Sequence[str],
                    bucket_ranges: Sequence[tuple[str, int, int]],
                    facts_per_bucket: Sequence[int], facts_per_passage: int,
-                   sentences_per_passage: Sequence[int], distractor_passages: int,
-                   filler_passages: int) -> World:
+                   sentences_per_passage: Sequence[int], sentences_median: float,
+                   sentences_sigma: float, distractor_passages: int, filler_passages: int,
+                   outlier_share: float) -> World:
   """Generates the synthetic fact world deterministically from `seed`.
 
   Args:
@@ -338,9 +461,13 @@ def generate_world(*, seed: int, relations: Sequence[str],
     facts_per_bucket: facts per bucket; each fact gets a number of entailing
       passages drawn uniformly from its bucket's [lo, hi].
     facts_per_passage: most facts one fact passage states.
-    sentences_per_passage: inclusive (lo, hi) sentences per passage.
-    distractor_passages: passages mentioning an entity and stating no fact.
+    sentences_per_passage: inclusive (lo, hi) clamp of a passage's sentence count.
+    sentences_median, sentences_sigma: the sentence count is
+      round(exp(N(log(median), sigma))), clamped (sigma 0: always the median).
+    distractor_passages: passages mentioning entities and stating no fact.
     filler_passages: passages mentioning no entity.
+    outlier_share: share of all passages that are outliers (boilerplate, repeated
+      lines, digit tables, code), added on top of the others.
 
   Returns:
     The World, passages shuffled, ground truth exact.
@@ -353,23 +480,32 @@ def generate_world(*, seed: int, relations: Sequence[str],
   _validate(relations=relations, bucket_ranges=bucket_ranges,
             facts_per_bucket=tuple(facts_per_bucket), facts_per_passage=facts_per_passage,
             sentences_per_passage=tuple(sentences_per_passage),
-            distractor_passages=distractor_passages, filler_passages=filler_passages)
+            sentences_median=sentences_median, sentences_sigma=sentences_sigma,
+            distractor_passages=distractor_passages, filler_passages=filler_passages,
+            outlier_share=outlier_share)
   rng = random.Random(f"tda.world:{seed}")
   fake = faker.Faker("en_US")
   fake.seed_instance(seed)
-  facts = _make_facts(rng, fake, relations=relations, bucket_ranges=bucket_ranges,
-                      facts_per_bucket=facts_per_bucket)
+  facts, aliases = _make_facts(rng, fake, relations=relations, bucket_ranges=bucket_ranges,
+                               facts_per_bucket=facts_per_bucket)
   lo, hi = sentences_per_passage
-  raw = _fact_passages(rng, facts, facts_per_passage=facts_per_passage, lo=lo, hi=hi)
+
+  def length() -> int:
+    n = round(math.exp(rng.gauss(math.log(sentences_median), sentences_sigma)))
+    return min(hi, max(lo, n))
+
+  raw = _fact_passages(rng, facts, aliases, facts_per_passage=facts_per_passage,
+                       length=length)
   for _ in range(distractor_passages):
-    n = rng.randint(lo, hi)
-    sents = list(dict.fromkeys(
+    n = length()
+    head = list(dict.fromkeys(
         _mention(rng, rng.choice(facts)) for _ in range(min(n, rng.randint(1, 2)))))
-    sents += _generic(rng, n - len(sents))
-    rng.shuffle(sents)
-    raw.append(("distractor", " ".join(sents), []))
+    raw.append(("distractor", _passage(rng, head, n, aliases), []))
   for _ in range(filler_passages):
-    raw.append(("filler", " ".join(_generic(rng, rng.randint(lo, hi))), []))
+    raw.append(("filler", " ".join(_generic(rng, length())), []))
+  n_outliers = round(outlier_share * len(raw) / (1 - outlier_share))
+  for i in range(n_outliers):
+    raw.append(("outlier", _outlier(rng, OUTLIER_KINDS[i % len(OUTLIER_KINDS)], length()), []))
 
   rng.shuffle(raw)
   passages = []
@@ -384,9 +520,16 @@ def generate_world(*, seed: int, relations: Sequence[str],
   return World(passages=passages, facts=facts)
 
 
+def _person(fake, rng):
+  first, last = fake.first_name(), fake.last_name()
+  return f"{first} {last}", (last,)  # Later mentions: the surname.
+
+
 def _make_facts(rng, fake, *, relations, bucket_ranges, facts_per_bucket):
-  """Fact records (passage_ids still empty) with entities drawn from Faker."""
+  """Fact records (passage_ids still empty) with entities drawn from Faker, and
+  {entity name: aliases}."""
   names = _Names()
+  aliases: dict[str, tuple[str, ...]] = {}
   # Fixed object pools first, then states that do not clash with them.
   pools = {"city": list(_CITIES), "country": list(_COUNTRIES), "language": list(_LANGUAGES),
            "sport": list(_SPORTS), "occupation": list(_OCCUPATIONS)}
@@ -397,10 +540,13 @@ def _make_facts(rng, fake, *, relations, bucket_ranges, facts_per_bucket):
   states = list(fake.provider("faker.providers.address").states)
   rng.shuffle(states)
   pools["state"] = [s for s in states if names.take(s)]
-  pools["company"] = [names.new(lambda: f"{fake.last_name()} {rng.choice(_COMPANY_KINDS)}",
-                                "company") for _ in range(10)]
-  pools["person"] = [names.new(lambda: f"{fake.first_name()} {fake.last_name()}", "person")
-                     for _ in range(12)]
+  pools["company"] = [names.new(lambda: (f"{fake.last_name()} {rng.choice(_COMPANY_KINDS)}",
+                                         ()), "company")[0] for _ in range(10)]
+  pools["person"] = []
+  for _ in range(12):
+    name, al = names.new(lambda: _person(fake, rng), "person")
+    pools["person"].append(name)
+    aliases[name] = al
 
   # (bucket, frequency) per fact, dealt to relations round-robin within capacity.
   slots = [(name, rng.randint(lo, hi))
@@ -418,26 +564,37 @@ def _make_facts(rng, fake, *, relations, bucket_ranges, facts_per_bucket):
     need[relations[i % len(relations)]].append(slot)
     i += 1
 
+  def org():
+    last = fake.last_name()
+    return f"{last} {rng.choice(_ORG_KINDS)}", (last,)  # "Smith Logistics" -> "Smith".
+
+  def work():
+    title = f"{rng.choice(_TITLE_ADJ)} {rng.choice(_TITLE_NOUN)}"
+    return f"The {title}", (title,)  # The article dropped in running text.
+
   # Subjects: people carry 1-3 facts (a short bio); other kinds one fact each.
   makers = {
-      "person": lambda: f"{fake.first_name()} {fake.last_name()}",
-      "city": fake.city,
-      "software": lambda: f"{rng.choice(_CODENAMES)} {rng.choice(_SOFTWARE_KINDS)}",
-      "org": lambda: f"{fake.last_name()} {rng.choice(_ORG_KINDS)}",
-      "work": lambda: f"The {rng.choice(_TITLE_ADJ)} {rng.choice(_TITLE_NOUN)}",
-      "landmark": lambda: f"{rng.choice(_PLACE_WORDS)} {rng.choice(_PLACE_KINDS)}",
+      "person": lambda: _person(fake, rng),
+      "city": lambda: (fake.city(), ()),
+      "software": lambda: (f"{rng.choice(_CODENAMES)} {rng.choice(_SOFTWARE_KINDS)}", ()),
+      "org": org,
+      "work": work,
+      "landmark": lambda: (f"{rng.choice(_PLACE_WORDS)} {rng.choice(_PLACE_KINDS)}", ()),
   }
   triples = []  # (subject, kind, relation, bucket, freq)
   person_rels = [r for r in relations if RELATIONS[r].subject_kind == "person"]
   while any(need[r] for r in person_rels):
     avail = [r for r in person_rels if need[r]]
-    subject = names.new(makers["person"], "person")
+    subject, al = names.new(makers["person"], "person")
+    aliases[subject] = al
     for rel in rng.sample(avail, min(len(avail), rng.randint(1, 3))):
       triples.append((subject, "person", rel, *need[rel].popleft()))
   for rel in relations:
     kind = RELATIONS[rel].subject_kind
     while need[rel]:
-      triples.append((names.new(makers[kind], kind), kind, rel, *need[rel].popleft()))
+      subject, al = names.new(makers[kind], kind)
+      aliases[subject] = al
+      triples.append((subject, kind, rel, *need[rel].popleft()))
 
   # Objects: Zipf-weighted draws share popular objects; states are one-to-one.
   facts = []
@@ -451,13 +608,53 @@ def _make_facts(rng, fake, *, relations, bucket_ranges, facts_per_bucket):
     facts.append({
         "fact_id": f"F{k:06d}", "example_id": f"trex_synth:{k:015d}", "relation": rel,
         "subject": subject, "object": obj,
+        "subject_aliases": list(aliases.get(subject, ())),
+        "object_aliases": list(aliases.get(obj, ())),
         "inputs_plaintext": RELATIONS[rel].query.format(S=subject),
         "targets_plaintext": obj, "frequency": freq, "bucket": bucket,
         "passage_ids": [], "_kind": kind})
-  return facts
+  return facts, aliases
 
 
-def _fact_passages(rng, facts, *, facts_per_passage, lo, hi):
+@dataclasses.dataclass(frozen=True)
+class _Sent:
+  """One sentence before rendering: a template over {S} and {O}, or plain text."""
+  template: str
+  subject: str | None = None
+  obj: str | None = None
+  tail: str = ""
+
+
+def _render(sents: Sequence[_Sent | str], aliases: dict[str, tuple[str, ...]]) -> str:
+  """Joins sentences, naming each entity in full at its first mention in the
+  passage (in reading order) and by its first alias afterwards."""
+  seen: set[str] = set()
+  out = []
+  for s in sents:
+    if isinstance(s, str):
+      out.append(s)
+      continue
+    ents = sorted(((s.template.find("{" + k + "}"), k, e)
+                   for k, e in (("S", s.subject), ("O", s.obj)) if e is not None))
+    surface = {}
+    for _, k, e in ents:
+      surface[k] = aliases[e][0] if e in seen and aliases.get(e) else e
+      seen.add(e)
+    out.append(s.template.format(tail=s.tail, **surface))
+  return " ".join(out)
+
+
+def _passage(rng, head: list, n: int, aliases) -> str:
+  """`head` sentences shuffled among the first `_HEAD_SENTENCES`, then generic text up
+  to `n` sentences."""
+  n = max(n, len(head))
+  k = min(n, max(len(head), _HEAD_SENTENCES))
+  first = head + _generic(rng, k - len(head))
+  rng.shuffle(first)
+  return _render(first + _generic(rng, n - k), aliases)
+
+
+def _fact_passages(rng, facts, aliases, *, facts_per_passage, length):
   """(kind, text, fact indices) of the passages that state facts.
 
   Each passage states 1..facts_per_passage facts: a lead drawn by remaining
@@ -481,15 +678,13 @@ def _fact_passages(rng, facts, *, facts_per_passage, lo, hi):
       j = rng.choices(others, weights=[remaining[o] for o in others])[0]
       group.append(j)
       others.remove(j)
-    sents = [_statement(rng, facts[j]) for j in group]
-    n = max(len(sents), rng.randint(lo, hi))
-    # Padding about the passage's subjects, no sentence twice; generic text if short.
-    pad = list(dict.fromkeys(t.format(S=facts[j]["subject"])
+    head = [_statement(rng, facts[j]) for j in group]
+    n = max(len(head), length())
+    # Up to `_HEAD_SENTENCES`: sentences about the passage's subjects, none twice.
+    pad = list(dict.fromkeys(_Sent(t, subject=facts[j]["subject"])
                              for j in group for t in _SUBJECT_FILLERS[facts[j]["_kind"]]))
-    pad = rng.sample(pad, min(len(pad), n - len(sents)))
-    sents += pad + _generic(rng, n - len(sents) - len(pad))
-    rng.shuffle(sents)
-    raw.append(("fact", " ".join(sents), group))
+    head += rng.sample(pad, max(0, min(len(pad), _HEAD_SENTENCES - len(head), n - len(head))))
+    raw.append(("fact", _passage(rng, head, n, aliases), group))
     for j in group:
       remaining[j] -= 1
     open_facts = [j for j in open_facts if remaining[j] > 0]
@@ -499,25 +694,49 @@ def _fact_passages(rng, facts, *, facts_per_passage, lo, hi):
 def _generic(rng: random.Random, n: int) -> list[str]:
   """`n` distinct C4-like sentences that name no entity."""
   return [t.format(n=rng.randint(2, 9), h=f"{rng.randint(6, 10)} in the morning",
-                   day=rng.choice(_DAYS), month=rng.choice(_MONTHS))
-          for t in rng.sample(_GENERIC, n)]
+                   day=rng.choice(_DAYS), month=rng.choice(_MONTHS), item=rng.choice(_ITEMS),
+                   color=rng.choice(_COLORS))
+          for t in rng.sample(_GENERIC, min(n, len(_GENERIC)))]
 
 
-def _statement(rng: random.Random, fact: dict[str, Any]) -> str:
-  """One sentence stating `fact`: the query phrasing with probability 0.5."""
+def _fill(rng: random.Random, t: str) -> str:
+  return t.format(n=rng.randint(1, 9), day=rng.choice(_DAYS))
+
+
+def _outlier(rng: random.Random, kind: str, n: int) -> str:
+  """An outlier passage of `n` lines that names no entity."""
+  if kind == "boilerplate":
+    lines = [_fill(rng, t) for t in rng.sample(_BOILERPLATE, min(n, len(_BOILERPLATE)))]
+  elif kind == "repeated_lines":
+    lines = [rng.choice(_GENERIC).format(n=3, h="9 in the morning", day="Friday",
+                                          month="June", item="kettle", color="red")] * n
+  elif kind == "digit_table":
+    lines = [" | ".join([str(rng.randint(1990, 2020))]
+                        + [f"{rng.uniform(0, 100):.{rng.randint(1, 3)}f}" for _ in range(5)])
+             + "." for _ in range(n)]
+  elif kind == "code":
+    lines = [_fill(rng, rng.choice(_CODE)) for _ in range(n)]
+  else:
+    raise ValueError(f"unknown outlier kind {kind!r}")
+  return "\n".join(lines)
+
+
+def _statement(rng: random.Random, fact: dict[str, Any]) -> _Sent:
+  """One sentence stating `fact`, in one of its relation's phrasings drawn
+  uniformly (the query's own among them)."""
   rel = RELATIONS[fact["relation"]]
-  tpl = rel.templates[0] if rng.random() < 0.5 else rng.choice(rel.templates[1:])
-  return tpl.format(S=fact["subject"], O=fact["object"],
-                    tail=rng.choice(_TAILS[rel.subject_kind]))
+  return _Sent(rng.choice(rel.templates), subject=fact["subject"], obj=fact["object"],
+               tail=rng.choice(_TAILS[rel.subject_kind]))
 
 
-def _mention(rng: random.Random, fact: dict[str, Any]) -> str:
-  """A sentence naming the fact's subject and/or object that states no fact."""
+def _mention(rng: random.Random, fact: dict[str, Any]) -> _Sent:
+  """A sentence naming the fact's subject and/or object that states no fact: both
+  together half of the time (lexical overlap without entailment)."""
   rel = RELATIONS[fact["relation"]]
-  mode = rng.randrange(3)
+  mode = rng.randrange(4)
   if mode == 0:
-    return rng.choice(_SUBJECT_FILLERS[rel.subject_kind]).format(S=fact["subject"])
+    return _Sent(rng.choice(_SUBJECT_FILLERS[rel.subject_kind]), subject=fact["subject"])
   if mode == 1:
-    return rng.choice(_OBJECT_MENTIONS[rel.object_kind]).format(O=fact["object"])
-  return rng.choice(_CO_MENTIONS[fact["relation"]]).format(
-      S=fact["subject"], O=fact["object"])
+    return _Sent(rng.choice(_OBJECT_MENTIONS[rel.object_kind]), obj=fact["object"])
+  return _Sent(rng.choice(_CO_MENTIONS[fact["relation"]]), subject=fact["subject"],
+               obj=fact["object"])

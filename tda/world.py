@@ -5,11 +5,12 @@ A world comes from `tda.synthetic_world.generate_world` (the embedded default) o
 from `load_byo` (your files).
 
 Records (plain dicts):
-  passage: {"id", "text", "kind": "fact"|"distractor"|"filler", "fact_ids": [...]}
+  passage: {"id", "text", "kind": "fact"|"distractor"|"filler"|"outlier", "fact_ids": [...]}
   fact:    {"fact_id", "example_id", "relation", "subject", "object",
             "inputs_plaintext", "targets_plaintext" (no leading space; joined to the
             prompt with one space), "frequency" (entailing passages), "bucket",
-            "passage_ids" (every passage that entails the fact)}
+            "passage_ids" (every passage that entails the fact); optionally
+            "subject_aliases", "object_aliases" (other names of the entities)}
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import collections
 import dataclasses
 import os
 from typing import Any, Sequence
+
+import numpy as np
 
 from tda import config as config_lib
 from tda import errors
@@ -47,6 +50,47 @@ class World:
         "relations": dict(collections.Counter(f["relation"] for f in self.facts)),
         "fact_passage_slots": sum(f["frequency"] for f in self.facts),
         "mean_words_per_passage": sum(words) / max(len(words), 1),
+    }
+
+  def corpus_stats(self) -> dict[str, Any]:
+    """The lexical statistics docs/DESIGN.md §7 fixes from the real setting.
+
+    verbatim_share: share of (fact, entailing passage) pairs whose passage holds
+      the query's prompt + " " + target verbatim.
+    co_mention_distractors: (fact, passage) pairs where the passage names the
+      fact's subject and object (any alias) but does not entail the fact.
+    length_*: passage lengths in whitespace words; the histogram's bins are
+      [edges[i], edges[i+1]) with the last one open.
+    outlier_share: share of passages of kind 'outlier'.
+    """
+    text = {p["id"]: p["text"] for p in self.passages}
+    words = np.array([len(p["text"].split()) for p in self.passages])
+    pairs = verbatim = co = 0
+    for f in self.facts:
+      prompt = f"{f['inputs_plaintext']} {f['targets_plaintext']}"
+      for pid in f["passage_ids"]:
+        pairs += 1
+        verbatim += prompt in text[pid]
+      subj = [f.get("subject")] + list(f.get("subject_aliases", ()))
+      obj = [f.get("object")] + list(f.get("object_aliases", ()))
+      if None in (subj[0], obj[0]):
+        continue
+      entailing = set(f["passage_ids"])
+      co += sum(1 for p in self.passages if p["id"] not in entailing
+                and any(s in p["text"] for s in subj) and any(o in p["text"] for o in obj))
+    p50, p95 = (np.percentile(words, [50, 95]) if len(words) else (0.0, 0.0))
+    edges = [0, 8, 16, 32, 64, 128, 256, 512]
+    counts = np.histogram(words, bins=edges + [max(int(words.max(initial=0)), 512) + 1])[0]
+    return {
+        "verbatim_share": verbatim / max(pairs, 1),
+        "co_mention_distractors": int(co),
+        "outlier_share": sum(p["kind"] == "outlier" for p in self.passages)
+                         / max(len(self.passages), 1),
+        "length_p50_words": float(p50),
+        "length_p95_words": float(p95),
+        "length_p95_over_p50": float(p95 / p50) if p50 else None,
+        "length_max_words": int(words.max(initial=0)),
+        "length_histogram": {"edges_words": edges, "counts": [int(c) for c in counts]},
     }
 
   def write(self, folder: str) -> None:

@@ -40,7 +40,9 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 
 
 def entails(*, text: str, fact: dict[str, Any]) -> bool:
-  """Whether some sentence of `text` states `fact` (subject, relation, object).
+  """Whether some sentence of `text` states `fact` (subject, relation, object),
+  naming each entity by its name or one of its aliases (`subject_aliases`,
+  `object_aliases`).
 
   Raises:
     ValueError: the fact lacks subject/object or has a relation without patterns.
@@ -49,16 +51,24 @@ def entails(*, text: str, fact: dict[str, Any]) -> bool:
     raise ValueError(f"entails: no patterns for relation {fact.get('relation')!r}")
   if not fact.get("subject") or not fact.get("object"):
     raise ValueError(f"entails: fact {fact.get('fact_id')} needs subject and object")
+  # An entity may be named by any of its names (full name or alias).
+  subjects = (fact["subject"], *fact.get("subject_aliases", ()))
+  objects = (fact["object"], *fact.get("object_aliases", ()))
   # Cheap rejection first: a sentence stating the fact names both entities.
-  if fact["subject"] not in text or fact["object"] not in text:
+  if not any(s in text for s in subjects) or not any(o in text for o in objects):
     return False
-  pat = _fact_pattern(fact["relation"], fact["subject"], fact["object"])
+  pat = _fact_pattern(fact["relation"], subjects, objects)
   return any(pat.search(sent) for sent in _SENTENCE_SPLIT.split(text))
 
 
+def _names(names: tuple[str, ...]) -> str:
+  alts = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+  return r"(?<![\w-])(?:" + alts + r")(?![\w-])"
+
+
 @functools.lru_cache(maxsize=65536)
-def _fact_pattern(relation: str, subject: str, obj: str) -> re.Pattern[str]:
-  s = r"(?<![\w-])" + re.escape(subject) + r"(?![\w-])"
-  o = r"(?<![\w-])" + re.escape(obj) + r"(?![\w-])"
+def _fact_pattern(relation: str, subjects: tuple[str, ...],
+                  objects: tuple[str, ...]) -> re.Pattern[str]:
+  s, o = _names(subjects), _names(objects)
   return re.compile("|".join(f"(?:{p.replace('{S}', s).replace('{O}', o)})"
                              for p in _PATTERNS[relation]))

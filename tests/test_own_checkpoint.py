@@ -177,7 +177,7 @@ def _proponents(workdir):
 @pytest.mark.slow
 def test_attributing_a_finished_runs_checkpoint_reproduces_it(tmp_path):
   w, w2 = str(tmp_path / "W"), str(tmp_path / "W2")
-  common = ("--config.eval.methods=('trackstar','bm25')", "--config.eval.trend_steps=()")
+  common = ("--config.eval.methods=('trackstar','bm25')", "--config.trend.sizes=()")
   test_pipeline.run_tda(w, *common)
   before = helpers.file_snapshot(w)
   test_pipeline.run_tda(

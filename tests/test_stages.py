@@ -125,15 +125,10 @@ def test_world_stage_commits_the_generated_world(tmp_path):
   pipeline.run_stage(ctx, world_stage)
   d = tmp_path / "world"
   assert sorted(os.listdir(d)) == ["COMMITTED.json", "facts.jsonl", "passages.jsonl",
-                                   "summary.json"]
+                                   "stats.json", "summary.json"]
   stats = ctx.summary("world")
   assert stats["facts"] == 9 and stats["kinds"]["filler"] == 3
-  c = ctx.config.world
-  direct = synthetic_world.generate_world(
-      seed=c.seed, relations=c.relations, bucket_ranges=config_lib.bucket_ranges(ctx.config),
-      facts_per_bucket=c.facts_per_bucket, facts_per_passage=c.facts_per_passage,
-      sentences_per_passage=c.sentences_per_passage,
-      distractor_passages=c.distractor_passages, filler_passages=c.filler_passages)
+  direct = synthetic_world.generate_from_config(ctx.config)
   assert ctx.world.passages == direct.passages and ctx.world.facts == direct.facts
   before = helpers.file_snapshot(d, contents=True)
   with pytest.raises(wd.WorkdirConflict, match="seed"):

@@ -25,7 +25,9 @@ def _kwargs(**overrides):
   kw = dict(seed=w.seed, relations=w.relations, bucket_ranges=config_lib.bucket_ranges(c),
             facts_per_bucket=w.facts_per_bucket, facts_per_passage=w.facts_per_passage,
             sentences_per_passage=w.sentences_per_passage,
-            distractor_passages=w.distractor_passages, filler_passages=w.filler_passages)
+            sentences_median=w.sentences_median, sentences_sigma=w.sentences_sigma,
+            distractor_passages=w.distractor_passages, filler_passages=w.filler_passages,
+            outlier_share=w.outlier_share)
   kw.update(overrides)
   return kw
 
@@ -51,12 +53,7 @@ def test_same_seed_same_world_other_seed_differs(world):
 def test_world_is_byte_identical_across_processes_and_hash_seeds(world):
   code = ("import hashlib, json\n"
           "from tda import config as c, synthetic_world as world\n"
-          "cfg = c.base_config(); w = cfg.world\n"
-          "x = world.generate_world(seed=w.seed, relations=w.relations, "
-          "bucket_ranges=c.bucket_ranges(cfg), facts_per_bucket=w.facts_per_bucket, "
-          "facts_per_passage=w.facts_per_passage, "
-          "sentences_per_passage=w.sentences_per_passage, "
-          "distractor_passages=w.distractor_passages, filler_passages=w.filler_passages)\n"
+          "x = world.generate_from_config(c.base_config())\n"
           "blob = json.dumps({'p': x.passages, 'f': x.facts}, sort_keys=True).encode()\n"
           "print(hashlib.sha256(blob).hexdigest())\n")
   outs = []
@@ -68,18 +65,54 @@ def test_world_is_byte_identical_across_processes_and_hash_seeds(world):
   assert outs[0] == outs[1] == _digest(world)
 
 
-def test_default_world_has_configured_counts_ids_and_passage_lengths(world):
+def test_default_world_has_configured_counts_and_ids(world):
   s = world.stats()
   assert 1300 <= s["passages"] <= 1700
   assert s["kinds"]["distractor"] == 300 and s["kinds"]["filler"] == 150
-  # 2-4 sentences a passage (config default): every passage fits in 128 tokens.
-  assert 25 <= s["mean_words_per_passage"] <= 45
   assert s["facts"] == 220
   assert set(s["relations"]) == set(config_lib.base_config().world.relations)
   assert min(s["relations"].values()) >= 20  # Spread over all nine relations.
   ids = [p["id"] for p in world.passages]
   assert len(set(ids)) == len(ids)
   assert all(re.fullmatch(r"c4_synth:\d{8}", i) for i in ids)
+
+
+def test_corpus_statistics_stay_within_their_documented_bounds(world):
+  """docs/DESIGN.md §7: the bounds each statistic of the default world keeps."""
+  st = world.corpus_stats()
+  # Heavy-tailed lengths: log-normal, sigma = 1 (p95/p50 = e^1.645 = 5.2 unclamped).
+  assert 3.5 <= st["length_p95_over_p50"] <= 8.0
+  assert 15 <= st["length_p50_words"] <= 35  # The previous world's token budget.
+  # A share is longer than seq_len = 128 tokens (~66 words at ~1.9 tokens a word).
+  long = sum(len(p["text"].split()) > 80 for p in world.passages) / len(world.passages)
+  assert 0.05 <= long <= 0.25
+  assert st["length_max_words"] > 300
+  h = st["length_histogram"]
+  assert sum(h["counts"]) == len(world.passages) and len(h["counts"]) == len(h["edges_words"])
+  # Paraphrase and aliases: the query's prompt + target verbatim in at most 30%.
+  assert 0.05 <= st["verbatim_share"] <= 0.30
+  # A few percent outliers, of every kind.
+  assert 0.02 <= st["outlier_share"] <= 0.05
+  outliers = [p["text"] for p in world.passages if p["kind"] == "outlier"]
+  assert any(re.search(r"\d{4} \| \d+\.\d", t) for t in outliers)  # Digit tables.
+  assert any(len(set(t.split("\n"))) == 1 and t.count("\n") >= 2 for t in outliers)
+  assert any("import os" in t or "SELECT" in t or "def load" in t for t in outliers)
+  assert any("All rights reserved" in t or "Powered by" in t or "Skip to" in t
+             for t in outliers)
+  assert st["co_mention_distractors"] >= 100
+
+
+def test_fact_statements_sit_within_the_first_words_that_survive_truncation(world):
+  text = {p["id"]: p["text"] for p in world.passages}
+  worst = 0
+  for f in world.facts:
+    for pid in f["passage_ids"]:
+      sents = entailment._SENTENCE_SPLIT.split(text[pid])
+      ends = [i for i, sent in enumerate(sents)
+              if entailment.entails(text=sent, fact=f)]
+      assert ends, (f["fact_id"], pid)
+      worst = max(worst, len(" ".join(sents[:ends[0] + 1]).split()))
+  assert worst <= 60  # ~120 tokens at ~1.9 tokens a word: inside seq_len = 128.
 
 
 def test_fact_frequencies_fall_in_their_bucket_and_match_passage_links(world):
@@ -114,19 +147,55 @@ def test_ground_truth_lists_exactly_the_entailing_passages(world):
   assert not wrong
 
 
-def test_distractors_mention_entities_and_filler_none(world):
-  names = sorted({f["subject"] for f in world.facts} | {f["object"] for f in world.facts})
+def test_distractors_mention_entities_and_filler_and_outliers_none(world):
+  names = sorted({n for f in world.facts
+                  for n in [f["subject"], f["object"], *f["subject_aliases"],
+                            *f["object_aliases"]]})
   pat = re.compile("|".join(r"\b" + re.escape(n) + r"\b" for n in names), re.IGNORECASE)
   for p in world.passages:
-    if p["kind"] == "filler":
+    if p["kind"] in ("filler", "outlier"):
       assert not pat.search(p["text"]), p
     if p["kind"] == "distractor":
       assert pat.search(p["text"]), p
-  # Some distractors name a subject together with its true object.
-  pairs = [(f["subject"], f["object"]) for f in world.facts]
-  co = sum(any(s in p["text"] and o in p["text"] for s, o in pairs)
-           for p in world.passages if p["kind"] == "distractor")
-  assert co >= 30
+  # Distractors name a subject together with its true object (full name or alias).
+  co = 0
+  for p in world.passages:
+    if p["kind"] != "distractor":
+      continue
+    co += any(any(s in p["text"] for s in [f["subject"], *f["subject_aliases"]])
+              and any(o in p["text"] for o in [f["object"], *f["object_aliases"]])
+              for f in world.facts)
+  assert co >= 100
+
+
+def test_aliases_resolve_to_exactly_one_entity(world):
+  entities = {}
+  for f in world.facts:
+    for name, al in ((f["subject"], f["subject_aliases"]), (f["object"], f["object_aliases"])):
+      assert entities.setdefault(name, tuple(al)) == tuple(al), name  # One alias list.
+  with_alias = {n: al for n, al in entities.items() if al}
+  assert len(with_alias) >= 80
+  for name, al in with_alias.items():
+    for a in al:
+      owners = [n for n, other in entities.items()
+                if a.lower() in n.lower() or any(a.lower() in o.lower() for o in other)
+                or any(o.lower() in a.lower() for o in [n, *other])]
+      assert owners == [name], (a, owners)
+  # Aliases are used: an entity is named in full at its first mention in a passage
+  # and by its alias afterwards, so many statements name the subject by alias only,
+  # and the entailment checker (which knows the aliases) accepts them.
+  text = {p["id"]: p["text"] for p in world.passages}
+  by_alias = []
+  for f in world.facts:
+    for pid in f["passage_ids"]:
+      sents = entailment._SENTENCE_SPLIT.split(text[pid])
+      stating = [x for x in sents if entailment.entails(text=x, fact=f)]
+      assert len(stating) == 1, (f["fact_id"], pid)
+      if f["subject"] not in stating[0]:
+        by_alias.append((f, pid))
+  assert len(by_alias) >= 100
+  assert not any(entailment.entails(text=text[pid], fact={**f, "subject_aliases": []})
+                 for f, pid in by_alias)
 
 
 def test_entails_accepts_paraphrases_and_rejects_near_misses():
@@ -143,12 +212,12 @@ def test_entails_accepts_paraphrases_and_rejects_near_misses():
     entailment.entails(text="x", fact={**fact, "relation": "spouse"})
 
 
-def test_query_phrasing_appears_in_about_half_the_fact_passages(world):
+def test_every_phrasing_is_used_and_the_query_is_one_of_them(world):
   for name, rel in synthetic_world.RELATIONS.items():
     assert rel.templates[0] == rel.query + " {O}."
     assert len(set(rel.templates)) >= 4
   text = {p["id"]: p["text"] for p in world.passages}
-  uses = slots = seen = 0
+  uses = slots = 0
   for f in world.facts:
     assert f["inputs_plaintext"] == synthetic_world.RELATIONS[f["relation"]].query.format(
         S=f["subject"])
@@ -156,12 +225,11 @@ def test_query_phrasing_appears_in_about_half_the_fact_passages(world):
     assert re.fullmatch(r"F\d{6}", f["fact_id"])
     assert re.fullmatch(r"trex_synth:\d{15}", f["example_id"])
     sentence = f"{f['inputs_plaintext']} {f['targets_plaintext']}."
-    n = sum(sentence in text[pid] for pid in f["passage_ids"])
-    uses += n
+    uses += sum(sentence in text[pid] for pid in f["passage_ids"])
     slots += f["frequency"]
-    seen += n > 0
-  assert 0.45 <= uses / slots <= 0.55  # Query phrasing with probability 0.5.
-  assert 0.7 <= seen / len(world.facts) <= 0.92  # ~1 - E[0.5^freq].
+  # The query's phrasing is one of five drawn uniformly, and in full only at the
+  # subject's first mention: well under 1/5 of the statements.
+  assert 0.05 <= uses / slots <= 0.2
 
 
 def test_subjects_are_unique_and_never_substrings_of_other_names(world):
@@ -192,6 +260,9 @@ def test_subjects_are_unique_and_never_substrings_of_other_names(world):
     (dict(relations=("place_of_birth", "spouse")), "world.relations"),
     (dict(distractor_passages=-1), "world.distractor_passages"),
     (dict(filler_passages=-2), "world.filler_passages"),
+    (dict(sentences_median=0), "world.sentences_median"),
+    (dict(sentences_sigma=-1), "world.sentences_sigma"),
+    (dict(outlier_share=0.6), "world.outlier_share"),
 ])
 def test_bad_config_raises_naming_key(overrides, key):
   with pytest.raises(ValueError, match=re.escape(key)):
@@ -202,13 +273,23 @@ def test_small_world_follows_every_config_knob():
   w = synthetic_world.generate_world(**_kwargs(
       seed=3, relations=("capital_of", "occupation"), facts_per_bucket=(4, 3, 2, 1),
       facts_per_passage=1, sentences_per_passage=(2, 2), distractor_passages=5,
-      filler_passages=4))
+      filler_passages=4, outlier_share=0.0))
   s = w.stats()
   assert s["facts"] == 10 and set(s["relations"]) == {"capital_of", "occupation"}
   assert s["kinds"]["fact"] == sum(f["frequency"] for f in w.facts)  # One fact a passage.
   assert s["kinds"]["distractor"] == 5 and s["kinds"]["filler"] == 4
+  assert "outlier" not in s["kinds"]
   for p in w.passages:
     assert len(re.findall(r"[.!?](?:\s|$)", p["text"])) == 2
+  # sigma = 0: every passage has the median's sentence count; outliers on top.
+  w = synthetic_world.generate_world(**_kwargs(
+      seed=3, relations=("capital_of",), facts_per_bucket=(4, 0, 0, 0), facts_per_passage=1,
+      sentences_per_passage=(1, 30), sentences_median=5, sentences_sigma=0.0,
+      distractor_passages=3, filler_passages=3, outlier_share=0.2))
+  assert w.stats()["kinds"]["outlier"] == round(0.2 * 10 / 0.8)
+  for p in w.passages:
+    if p["kind"] != "outlier":
+      assert len(re.findall(r"[.!?](?:\s|$)", p["text"])) == 5, p
 
 
 # --- BYO ------------------------------------------------------------------------

@@ -24,10 +24,11 @@ from tda.stages import retrieval
 from tda.stages import second_moments
 from tda.stages import tables
 from tda.stages import train
+from tda.stages import trend
 from tda.stages import viewer
 from tda.stages import vocab
 from tda.stages import world
 
 STAGES = (world, vocab, train, second_moments, model_eval, gradients, tables, retrieval,
-          evaluation, viewer)
+          evaluation, viewer, trend)
 NAMES = tuple(s.STAGE for s in STAGES)

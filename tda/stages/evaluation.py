@@ -1,6 +1,6 @@
 """Stage 'evaluation': attribution metrics, tail-patch influence, tables, plots and
-per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3), and the
-model-quality trend over earlier checkpoints (`tda.trend`).
+per-method JSONL for every method of `eval.methods` (DESIGN.md §2-3). (The
+model-size trend is its own stage, 'trend'.)
 
 All methods are scored on the same **test** queries (`tda.protocol`; the dev
 queries tuned R_eval, λ and the damping in the 'gradients' stage): MRR over the
@@ -20,17 +20,14 @@ import os
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
 from tda import config as config_lib
-from tda import figures
 from tda import methods as methods_lib
 from tda import paper_comparison
 from tda import protocol
 from tda import report
 from tda import tailpatch
-from tda import trend
 from tda import workdir as wd
 
 STAGE = "evaluation"
@@ -122,9 +119,6 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
              "tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
              "retrieval": ctx.summary("retrieval"), "gradients": grads})
   paper_comparison.write(results_dir=results, metrics=metrics)
-  if "trackstar" in metrics["methods"] and jax.process_count() == 1:
-    metrics["trend"] = _trend(ctx, metrics, results)
-    wd.write_json(os.path.join(results, "metrics.json"), metrics)
   return metrics
 
 
@@ -161,23 +155,6 @@ def protocol_record(config, *, grads: dict[str, Any], lr: float, n_dev, n_test: 
       "ci": {"method": "percentile bootstrap over test queries, 95%",
              "samples": ev.bootstrap_samples, "seed": ev.split_seed},
   }
-
-
-def _trend(ctx, metrics, results: str) -> list[dict[str, Any]]:
-  """Model-quality trend over earlier checkpoints plus the final model; plots it."""
-  t0 = time.time()
-  final_step = metrics["model_eval"]["train_step"]
-  points = trend.trend_points(ctx, steps=[s for s in ctx.config.eval.trend_steps
-                                          if s != final_step])
-  points.append({"step": final_step, "query_accuracy": metrics["model_eval"]["query_accuracy"],
-                 "precision_at_10": metrics["methods"]["trackstar"]["precision_at_10"],
-                 "mrr": metrics["methods"]["trackstar"]["mrr"],
-                 "recall_at_10": metrics["methods"]["trackstar"]["recall_at_10"]})
-  figures.plot_trend(points=[{"x": p["query_accuracy"], "y": p["precision_at_10"],
-                             "label": f"{p['step']} steps"} for p in points],
-                    path=os.path.join(results, "fig_trend.png"))
-  metrics["timings_s"]["evaluation.trend"] = time.time() - t0
-  return points
 
 
 def _all_timings(results_dir: str) -> dict[str, float]:
