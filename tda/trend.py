@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tda import corpus as corpus_lib
 from tda import featurize
 from tda import index as index_lib
 from tda import metrics
@@ -26,6 +27,10 @@ from tda import model_eval
 def checkpoint_point(ctx, *, step: int) -> dict[str, Any]:
   """Model quality and TrackStar's precision@10 at one checkpoint."""
   config = ctx.config
+  if corpus_lib.streamed(config):
+    raise ValueError("eval.trend_steps featurises the whole corpus in memory at each step; "
+                     "with a streamed corpus (data.source=%r) set eval.trend_steps=()"
+                     % config.data.source)
   model, state, _ = ctx.restore(step)
   corpus, queries = ctx.arrays
   world = ctx.world

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tda import corpus as corpus_lib
 from tda import distributed
 from tda import featurize
 from tda import methods as methods_lib
@@ -40,7 +41,8 @@ def fingerprint(ctx) -> dict[str, Any]:
           "methods": methods_lib.gradient(c.eval.methods), "train_step": ctx.checkpoint_step,
           "seq_len": c.data.seq_len, "upstream": ctx.upstream(
               "world", "vocab", "train",
-              *(("second_moments",) if c.gradients.v_source == "estimate" else ()))}
+              *(("second_moments",) if c.gradients.v_source == "estimate" else ())),
+          **({"corpus": ctx.corpus.fingerprint()} if corpus_lib.streamed(c) else {})}
 
 
 def run(ctx, out_dir: str) -> dict[str, Any]:
@@ -52,7 +54,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   eng = ctx.engine
   cov = proj.coverage(eng.plan, ctx.trained[1].params)
   logging.info("%s", proj.format_coverage(cov))
-  corpus, queries = ctx.arrays
+  _, queries = ctx.arrays
   t0 = time.time()
   q = eng.featurizer(tokens_nt=queries.tokens_nl, mask_nt=queries.loss_mask_nl,
                      ids=queries.ids)
@@ -60,12 +62,11 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   if q["bad_ids"]:
     logging.warning("%d queries have non-finite gradients: %s", len(q["bad_ids"]),
                     q["bad_ids"][:10])
-  sample = featurize.hessian_sample(config, len(corpus.ids))
+  sample = featurize.hessian_sample(config, len(ctx.corpus))
   mine = sample[jax.process_index()::jax.process_count()]  # R_train: each process a share.
   t0 = time.time()
-  p = eng.featurizer(tokens_nt=corpus.tokens_nt[mine],
-                     mask_nt=(corpus.tokens_nt[mine] != 0).astype(np.float32),
-                     ids=[corpus.ids[i] for i in mine])
+  ids, tok = ctx.corpus_rows(mine)  # Read from the corpus (streamed: only these rows).
+  p = eng.featurizer(tokens_nt=tok, mask_nt=(tok != 0).astype(np.float32), ids=ids)
   t_p = time.time() - t0
   keep_q = np.setdiff1d(np.arange(len(queries.ids)), q["bad_rows"])
   keep_p = np.setdiff1d(np.arange(len(mine)), p["bad_rows"])
