@@ -219,8 +219,9 @@ def c4_scale_config(*, name: str, d_model: int, n_layers: int, n_heads: int, hea
 
   bf16 compute, 256k vocab, 2048-token passages, the paper's block pooling into
   64 × 64 blocks (attention and MLP, in and out apart; embedding pooled into block 0),
-  λ = 0.9, bfloat16 tables of 2^20 rows, ScaNN retrieval. `runlocal` shrinks the
-  model and data so the same config runs on a laptop CPU.
+  λ = 0.9, bfloat16 tables of 2^20 rows, ScaNN retrieval. C4 is streamed from TFDS
+  (`tda.corpus`). `runlocal` shrinks the model and streams a local stand-in
+  (`data.local_standin`) so the same config runs on a laptop CPU.
   """
   c = base_config()
   c.name = name
@@ -240,7 +241,8 @@ def c4_scale_config(*, name: str, d_model: int, n_layers: int, n_heads: int, hea
   c.index.method = "scann"
   c.eval.trend_steps = ()
   c.mesh.axes = (("data", -1), ("model", model_axis))
-  if runlocal:
+  if runlocal:  # The same streamed path over a local stand-in (tda.standin).
+    c.data.source, c.data.local_standin = "jsonl", True
     c.data.vocab_size, c.data.seq_len, m.max_len = 2048, 128, 128
     m.d_model, m.n_layers, m.d_ff, m.dtype = 64, 2, 128, "float32"
     g.k_in = g.k_out = 8
