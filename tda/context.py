@@ -107,10 +107,6 @@ class Context:
       return corpus_lib.from_config(self.config, paths=paths)
     return self.cached("corpus", make)
 
-  def passages(self, ids) -> dict[str, str]:
-    """{passage id: text} of the given ids (a streamed corpus is read, not held)."""
-    return self.corpus.lookup(ids)
-
   def corpus_rows(self, rows) -> tuple[list[str], "np.ndarray"]:
     """(ids, int32 [n, seq_len] tokens) of the given corpus rows, in that order."""
     r = self.corpus.take(rows, vocab=self.vocab, seq_len=self.config.data.seq_len)
