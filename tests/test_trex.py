@@ -60,3 +60,30 @@ def test_bad_files_are_clear_errors(tmp_path):
   (tmp_path / "s.jsonl").write_text('{"sentence_id": "s0", "text": "x"}\n')
   with pytest.raises(ValueError, match=r"lacks field\(s\) \['fact_triples'\]"):
     trex.load_facts(facts=str(tmp_path / "f.jsonl"), sentences=str(tmp_path / "s.jsonl"))
+
+
+def test_world_stage_of_a_streamed_run_reads_the_released_files(tmp_path):
+  """data.source='jsonl' + T-REx files: the world holds the queries and ground truth,
+  and ctx.corpus is the JSONL rows followed by the sentences (ground truth included)."""
+  from tda import pipeline
+  from tda.stages import world as world_stage
+  from tests.helpers import context, tiny_config
+  corpus = tmp_path / "c4-train.jsonl-00000-of-00001"
+  corpus.write_text("".join(json.dumps({"text": f"passage {i}", "url": f"u{i}"}) + "\n"
+                            for i in range(5)))
+  c = tiny_config(**{"data.source": "jsonl", "data.jsonl": str(corpus),
+                     "data.trex_facts": FACTS, "data.trex_sentences": SENTENCES})
+  ctx = context(c, tmp_path / "w")
+  assert pipeline.run_stage(ctx, world_stage)
+  w = ctx.world
+  assert w.passages == [] and [f["fact_id"] for f in w.facts] == ["f0", "f1", "f2"]
+  assert ctx.summary("world")["trex"] == {"facts_read": 4, "facts_without_sentence": 1}
+  assert len(ctx.corpus) == 5 + 6
+  texts = ctx.corpus.lookup({p for f in w.facts for p in f["passage_ids"]} | {
+      "c4-train.jsonl-00000-of-00001:3"})
+  assert texts["s2"].startswith("Wolfgang Amadeus Mozart was born in Salzburg")
+  assert texts["c4-train.jsonl-00000-of-00001:3"] == "passage 3"
+  bad = context(tiny_config(**{"data.source": "jsonl", "data.jsonl": str(corpus)}),
+                tmp_path / "w2")
+  with pytest.raises(ValueError, match="set data.trex_facts and data.trex_sentences"):
+    pipeline.run_stage(bad, world_stage)
