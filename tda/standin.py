@@ -18,9 +18,10 @@ T-REx files.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from tda import workdir as wd
 
 C4_PREFIX = "c4-train.jsonl"
 TREX_FACTS = "trex_facts.jsonl"
@@ -38,9 +39,7 @@ def _write_sharded(folder: str, prefix: str, rows, shards: int) -> list[str]:
   paths = [os.path.join(folder, f"{prefix}-{k:05d}-of-{shards:05d}") for k in range(shards)]
   per = -(-len(rows) // shards)
   for k, p in enumerate(paths):
-    with open(p, "w") as f:
-      for r in rows[k * per:(k + 1) * per]:
-        f.write(json.dumps(r) + "\n")
+    wd.write_jsonl(p, rows[k * per:(k + 1) * per])
   return paths
 
 
@@ -78,9 +77,7 @@ def build(folder: str, *, world, rows: int, c4_shards: int = 4) -> dict[str, str
   os.makedirs(folder, exist_ok=True)
   _write_sharded(folder, C4_PREFIX, c4_rows(rows), c4_shards)
   facts, sentences = trex_rows(world)
-  with open(os.path.join(folder, TREX_FACTS), "w") as f:
-    for r in facts:
-      f.write(json.dumps(r) + "\n")
+  wd.write_jsonl(os.path.join(folder, TREX_FACTS), facts)
   _write_sharded(folder, TREX_SENTENCES, sentences, 2)
   return globs(folder)
 

@@ -57,13 +57,14 @@ def test_kill_during_tables_then_resume_is_bit_identical(tmp_path):
   shards = killed / "tables.tmp" / "trackstar" / "shards"
   proc = subprocess.Popen(_cmd(killed, "tables"), cwd=ROOT, env=ENV,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline, done = time.time() + 300, []
+  deadline, done = time.time() + 900, []
   while time.time() < deadline and proc.poll() is None:
     done = sorted(n for n in os.listdir(shards) if ".tmp" not in n) if shards.exists() else []
     if len(done) >= 2:
       break
     time.sleep(0.02)
   assert proc.poll() is None, "the stage finished (or died) before it could be killed"
+  assert len(done) >= 2, "no two shards committed in time"
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait(timeout=30)
   assert proc.returncode == -signal.SIGKILL

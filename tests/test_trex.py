@@ -87,3 +87,23 @@ def test_world_stage_of_a_streamed_run_reads_the_released_files(tmp_path):
                 tmp_path / "w2")
   with pytest.raises(ValueError, match="set data.trex_facts and data.trex_sentences"):
     pipeline.run_stage(bad, world_stage)
+
+
+def test_standin_round_trips_the_synthetic_ground_truth(tmp_path):
+  """The local stand-in writes the synthetic world as T-REx files; reading them back
+  gives every fact's exact ground truth."""
+  from tda import standin
+  from tda.stages import world as world_stage
+  from tests.helpers import tiny_config
+  w = world_stage.make_world(tiny_config(**{
+      "world.facts_per_bucket": (2, 2, 2, 1), "world.distractor_passages": 4,
+      "world.filler_passages": 2}))
+  g = standin.build(str(tmp_path), world=w, rows=50)
+  facts, stats = trex.load_facts(facts=g["trex_facts"], sentences=g["trex_sentences"])
+  assert stats == {"facts_read": len(w.facts), "facts_without_sentence": 0}
+  for got, want in zip(facts, w.facts):
+    assert sorted(got["passage_ids"]) == sorted(want["passage_ids"])
+    assert (got["inputs_plaintext"], got["targets_plaintext"]) == (
+        want["inputs_plaintext"], want["targets_plaintext"])
+  c4 = [json.loads(l) for p in sorted((tmp_path).glob("c4-train.jsonl-*")) for l in open(p)]
+  assert len(c4) == 50 and set(c4[0]) == {"text", "url", "timestamp"}
