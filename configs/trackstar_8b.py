@@ -12,15 +12,21 @@
 * R: λ = 0.99 for C4-scale R_train vs the T-REx queries' R_eval (the paper's C4
   setting), damping 1.0 × mean eigenvalue (the default; `hessian.damping`), full
   65,536² eigendecomposition.
-* Data: C4 through seqio/tfds (`c4/en:3.1.0`), T-REx facts from the released
-  files (world.source='byo'); set `data.vocab_path` to the model's SentencePiece file.
+* Data: C4 streamed from TFDS (`data.source='tfds'`, `c4/en:3.1.0`; `tda.corpus`),
+  each process reading only its own table shards; the queries and ground truth from
+  the released T-REx files (`data.trex_facts`, `data.trex_sentences`; `tda.trex`),
+  whose sentences are appended to the corpus. Set `data.vocab_path` to the model's
+  SentencePiece file, `data.tfds_data_dir` to the prepared C4 and `model.checkpoint`
+  to the model (README, "Scale").
 * Mesh: data × model (FSDP over the model axis), declared once here.
 * Tables: bfloat16 rows, 2^20 rows per shard (~128 GiB per shard at d = 2^16).
 * ScaNN per shard: 1,000 leaves (~sqrt(rows)), 10% searched, SOAR spilling, 2-dim AH
   blocks, 100 candidates reordered exactly: recall@10 0.99 against exact search in
   scripts/bench_retrieval.py at 1M rows (set index.method='exact' for exact search).
 
-`:runlocal` shrinks everything to run on a laptop CPU.
+`:runlocal` shrinks everything to run on a laptop CPU, on the same streamed path:
+a local C4-format JSONL corpus and T-REx-format files built from text shipped with
+Python and the synthetic world (`data.local_standin`, `tda.standin`), no download.
 """
 
 from tda import config as config_lib
@@ -31,17 +37,21 @@ def get_config(arg=None):
       name="trackstar_8b", d_model=4096, n_layers=32, n_heads=16, head_dim=256, d_ff=14336,
       layers_per_block=8, model_axis=16, runlocal=False)
   c.data.vocab_path = None   # Set to the model's SentencePiece file for a real run.
-  c.world.source = "byo"     # T-REx facts/sentences from the released files.
+  c.data.tfds_data_dir = None  # The prepared C4 (e.g. gs://<bucket>/tensorflow_datasets).
+  c.data.trex_facts = None     # e.g. gs://<bucket>/trex/trex_facts_sample.jsonl
+  c.data.trex_sentences = None  # e.g. gs://<bucket>/trex/trex_sentences.jsonl-*-of-00020
   m, g, ix = c.model, c.gradients, c.index
   m.remat = True
   g.batch_size, g.length_bucket = 256, 256
   c.hessian.train_samples = 1_000_000
   c.hessian.lambda_ = 0.99
   ix.num_leaves, ix.num_leaves_to_search, ix.reorder = 1000, 100, 100
-  c.eval.methods = ("trackstar", "bm25")
+  c.eval.rank_depth = 1000  # MRR within the top 1,000: no full ranking of all of C4.
+  # BM25 and dense hold the corpus in memory (tda.corpus.in_memory): not over all of C4.
+  c.eval.methods = ("trackstar",)
   if arg == "runlocal":
-    c.world.source = "synthetic"
-    c.data.source = "world"
+    c.data.source, c.data.local_standin, c.data.local_standin_rows = "jsonl", True, 2000
+    c.eval.methods = ("trackstar", "bm25")
     c.data.vocab_size, c.data.seq_len = 512, 128
     m.d_model, m.n_layers, m.n_heads, m.head_dim, m.d_ff, m.max_len = 64, 2, 2, 32, 128, 128
     m.dtype, m.remat = "float32", False

@@ -65,13 +65,31 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Tokenisation and data (tda.data) -----------------------------------
   c.data = d = ml_collections.ConfigDict()
-  d.source = "world"            # 'world' | 'c4'
+  # The corpus (tda.corpus): 'world' (in memory) | streamed: 'tfds' | 'seqio' | 'jsonl'.
+  d.source = "world"
   d.vocab_size = 2048
   d.vocab_path = _str()          # Existing SentencePiece model; None: train on the world.
   d.seq_len = 128
-  d.tfds_name = "c4/en:3.1.0"
+  d.tfds_name = "c4/en:3.1.0"    # source='tfds': a TFDS name, or a prepared dataset's folder.
   d.tfds_data_dir = _str()
-  d.shuffle_buffer = 10_000
+  d.seqio_task = _str()          # source='seqio': a registered task's name.
+  d.jsonl = _str()               # source='jsonl': comma-separated globs of JSONL shards.
+  d.split = "train"
+  d.text_key = "text"            # The record field holding the passage.
+  d.id_key = _str()              # A record field used as row id (e.g. 'url'); None: index.
+  d.max_rows = _int()            # Read only the first rows of the source; None: all.
+  # A streamed corpus is held in memory only by training from scratch (no model.checkpoint)
+  # and the BM25/dense baselines; both are refused above this many rows.
+  d.max_rows_in_memory = 100_000
+  d.shuffle_buffer = 10_000      # Unused by the attribution stages (they read in row order).
+  # T-REx as released (tda.trex): queries and ground truth for streamed sources.
+  d.trex_facts = _str()          # Globs of trex_facts*.jsonl.
+  d.trex_sentences = _str()      # Globs of trex_sentences.jsonl-000XX-of-000NN.
+  d.trex_sentences_in_corpus = True  # Append the sentences to the corpus (ground truth rows).
+  # Build a small local C4-format corpus and T-REx-format files from text shipped with
+  # Python and the synthetic world (tda.standin), then stream them: for :runlocal.
+  d.local_standin = False
+  d.local_standin_rows = 2000
 
   # --- Model (tda.model) --------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -210,8 +228,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Cost planning (tda.plan) -------------------------------------------
   c.plan = pl = ml_collections.ConfigDict()
-  pl.rows = _int()               # Rows to featurise; None: 365M if data.source == 'c4'.
-  pl.mean_tokens = _float()      # None: 160e9 / 365e6 for c4, else data.seq_len.
+  pl.rows = _int()               # Rows to featurise; None: 365M for the C4 configs.
+  pl.mean_tokens = _float()      # None: 160e9 / 365e6 for C4, else data.seq_len.
   pl.mfu = 0.4                   # Share of peak bf16 FLOP/s assumed.
   pl.queries = 5000              # Queries for the retrieval estimate.
   pl.topology = "v5e-256"        # Chip for estimates (tda.topology.TOPOLOGIES).
@@ -234,12 +252,13 @@ def c4_scale_config(*, name: str, d_model: int, n_layers: int, n_heads: int, hea
 
   bf16 compute, 256k vocab, 2048-token passages, the paper's block pooling into
   64 × 64 blocks (attention and MLP, in and out apart; embedding pooled into block 0),
-  λ = 0.9, bfloat16 tables of 2^20 rows, ScaNN retrieval. `runlocal` shrinks the
-  model and data so the same config runs on a laptop CPU.
+  λ = 0.9, bfloat16 tables of 2^20 rows, ScaNN retrieval. C4 is streamed from TFDS
+  (`tda.corpus`). `runlocal` shrinks the model and streams a local stand-in
+  (`data.local_standin`) so the same config runs on a laptop CPU.
   """
   c = base_config()
   c.name = name
-  c.data.source = "c4"
+  c.data.source, c.data.tfds_name = "tfds", "c4/en:3.1.0"
   c.data.vocab_size, c.data.seq_len = 256_000, 2048
   m = c.model
   m.d_model, m.n_layers, m.n_heads, m.head_dim, m.n_kv_heads = (
@@ -255,7 +274,8 @@ def c4_scale_config(*, name: str, d_model: int, n_layers: int, n_heads: int, hea
   c.index.method = "scann"
   c.trend.sizes = ()
   c.mesh.axes = (("data", -1), ("model", model_axis))
-  if runlocal:
+  if runlocal:  # The same streamed path over a local stand-in (tda.standin).
+    c.data.source, c.data.local_standin = "jsonl", True
     c.data.vocab_size, c.data.seq_len, m.max_len = 2048, 128, 128
     m.d_model, m.n_layers, m.d_ff, m.dtype = 64, 2, 128, "float32"
     g.k_in = g.k_out = 8

@@ -85,11 +85,39 @@ class Context:
 
   @property
   def arrays(self):
-    """(CorpusArrays, QueryArrays): the world tokenised with the run's vocabulary."""
+    """(CorpusArrays, QueryArrays): the world tokenised with the run's vocabulary.
+    With a streamed corpus (`tda.corpus`): (None, QueryArrays); read the corpus
+    through `ctx.corpus`."""
+    from tda import corpus as corpus_lib
     from tda import data
+    if corpus_lib.streamed(self.config):
+      return self.cached("arrays", lambda: (None, data.world_queries(
+          world_dir=self.stage_dir("world"), vocab_path=self.vocab_path,
+          seq_len=self.config.data.seq_len)))
     return self.cached("arrays", lambda: data.world_arrays(
         world_dir=self.stage_dir("world"), vocab_path=self.vocab_path,
         seq_len=self.config.data.seq_len))
+
+  @property
+  def corpus(self):
+    """The training corpus (`tda.corpus.Corpus`): the world's passages in memory, or
+    the streamed source `data.source` names."""
+    from tda import corpus as corpus_lib
+
+    def make():
+      if not corpus_lib.streamed(self.config):
+        return corpus_lib.WorldCorpus(
+            arrays=self.arrays[0], texts=[p["text"] for p in self.world.passages],
+            world_digest=self.upstream("world")["world"])
+      from tda.stages import world
+      paths = world.trex_paths(self) if self.config.data.local_standin else None
+      return corpus_lib.from_config(self.config, paths=paths)
+    return self.cached("corpus", make)
+
+  def corpus_rows(self, rows) -> tuple[list[str], "np.ndarray"]:
+    """(ids, int32 [n, seq_len] tokens) of the given corpus rows, in that order."""
+    r = self.corpus.take(rows, vocab=self.vocab, seq_len=self.config.data.seq_len)
+    return r.ids, r.tokens_nt
 
   @property
   def checkpoint_dir(self) -> str:

@@ -366,6 +366,12 @@ def world_arrays(*, world_dir: str, vocab_path: str,
           tokenized_queries(task_name=names["queries"], seq_len=seq_len))
 
 
+def world_queries(*, world_dir: str, vocab_path: str, seq_len: int) -> QueryArrays:
+  """A committed world's query arrays alone (a streamed corpus: `tda.corpus`)."""
+  names = register_world_tasks(world_dir=world_dir, vocab_path=vocab_path)
+  return tokenized_queries(task_name=names["queries"], seq_len=seq_len)
+
+
 def c4_batches(*, task_name: str, seq_len: int, batch_size: int, start_example: int,
                shuffle_buffer: int = 0, seed: int = 0) -> Iterator[np.ndarray]:
   """Streams int32 [batch_size, seq_len] batches of a seqio task, one pass.

@@ -4,7 +4,7 @@
         [--compile_report=PATH] [--topology=v5e-256] [--rows=N] [--mfu=0.4]
 
 Reports, from the config alone (shapes by `jax.eval_shape`, nothing allocated):
-  * rows (C4: 365M passages for `data.source='c4'`), d, bytes per row and table size
+  * rows (C4: 365M passages for `data.source='tfds'` over `c4/...`), d, bytes per row and table size
     per dtype (float32, bfloat16, int8 with its float32 per-row scale, as
     `tda.tables` stores it);
   * FLOPs per example of the factored gradient kernel, analytic (below), at the full
@@ -100,7 +100,7 @@ def make_plan_report(*, config: ml_collections.ConfigDict, rows: int | None = No
   model_cfg = model_lib.model_config(config)
   seq_len = config.data.seq_len
   _, params, plan = compile_check.model_and_plan(config)
-  c4 = config.data.source == "c4"
+  c4 = config.data.source == "tfds" and str(config.data.tfds_name).startswith("c4/")
   pl = config.plan
   if rows is None:
     rows = pl.rows if pl.rows is not None else (C4_ROWS if c4 else None)

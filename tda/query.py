@@ -243,6 +243,25 @@ def _cut_continuation(text: str) -> str:
   return text.strip()
 
 
+
+class _PassageTexts(dict):
+  """Passage id -> text: the world's in memory, or read from a streamed corpus on
+  first use (`tda.corpus.Corpus.lookup`) and kept."""
+
+  def __init__(self, ctx):
+    from tda import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+    super().__init__()
+    self._ctx = ctx
+    self._streamed = corpus_lib.streamed(ctx.config)
+    if not self._streamed:
+      self.update((p["id"], p["text"]) for p in ctx.world.passages)
+
+  def __missing__(self, pid: str) -> str:
+    if not self._streamed:
+      raise KeyError(pid)
+    self.update(self._ctx.corpus.lookup([pid]))
+    return dict.__getitem__(self, pid)
+
 class Engine:
   """A finished run, loaded once: model, projection, V correction, whiteners and
   tables; `trace` answers requests in batches through the run's own kernel.
@@ -277,7 +296,7 @@ class Engine:
     self.max_new_tokens = config.model_eval.max_new_tokens
     self._params = sharding.gather(state.params)
     self._decode = model_eval.make_decoder(model, steps=self.max_new_tokens)
-    self.passages = {p["id"]: p["text"] for p in self.ctx.world.passages}
+    self.passages = _PassageTexts(self.ctx)
     self._excluded = self.ctx.excluded_ids
     self._whiteners: dict[str, np.ndarray | None] = {}
     self._searchers: dict[str, Searcher] = {}

@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from tda import corpus as corpus_lib
 from tda import featurize
 from tda import index as index_lib
 from tda import metrics
@@ -105,6 +106,9 @@ def measure(ctx, *, config, model, state, label: str, params: int,
             second_moments=None) -> dict[str, Any]:
   """Model quality and TrackStar's attribution for one trained model (V from
   `second_moments` when given, else from `state`'s optimizer state)."""
+  if corpus_lib.streamed(config):
+    raise ValueError("the trend featurises the whole corpus in memory for each size; with a "
+                     f"streamed corpus (data.source={config.data.source!r}) set trend.sizes=()")
   corpus, queries = ctx.arrays
   facts = {f["fact_id"]: f for f in ctx.world.facts}
   t0 = time.time()

@@ -22,7 +22,7 @@ from tda import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"train.steps": 4, "train.checkpoint_every": 4, "train.warmup_steps": 2,
-             "gradients.v_estimate_samples": 16, "eval.trend_steps": ()}
+             "gradients.v_estimate_samples": 16, "trend.sizes": ()}
 METRICS = {"ck": {"trackstar": {"family": "gradient", "mrr": 0.5, "recall_at_10": 0.75},
                   "bm25": {"family": "lexical", "mrr": 0.25, "recall_at_10": 0.5}},
            "est": {"trackstar": {"family": "gradient", "mrr": 0.375, "recall_at_10": 0.625}}}

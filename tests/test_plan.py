@@ -107,7 +107,7 @@ def test_chip_hours_scale_with_rows_utilisation_and_chip_speed():
 
 
 def test_rows_unknown_without_c4_and_bad_inputs_are_clear_errors():
-  c, *_ = _tiny()  # data.source='world': rows unknown unless given.
+  c, *_ = _tiny()  # :runlocal streams a local stand-in, not C4: rows unknown unless given.
   rep = plan_lib.make_plan_report(config=c, topology_name="v4-8")
   assert rep["rows"] is None and "tables" not in rep and "featurisation" not in rep
   assert rep["peak_bf16_tflops"] == 275.0 and rep["hbm_gib"] == 32.0

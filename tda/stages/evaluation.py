@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from tda import config as config_lib
+from tda import corpus as corpus_lib
+from tda import figures
 from tda import methods as methods_lib
 from tda import paper_comparison
 from tda import protocol
@@ -58,10 +60,22 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   config = ctx.config
   ev = config.eval
   world = ctx.world
-  passages = {p["id"]: p["text"] for p in world.passages}
-  check_ground_truth(facts=world.facts, passage_ids=set(passages))
   rankings = ctx.rankings
   corpus, queries = ctx.arrays
+  if corpus_lib.streamed(config):
+    # Only the texts needed (ground truth and every ranked passage) are read.
+    needed = {p for f in world.facts for p in f["passage_ids"]}
+    for r in rankings.values():
+      needed.update(i for ids in r["top_ids"] + r["bottom_ids"] for i in ids)
+    passages = ctx.corpus.lookup(needed, missing_ok=True)
+    ranked = sorted({i for r in rankings.values() for ids in r["top_ids"] for i in ids})
+    tok, _ = corpus_lib.tokenize([passages[i] for i in ranked], vocab=ctx.vocab,
+                                 seq_len=config.data.seq_len)
+    corpus_tokens_nt, row_of = tok, {pid: k for k, pid in enumerate(ranked)}
+  else:
+    passages = {p["id"]: p["text"] for p in world.passages}
+    corpus_tokens_nt, row_of = corpus.tokens_nt, {pid: i for i, pid in enumerate(corpus.ids)}
+  check_ground_truth(facts=world.facts, passage_ids=set(passages))
   facts_by_id = {f["fact_id"]: f for f in world.facts}
   split = ctx.gradients.split()
   test = np.array([i for i, qid in enumerate(queries.ids) if split[qid] == protocol.TEST])
@@ -76,7 +90,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   rows = test[tailpatch_sample(n_queries=len(test), n=ev.tailpatch_queries, seed=config.seed)]
   tp = tailpatch.tailpatch_methods(
       fn=fn, params=state.params, opt_state=state.opt_state,
-      corpus_tokens_nt=corpus.tokens_nt, row_of={pid: i for i, pid in enumerate(corpus.ids)},
+      corpus_tokens_nt=corpus_tokens_nt, row_of=row_of,
       query_tokens_nl=queries.tokens_nl, query_mask_nl=queries.loss_mask_nl,
       rankings={m: r["top_ids"] for m, r in rankings.items()}, query_rows=rows,
       k=ev.tailpatch_k)

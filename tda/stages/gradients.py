@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tda import corpus as corpus_lib
 from tda import distributed
 from tda import featurize
 from tda import methods as methods_lib
@@ -49,7 +50,8 @@ def fingerprint(ctx) -> dict[str, Any]:
           "methods": methods_lib.gradient(c.eval.methods), "train_step": ctx.checkpoint_step,
           "seq_len": c.data.seq_len, "upstream": ctx.upstream(
               "world", "vocab", "train",
-              *(("second_moments",) if c.gradients.v_source == "estimate" else ()))}
+              *(("second_moments",) if c.gradients.v_source == "estimate" else ())),
+          **({"corpus": ctx.corpus.fingerprint()} if corpus_lib.streamed(c) else {})}
 
 
 def run(ctx, out_dir: str) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   eng = ctx.engine
   cov = proj.coverage(eng.plan, ctx.trained[1].params)
   logging.info("%s", proj.format_coverage(cov))
-  corpus, queries = ctx.arrays
+  _, queries = ctx.arrays
   t0 = time.time()
   q = eng.featurizer(tokens_nt=queries.tokens_nl, mask_nt=queries.loss_mask_nl,
                      ids=queries.ids, desc="gradients: queries")
@@ -77,16 +79,18 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
     raise ValueError("no dev queries: R_eval and every tuned choice need them; raise "
                      f"eval.dev_fraction (now {config.eval.dev_fraction})")
   # The pool the dev sweep ranks: the R_train sample plus the dev queries' ground
-  # truth (at the default scale the sample is the whole corpus).
-  sample = featurize.hessian_sample(config, len(corpus.ids))
-  row_of = {pid: i for i, pid in enumerate(corpus.ids)}
-  gt = {row_of[p] for r in dev_rows for p in facts_q[r]["passage_ids"] if p in row_of}
+  # truth where the corpus can place it without reading (at the default scale the
+  # sample is the whole corpus).
+  corpus = ctx.corpus
+  sample = featurize.hessian_sample(config, len(corpus))
+  gt = {r for d in dev_rows for r in map(corpus.row_of, facts_q[d]["passage_ids"])
+        if r is not None}
   pool = np.union1d(sample, np.fromiter(gt, np.int64, len(gt)))
   mine = pool[jax.process_index()::jax.process_count()]  # Each process a share.
   t0 = time.time()
-  p = eng.featurizer(tokens_nt=corpus.tokens_nt[mine],
-                     mask_nt=(corpus.tokens_nt[mine] != 0).astype(np.float32),
-                     ids=[corpus.ids[i] for i in mine], desc="gradients: R_train sample")
+  ids, tok = ctx.corpus_rows(mine)  # Read from the corpus (streamed: only these rows).
+  p = eng.featurizer(tokens_nt=tok, mask_nt=(tok != 0).astype(np.float32), ids=ids,
+                     desc="gradients: R_train sample")
   t_p = time.time() - t0
   ok_p = np.setdiff1d(np.arange(len(mine)), p["bad_rows"])
   in_sample = ok_p[np.isin(mine[ok_p], sample)]
@@ -96,7 +100,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
     logging.warning("R_train is estimated from %d passages for d=%d (fewer than 4 × d): "
                     "lower gradients.k_in/k_out or use hessian.block_diagonal", n_sample,
                     eng.plan.dim)
-  mine_ids = [corpus.ids[i] for i in mine[ok_p]]
+  mine_ids = [ids[i] for i in ok_p]
   dev = featurize.DevPool(
       queries={v: q[v][dev_rows] for v in variants},
       pool={v: p[v][ok_p] for v in variants},

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tda import baselines
+from tda import corpus as corpus_lib
 from tda import index as index_lib
 from tda import methods as methods_lib
 from tda import metrics
@@ -56,7 +57,7 @@ def relevant_sets(ctx) -> list[set[str]]:
 
 def depth(ctx) -> int:
   """How deep every method ranks (`eval.rank_depth`; 0: the whole corpus)."""
-  n = len(ctx.arrays[0].ids)
+  n = len(ctx.corpus)
   d = ctx.config.eval.rank_depth
   if d < 0:
     raise ValueError(f"eval.rank_depth must be >= 0, got {d}")
@@ -98,12 +99,12 @@ def gradient_rankings(ctx, *, k: int) -> tuple[dict[str, dict[str, Any]], dict[s
 
 def baseline_rankings(ctx, *, methods, k: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
   world = ctx.world
-  passages = world.passages
   facts_by_id = {f["fact_id"]: f for f in world.facts}
   _, queries = ctx.arrays
   texts = [f"{facts_by_id[f]['inputs_plaintext']} {facts_by_id[f]['targets_plaintext']}"
            for f in queries.fact_ids]
   out, info = {}, {}
+  passages = None
   for m in methods:
     if methods_lib.get(m).kind == methods_lib.DENSE:
       ok, reason = baselines.dense_available()
@@ -111,9 +112,13 @@ def baseline_rankings(ctx, *, methods, k: int) -> tuple[dict[str, dict[str, Any]
         logging.warning("skipping the dense baseline: %s", reason)
         info["dense_skipped"] = reason
         continue
+    if passages is None:  # BM25 and dense index the whole corpus in memory.
+      passages = (corpus_lib.in_memory(ctx.corpus, ctx.config, "the BM25/dense baselines")
+                  if corpus_lib.streamed(ctx.config)
+                  else [(p["id"], p["text"]) for p in world.passages])
     t0 = time.time()
-    r = baselines.run_baseline(method=m, passage_ids=[p["id"] for p in passages],
-                               passage_texts=[p["text"] for p in passages],
+    r = baselines.run_baseline(method=m, passage_ids=[i for i, _ in passages],
+                               passage_texts=[t for _, t in passages],
                                query_texts=texts, k=min(depth(ctx), len(passages)))
     out[m] = _ranking(r.top_ids, r.top_scores, r.bottom_ids, r.bottom_scores, k=k,
                       relevant=relevant_sets(ctx))

@@ -50,12 +50,12 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
     return {"v_source": "checkpoint", "checkpoint_step": ctx.checkpoint_step,
             "note": "the checkpoint's optimizer state is used; nothing estimated"}
   model, state, _ = ctx.trained
-  corpus, _ = ctx.arrays
-  rows = v_estimate.sample_rows(config, len(corpus.ids))
+  rows = v_estimate.sample_rows(config, len(ctx.corpus))
+  _, tokens_nt = ctx.corpus_rows(rows)  # Streamed corpora: only these rows are read.
   factored = config.train.optimizer == "adafactor"
   t0 = time.time()
   stats = v_estimate.estimate(
-      model=model, params=state.params, tokens_nt=corpus.tokens_nt[rows],
+      model=model, params=state.params, tokens_nt=tokens_nt,
       batch_size=config.gradients.batch_size,
       min_dim_size_to_factor=config.train.min_dim_size_to_factor, factored=factored,
       length_bucket=config.gradients.length_bucket)

@@ -4,8 +4,12 @@ table (`tda.tables`: sharded zarr3, one commit record per shard).
 
 The expensive part (the kernel) is shared by all methods: they differ only in the
 cheap downstream transform, and methods with identical transforms share one
-table. Each process featurises the shards it owns; an interrupted run resumes at
-the first uncommitted shard (RESUMABLE). Rows whose gradient is NaN/Inf are
+table. The corpus is read through `ctx.corpus` (`tda.corpus`: the world in memory,
+or a streamed tfds/seqio/JSONL source), one shard of `tables.rows_per_shard` rows
+at a time, so memory does not grow with the corpus. Each process reads and
+featurises only the shards it owns; an interrupted run resumes at the first
+uncommitted shard (RESUMABLE), and per-shard notes (truncations, non-finite
+rows) are written before a shard commits, so the summary counts every shard. Rows whose gradient is NaN/Inf are
 logged with their example id, written as zero vectors and listed in the summary
 (`excluded_ids`); retrieval never returns them.
 """
@@ -21,6 +25,7 @@ import jax
 import numpy as np
 
 from tda import config as config_lib
+from tda import corpus as corpus_lib
 from tda import distributed
 from tda import hessian
 from tda import methods as methods_lib
@@ -36,9 +41,12 @@ NEEDS_MODEL = True
 
 def fingerprint(ctx) -> dict[str, Any]:
   c = ctx.config
-  return {"tables": c.tables.to_dict(), "gradients": c.gradients.to_dict(),
-          "methods": methods_lib.gradient(c.eval.methods), "seq_len": c.data.seq_len,
-          "upstream": ctx.upstream("world", "vocab", "train", "gradients")}
+  fp = {"tables": c.tables.to_dict(), "gradients": c.gradients.to_dict(),
+        "methods": methods_lib.gradient(c.eval.methods), "seq_len": c.data.seq_len,
+        "upstream": ctx.upstream("world", "vocab", "train", "gradients")}
+  if corpus_lib.streamed(c):
+    fp["corpus"] = ctx.corpus.fingerprint()
+  return fp
 
 
 def meta(ctx, table: str) -> dict[str, Any]:
@@ -53,7 +61,7 @@ def meta(ctx, table: str) -> dict[str, Any]:
 def run(ctx, out_dir: str) -> dict[str, Any]:
   config = ctx.config
   groups = methods_lib.table_groups(config.eval.methods)
-  corpus, _ = ctx.arrays
+  corpus = ctx.corpus
   eng = ctx.engine
   t = config.tables
   pidx, nproc = jax.process_index(), jax.process_count()
@@ -62,21 +70,24 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       rows_per_shard=t.rows_per_shard, meta=meta(ctx, name),
       process_index=pidx, num_processes=nproc) for name in groups}
   whiteners = {name: ctx.gradients.whitener(name) for name in groups}
-  n = len(corpus.ids)
+  n = len(corpus)
   rps = t.rows_per_shard
   n_shards = -(-n // rps)
   bad_ids: list[str] = []
   t0, rows_done = time.time(), 0
-  mine = range(pidx, n_shards, nproc)
-  todo = [s for s in mine if not all(s in w.committed for w in writers.values())]
-  bar = progress.start(total=sum(min((s + 1) * rps, n) - s * rps for s in todo),
-                       desc="tables", unit="passage")
-  for s in todo:
-    lo, hi = s * rps, min((s + 1) * rps, n)
-    tok = corpus.tokens_nt[lo:hi]
-    ids = corpus.ids[lo:hi]
+  # This process's shards only, one at a time: memory does not grow with the corpus.
+  todo = [(s, lo, hi) for s, lo, hi in corpus.shards(rps, pidx, nproc)
+          if not all(s in w.committed for w in writers.values())]
+  bar = progress.start(total=sum(hi - lo for _, lo, hi in todo), desc="tables",
+                       unit="passage")
+  for s, lo, hi in todo:
+    rows = corpus.tokens(lo, hi, vocab=ctx.vocab, seq_len=config.data.seq_len)
+    tok, ids = rows.tokens_nt, rows.ids
     f = eng.featurizer(tokens_nt=tok, mask_nt=(tok != 0).astype(np.float32), ids=ids)
     bad_ids += f["bad_ids"]
+    # Before the shard commits, so a resumed run that skips it still counts it.
+    wd.write_json(os.path.join(out_dir, f"shard_notes.{s}.json"),
+                  {"truncated": rows.n_truncated, "excluded_ids": f["bad_ids"]})
     for name, w in writers.items():
       spec = methods_lib.switches(name)
       x = hessian.apply(vectors_nd=f[spec.variant], whitener=whiteners[name], unit=spec.unit)
@@ -90,7 +101,6 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
                     "retrieval): %s", len(bad_ids), bad_ids[:10])
   for w in writers.values():
     w.close()
-  wd.write_json(os.path.join(out_dir, f"excluded.{pidx}.json"), bad_ids)
   wall = time.time() - t0
   distributed.barrier("tda-tables-written")
   if not distributed.is_leader():
@@ -98,9 +108,15 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   if nproc > 1:
     for name in groups:
       tables_lib.finalize_table(path=os.path.join(out_dir, name), num_shards=n_shards)
-  bad_ids = sum((wd.read_json(os.path.join(out_dir, f"excluded.{i}.json"))
-                 for i in range(nproc)), [])
+  notes = [wd.read_json(os.path.join(out_dir, f"shard_notes.{s}.json"))
+           for s in range(n_shards)]
+  bad_ids = sum((x["excluded_ids"] for x in notes), [])
+  n_truncated = sum(x["truncated"] for x in notes)
+  if n_truncated:
+    logging.warning("tables: %d of %d passages exceed data.seq_len=%d tokens (EOS included) "
+                    "and were truncated", n_truncated, n, config.data.seq_len)
   return {"tables": dict(groups), "rows": n, "d": eng.plan.dim, "dtype": t.dtype,
+          "corpus": corpus.fingerprint(), "n_truncated_passages": n_truncated,
           "excluded_ids": bad_ids, "processes": nproc,
           "featurised_rows_this_run_process0": rows_done, "wall_s": wall,
           "rows_per_s_process0": rows_done / max(wall, 1e-9)}

@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Any
 
+from tda import corpus as corpus_lib
 from tda import train as train_lib
 from tda import workdir as wd
 
@@ -43,16 +44,28 @@ def fingerprint(ctx) -> dict[str, Any]:
     fp = train_lib.fingerprint(ctx.config)
     return {"model": fp["model"], "data.seq_len": fp["data.seq_len"],
             "external_checkpoint": train_lib.describe_checkpoint(ctx.config)}
-  return {**train_lib.fingerprint(ctx.config), "upstream": ctx.upstream("world", "vocab")}
+  fp = {**train_lib.fingerprint(ctx.config), "upstream": ctx.upstream("world", "vocab")}
+  if corpus_lib.streamed(ctx.config):
+    fp["corpus"] = ctx.corpus.fingerprint()
+  return fp
 
 
 def run(ctx, out_dir: str) -> dict[str, Any]:
   if ctx.config.model.checkpoint:
     return {"external_checkpoint": train_lib.describe_checkpoint(ctx.config)}
-  corpus, _ = ctx.arrays
+  if corpus_lib.streamed(ctx.config):
+    # Training from scratch keeps the corpus in memory (small streamed corpora, e.g.
+    # :runlocal); at scale the model is brought (model.checkpoint).
+    corpus = ctx.corpus
+    corpus_lib.in_memory(corpus, ctx.config, "training from scratch")
+    rows = corpus.tokens(0, len(corpus), vocab=ctx.vocab, seq_len=ctx.config.data.seq_len)
+    tokens_nt, n_truncated = rows.tokens_nt, rows.n_truncated
+  else:
+    corpus, _ = ctx.arrays
+    tokens_nt, n_truncated = corpus.tokens_nt, corpus.n_truncated
   summary = train_lib.train(ctx.config, os.path.join(out_dir, CHECKPOINTS),
-                            tokens_nt=corpus.tokens_nt)
-  summary["n_truncated_passages"] = corpus.n_truncated
+                            tokens_nt=tokens_nt)
+  summary["n_truncated_passages"] = n_truncated
   return summary
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tda import corpus as corpus_lib
 from tda import data
 from tda import workdir as wd
 
@@ -49,6 +50,9 @@ def fingerprint(ctx) -> dict[str, Any]:
   if path:
     data.check_vocab_file(path)
     return {"vocab_path": path, "sha256": wd.file_sha256(path)}
+  if corpus_lib.streamed(ctx.config):
+    return {"vocab_size": d.vocab_size, "corpus": ctx.corpus.fingerprint(),
+            "trainer_version": data.TRAINER_VERSION}
   passages = os.path.join(ctx.stage_dir("world"), "passages.jsonl")
   return {"vocab_size": d.vocab_size, "passages_sha256": wd.file_sha256(passages),
           "trainer_version": data.TRAINER_VERSION}
@@ -59,8 +63,12 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   path = _external(ctx)
   if path:
     return {"path": path, "piece_size": _check(ctx, path)}
-  passages = os.path.join(ctx.stage_dir("world"), "passages.jsonl")
-  path = data.train_vocab(texts=(r["text"] for r in wd.read_jsonl(passages)),
+  if corpus_lib.streamed(ctx.config):  # Small streamed corpora only (e.g. :runlocal).
+    texts = [t for _, t in corpus_lib.in_memory(ctx.corpus, ctx.config, "training a vocab")]
+  else:
+    passages = os.path.join(ctx.stage_dir("world"), "passages.jsonl")
+    texts = (r["text"] for r in wd.read_jsonl(passages))
+  path = data.train_vocab(texts=texts,
                           vocab_size=d.vocab_size, model_prefix=os.path.join(out_dir, "spm"))
   return {"path": None, "piece_size": data.check_vocab_file(path), "requested": d.vocab_size}
 
