@@ -39,7 +39,9 @@ VOLATILE = {"wall_s", "timings_s", "tokens_per_s", "rows_per_s_process0",
             "created_at", "host",
             # The loss of the steps this run took (NaN when it resumed at the last one);
             # the checkpoints' own metadata, compared, holds each step's loss.
-            "final_loss"}
+            "final_loss",
+            # The viewer page's size: it is titled with the workdir's name.
+            "bytes"}
 
 
 def _drop_volatile(x):
@@ -52,8 +54,10 @@ def _drop_volatile(x):
 
 def _outputs(stage_dir):
   """What a stage computed: every file's content (JSON without run descriptions;
-  orbax checkpoints as their arrays: their data files have random names)."""
+  orbax checkpoints as their arrays: their data files have random names; the
+  workdir's name, which the viewer page shows, as W)."""
   out = {}
+  name = os.path.basename(os.path.dirname(os.path.abspath(stage_dir))).encode()
   ckpt = os.path.join(stage_dir, "checkpoints")
   for root, dirs, files in os.walk(stage_dir):
     dirs.sort()
@@ -73,7 +77,7 @@ def _outputs(stage_dir):
       with open(os.path.join(root, f), "rb") as fh:
         data = fh.read()
       out[rel] = (_drop_volatile(json.loads(data))
-                  if f.endswith(".json") else data)
+                  if f.endswith(".json") else data.replace(name, b"W"))
   return out
 
 

@@ -277,23 +277,6 @@ def test_bucket_figure_draws_one_line_per_method_over_buckets(written, tmp_path)
     assert list(lines["trackstar"].get_ydata()) == pytest.approx(want)
 
 
-def test_trend_figure_joins_points_in_order_of_quality(tmp_path):
-  path = tmp_path / "trend.png"
-  fig = figures.plot_trend(points=[{"x": 0.8, "y": 0.3, "label": "1500 steps"},
-                                   {"x": 0.2, "y": 0.1, "label": "300 steps"}],
-                           path=str(path))
-  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  (ax,) = fig.axes
-  (line,) = ax.get_lines()
-  assert list(line.get_xdata()) == [0.2, 0.8] and list(line.get_ydata()) == [0.1, 0.3]
-  assert [t.get_text() for t in ax.texts] == ["300 steps", "1500 steps"]
-  assert ax.get_xlabel() == "model quality (query accuracy)"
-  with pytest.raises(ValueError, match=r"points\[0\] lacks \['label'\]"):
-    figures.plot_trend(points=[{"x": 1, "y": 2}], path=str(tmp_path / "t.png"))
-  with pytest.raises(ValueError, match=r"points\[0\] has a non-finite x or y"):
-    figures.plot_trend(points=[{"x": NAN, "y": 2, "label": "a"}], path=str(tmp_path / "t.png"))
-
-
 def test_report_writes_both_figures(written):
   tmp, _ = written
   for name in ("fig_table.png", "fig_by_bucket.png"):
