@@ -169,6 +169,7 @@ class Request:
   method: str = "trackstar"
   k: int = 10
   per_token: bool = False
+  id: str | None = None  # Echoed in the result (e.g. a --queries line's id).
 
 
 def _hit(rank: int, pid: str, score: float, text: str) -> dict[str, Any]:
@@ -527,6 +528,8 @@ class Engine:
             contrib_jk = white_td @ x_kd.T / max(scale, 1e-300)
             for n, hit in enumerate(res[side]):
               hit["per_token"] = [float(v) for v in contrib_jk[:, n]]
+        if r.id is not None:
+          res["id"] = r.id
         out[i] = res
       tm["text"] += time.perf_counter() - t0
     tm["total"] = time.perf_counter() - t_all
@@ -584,7 +587,8 @@ def request_from_json(obj: Any, *, default_method: str = "trackstar",
   if not isinstance(pt, bool):
     raise QueryError(f"'per_token' must be true or false, got {json.dumps(pt)}")
   return Request(prompt=obj["prompt"], target=obj.get("target"),
-                 method=obj.get("method") or default_method, k=k, per_token=pt)
+                 method=obj.get("method") or default_method, k=k, per_token=pt,
+                 id=None if obj.get("id") is None else str(obj["id"]))
 
 
 def format_text(res: dict[str, Any]) -> str:

@@ -155,8 +155,9 @@ def test_bad_requests_are_refused_naming_the_problem(engine, kwargs, message):
 
 
 def test_request_from_json_names_bad_fields():
-  ok = query_lib.request_from_json({"prompt": "p", "k": 3, "per_token": True})
-  assert (ok.prompt, ok.target, ok.method, ok.k, ok.per_token) == ("p", None, "trackstar", 3, True)
+  ok = query_lib.request_from_json({"prompt": "p", "k": 3, "per_token": True, "id": 7})
+  assert (ok.prompt, ok.target, ok.method, ok.k, ok.per_token, ok.id) == (
+      "p", None, "trackstar", 3, True, "7")
   for obj, message in [([1], "must be a JSON object"), ({"k": 1}, "no 'prompt'"),
                        ({"prompt": "p", "kk": 1}, r"unknown field\(s\) \['kk'\]"),
                        ({"prompt": 3}, "'prompt' must be a string"),
@@ -195,7 +196,7 @@ def test_cli_json_batch_and_clear_errors(default_run, engine, facts, tmp_path):
   f = next(f for f in facts[2:] if cut(preds[f["example_id"]]["prediction"]))
   queries = tmp_path / "q.jsonl"
   wd.write_jsonl(str(queries), [
-      {"prompt": f["inputs_plaintext"], "target": f["targets_plaintext"]},
+      {"prompt": f["inputs_plaintext"], "target": f["targets_plaintext"], "id": "q1"},
       {"prompt": f["inputs_plaintext"], "method": "exp1", "k": 2, "per_token": True}])
   p = _cli(f"--workdir={default_run}", f"--queries={queries}", "--k=3", "--json")
   assert p.returncode == 0, p.stderr[-3000:]
@@ -204,6 +205,7 @@ def test_cli_json_batch_and_clear_errors(default_run, engine, facts, tmp_path):
   first, second = out["results"]
   assert set(first) >= {"prompt", "target", "method", "proponents", "opponents", "timings"}
   assert (first["method"], first["k"], first["target_source"]) == ("trackstar", 3, "given")
+  assert first["id"] == "q1" and "id" not in second
   want = engine.trace([query_lib.Request(prompt=f["inputs_plaintext"],
                                          target=f["targets_plaintext"], k=3)])[0]
   assert [h["id"] for h in first["proponents"]] == [h["id"] for h in want["proponents"]]
