@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from tda import fs
 from tda import workdir as wd
 
 
@@ -68,7 +69,8 @@ class Context:
   def vocab_path(self) -> str:
     """The SentencePiece model of this run."""
     from tda.stages import vocab
-    return self.cached("vocab_path", lambda: vocab.load(self))
+    # A local file: SentencePiece reads local files only (a gs:// workdir's copy).
+    return self.cached("vocab_path", lambda: fs.local_file(vocab.load(self)))
 
   @property
   def vocab(self):

@@ -33,6 +33,7 @@ import sentencepiece as spm
 import seqio
 import tensorflow as tf
 
+from tda import fs
 from tda import workdir as wd
 
 try:
@@ -121,7 +122,7 @@ def get_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
 
 
 def _read_rows(path: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f"{path} not found: run the 'world' stage first.")
   rows = wd.read_jsonl(path)
   if not rows:
@@ -184,7 +185,7 @@ def register_world_tasks(*, world_dir: str, vocab_path: str) -> dict[str, str]:
     "example_id", "fact_id", "inputs" (prompt tokens), "targets" (target
     tokens, no EOS), plus the "*_pretokenized" strings.
   """
-  world_dir = os.path.abspath(world_dir)
+  world_dir = fs.abspath(world_dir)
   vocab = get_vocabulary(vocab_path)
   h = _short_hash(world_dir, wd.file_sha256(vocab_path))
   corpus = _register(

@@ -24,8 +24,11 @@ writing its marker last (`tda.workdir`).
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
+import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -34,6 +37,7 @@ from typing import IO, Iterator
 os.environ.setdefault("EPATH_USE_TF", "false")  # Before epath picks a gs:// backend.
 
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SCHEMES = ("gs://",)
 
@@ -92,8 +96,13 @@ def walk_files(root: str) -> list[str]:
   if not base.is_dir():
     return []
   out = []
+  top = str(base)
   for folder, _, files in base.walk():
-    rel = os.path.relpath(str(folder), str(base))
+    # epath's gcsfs walk yields folders without the "gs://" prefix.
+    name = str(folder)
+    if is_remote(top) and not is_remote(name):
+      name = "gs://" + name.lstrip("/")
+    rel = os.path.relpath(name, top)
     out.extend(f if rel == "." else f"{rel}/{f}" for f in files)
   return sorted(out)
 
@@ -134,12 +143,16 @@ def atomic_open(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
   """A file opened for writing that appears at `path` whole, or not at all.
 
   Local: written to a temp name in the same folder and renamed over `path`.
-  GCS: an object exists only once its upload finishes (a failed write leaves
-  the old object, or none).
+  GCS: written to a local temp file and uploaded when the block succeeds (an
+  object exists only once its upload finishes: a reader sees the old object or
+  the new one; a failed block uploads nothing).
   """
   if is_remote(path):
-    with epath.Path(path).open(mode, **open_kwargs) as f:
-      yield f
+    with tempfile.TemporaryDirectory(prefix="tda-") as tmp_dir:
+      tmp = os.path.join(tmp_dir, "part")
+      with builtins.open(tmp, mode, **open_kwargs) as f:
+        yield f
+      copy_file(tmp, path)
     return
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
@@ -161,6 +174,17 @@ def write_text(path: str, text: str) -> None:
   """Writes UTF-8 text whole (newlines as given)."""
   with atomic_open(path, "w", encoding="utf-8", newline="") as f:
     f.write(text)
+
+
+def save_npy(path: str, x) -> None:
+  """`np.save` to a local or gs:// path (written whole)."""
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(x))
+  write_bytes(path, buf.getvalue())
+
+
+def load_npy(path: str):
+  return np.load(io.BytesIO(read_bytes(path)))
 
 
 def copy_file(src: str, dst: str) -> None:
@@ -197,6 +221,26 @@ def local_dir(path: str, *, upload: bool) -> Iterator[str]:
     yield tmp
     if upload:
       copy_tree(tmp, path)
+
+
+_LOCAL_CACHE: list[str] = []
+
+
+def local_file(path: str) -> str:
+  """A local path with the bytes of file `path`, for readers of local files only
+  (SentencePiece): `path` itself when local, else a copy in a temp folder of this
+  process (removed at exit)."""
+  if not is_remote(path):
+    return path
+  if not _LOCAL_CACHE:
+    _LOCAL_CACHE.append(tempfile.mkdtemp(prefix="tda-"))
+    atexit.register(shutil.rmtree, _LOCAL_CACHE[0], ignore_errors=True)
+  out = os.path.join(_LOCAL_CACHE[0], hashlib.sha256(path.encode()).hexdigest()[:16],
+                     os.path.basename(path))
+  if not os.path.exists(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    copy_file(path, out)
+  return out
 
 
 def kvstore(path: str) -> dict:

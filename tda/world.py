@@ -20,6 +20,7 @@ import os
 from typing import Any, Sequence
 
 from tda import config as config_lib
+from tda import fs
 from tda import workdir as workdir_lib
 
 PASSAGES, FACTS = "passages.jsonl", "facts.jsonl"
@@ -67,7 +68,7 @@ def _read_jsonl(path: str, what: str, required: Sequence[str]) -> list[dict[str,
   """Rows of a JSONL file; errors name the file, the line and the field."""
   if not path:
     raise ValueError(f"load_byo: no path given for the {what} file")
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"load_byo: {what} file {path} does not exist")
   rows = []
   for lineno, row in workdir_lib.iter_jsonl(path):

@@ -21,6 +21,7 @@ import numpy as np
 
 from tda import config as config_lib
 from tda import figures
+from tda import fs
 from tda import methods as methods_lib
 from tda import report
 from tda import tailpatch
@@ -92,7 +93,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   timings = {**_all_timings(ctx.results_dir), **ctx.timings}
   timings["evaluation.tailpatch"] = t_tail
   results = os.path.join(out_dir, "results")
-  os.makedirs(results)
+  fs.makedirs(results)
   model_eval = ctx.summary("model_eval")
   metrics = report.write_report(
       results_dir=results, methods=methods, facts=facts, passages=passages,
@@ -128,7 +129,7 @@ def _all_timings(results_dir: str) -> dict[str, float]:
   """Wall time of each stage so far (this run's, else the last run that ran it)."""
   path = os.path.join(results_dir, "timings.json")
   out: dict[str, float] = {}
-  if os.path.exists(path):
+  if fs.exists(path):
     for run_ in wd.read_json(path)["runs"]:
       out.update(run_)
   return out

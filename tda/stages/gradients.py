@@ -24,6 +24,7 @@ import numpy as np
 
 from tda import distributed
 from tda import featurize
+from tda import fs
 from tda import methods as methods_lib
 from tda import projection as proj
 from tda import workdir as wd
@@ -80,17 +81,17 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
     return {}  # Process 0 writes; every process computed the same whiteners.
   whiteners = fit.whiteners
   for v in variants:
-    np.save(os.path.join(out_dir, f"queries_{v}.npy"), q[v])
-    np.save(os.path.join(out_dir, f"r_train_{v}.npy"), fit.r_train[v].astype(np.float32))
-    np.save(os.path.join(out_dir, f"r_eval_{v}.npy"), fit.r_eval[v].astype(np.float32))
-  np.save(os.path.join(out_dir, "query_loss.npy"), q["loss"])
+    fs.save_npy(os.path.join(out_dir, f"queries_{v}.npy"), q[v])
+    fs.save_npy(os.path.join(out_dir, f"r_train_{v}.npy"), fit.r_train[v].astype(np.float32))
+    fs.save_npy(os.path.join(out_dir, f"r_eval_{v}.npy"), fit.r_eval[v].astype(np.float32))
+  fs.save_npy(os.path.join(out_dir, "query_loss.npy"), q["loss"])
   for table in methods_lib.table_groups(methods):
     w = whiteners.matrices[table]
     if w is not None:
-      np.save(os.path.join(out_dir, f"whitener_{table}.npy"), w)
+      fs.save_npy(os.path.join(out_dir, f"whitener_{table}.npy"), w)
     final = whiteners.transform(method=table,
                                 vectors_nd=q[methods_lib.switches(table).variant])
-    np.save(os.path.join(out_dir, f"queries_final_{table}.npy"), final)
+    fs.save_npy(os.path.join(out_dir, f"queries_final_{table}.npy"), final)
   wd.write_json(os.path.join(out_dir, "query_ids.json"), queries.ids)
   wd.write_json(os.path.join(out_dir, COVERAGE), cov)
   logging.info("gradients: d=%d, λ=%s, queries %.1fs, R sample %.1fs, hessian %.1fs",
@@ -119,11 +120,11 @@ class Outputs:
   def whitener(self, table: str) -> np.ndarray | None:
     """R^{-1/2} of a table's methods (None: the methods use no R)."""
     path = os.path.join(self.folder, f"whitener_{table}.npy")
-    return np.load(path) if os.path.exists(path) else None
+    return fs.load_npy(path) if fs.exists(path) else None
 
   def final_queries(self, table: str) -> np.ndarray:
     """[Q, d] the queries' final vectors for searching `table`."""
-    return np.load(os.path.join(self.folder, f"queries_final_{table}.npy"))
+    return fs.load_npy(os.path.join(self.folder, f"queries_final_{table}.npy"))
 
 
 def load(ctx) -> Outputs:

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from tda import data
+from tda import fs
 from tda import workdir as wd
 
 STAGE = "vocab"
@@ -33,9 +34,11 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   if d.vocab_path:
     return {"path": os.path.abspath(d.vocab_path), "piece_size": data.check_vocab_file(d.vocab_path)}
   passages = os.path.join(ctx.stage_dir("world"), "passages.jsonl")
-  path = data.train_vocab(texts=(r["text"] for r in wd.read_jsonl(passages)),
-                          vocab_size=d.vocab_size, model_prefix=os.path.join(out_dir, "spm"))
-  return {"path": None, "piece_size": data.check_vocab_file(path), "requested": d.vocab_size}
+  with fs.local_dir(out_dir, upload=True) as local:  # SentencePiece writes local files.
+    path = data.train_vocab(texts=(r["text"] for r in wd.read_jsonl(passages)),
+                            vocab_size=d.vocab_size, model_prefix=os.path.join(local, "spm"))
+    piece_size = data.check_vocab_file(path)
+  return {"path": None, "piece_size": piece_size, "requested": d.vocab_size}
 
 
 def load(ctx) -> str:
