@@ -10,7 +10,7 @@ Clients and their settings for `gs://`:
     pick tf.io.gfile, whose GCS endpoint cannot be changed; this module sets
     `EPATH_USE_TF=false` (unless already set) so every process uses gcsfs, which
     takes Application Default Credentials (on a TPU VM: the VM's service account)
-    and `STORAGE_EMULATOR_HOST` for an emulator.
+    and `STORAGE_EMULATOR_HOST` for an emulator. Its listings cache is off (below).
   * tensorstore's `gcs` kvstore: Application Default Credentials;
     `TENSORSTORE_GCS_HTTP_URL` for an emulator (and `GOOGLE_AUTH_TOKEN_FOR_TESTING`
     to skip credentials there).
@@ -37,7 +37,12 @@ from typing import IO, Iterator
 os.environ.setdefault("EPATH_USE_TF", "false")  # Before epath picks a gs:// backend.
 
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fsspec  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# gcsfs caches folder listings per process: objects written since by tensorstore,
+# orbax or another process would stay invisible (`exists` false, `listdir` short).
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 SCHEMES = ("gs://",)
 
@@ -143,6 +148,7 @@ def atomic_open(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
   """A file opened for writing that appears at `path` whole, or not at all.
 
   Local: written to a temp name in the same folder and renamed over `path`.
+  Its folder is created locally if missing (GCS has no folders to create).
   GCS: written to a local temp file and uploaded when the block succeeds (an
   object exists only once its upload finishes: a reader sees the old object or
   the new one; a failed block uploads nothing).
@@ -154,6 +160,7 @@ def atomic_open(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
         yield f
       copy_file(tmp, path)
     return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # As on GCS.
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with builtins.open(tmp, mode, **open_kwargs) as f:

@@ -106,8 +106,8 @@ def begin(workdir: str, stage: str, fingerprint: dict[str, Any], *,
 
   A resumable stage's partial output from an interrupted run with the same
   fingerprint is kept (the stage resumes it). Otherwise what an interrupted run
-  left is removed (`STARTED.json` last, so a kill while clearing leaves a folder
-  that is still recognised as ours) and the folder starts empty.
+  left is removed, all but `STARTED.json`, which is then rewritten: a kill while
+  clearing leaves a folder still recognised as ours.
 
   Raises:
     WorkdirConflict: the stage is committed already; the folder was not started
@@ -129,8 +129,8 @@ def begin(workdir: str, stage: str, fingerprint: dict[str, Any], *,
         f"{folder} exists but was not started by this pipeline (no {STARTED}) and was "
         "never committed; it is not ours to overwrite: remove it or use another --workdir.")
   if names:
-    have = read_json(started).get("fingerprint")
     if resumable:
+      have = read_json(started).get("fingerprint")
       if have != json_roundtrip(fingerprint):
         raise WorkdirConflict(
             f"{folder} holds an interrupted '{stage}' run from a different setup (differs "
