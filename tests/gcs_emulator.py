@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -63,10 +64,12 @@ def running(bucket: str = BUCKET):
   on exit."""
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
+  # Its log goes to a file: a pipe nobody reads fills up and stalls the server.
+  log = tempfile.TemporaryFile()
   proc = subprocess.Popen(
       [sys.executable, "-c", _SERVER, "start", "--host=127.0.0.1",
        f"--port={port}", f"--default-bucket={bucket}", "--in-memory", "--quiet"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+      stdout=log, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 60
     while True:
@@ -75,7 +78,8 @@ def running(bucket: str = BUCKET):
         break
       except OSError as e:
         if proc.poll() is not None:
-          raise RuntimeError(f"GCS emulator exited: {proc.stderr.read().decode()[-2000:]}") from e
+          log.seek(0)
+          raise RuntimeError(f"GCS emulator exited: {log.read().decode()[-2000:]}") from e
         if time.time() > deadline:
           raise RuntimeError("GCS emulator did not answer within 60 s") from e
         time.sleep(0.2)
@@ -89,3 +93,4 @@ def running(bucket: str = BUCKET):
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
+    log.close()
