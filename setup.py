@@ -18,7 +18,8 @@ setuptools.setup(
     install_requires=install_requires,
     package_data={"tda": ["viewer_template.html"]},
     extras_require={
-        "test": ["pytest==9.0.3"],
+        # gcp-storage-emulator: the local GCS the gs:// workdir tests start (tests/gcs_emulator.py).
+        "test": ["pytest==9.0.3", "gcp-storage-emulator==2026.7.19"],
         # Browser tests of the results viewer (Debian's chromium, never a downloaded browser).
         "viewer-test": ["playwright==1.64.1"],
         # Ahead-of-time compilation for TPU topologies (tda.compile_check); libtpu pinned by jax.

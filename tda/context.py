@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from tda import fs
 from tda import verify
 from tda import workdir as wd
 
@@ -75,7 +76,8 @@ class Context:
     """The vocabulary of this run: a SentencePiece model file, or a Hugging Face
     checkpoint folder whose tokenizer it is (`tda.data.get_vocabulary`)."""
     from tda.stages import vocab
-    return self.cached("vocab_path", lambda: vocab.load(self))
+    # A local file: SentencePiece reads local files only (a gs:// workdir's copy).
+    return self.cached("vocab_path", lambda: fs.local_file(vocab.load(self)))
 
   @property
   def vocab(self):

@@ -34,6 +34,7 @@ import sentencepiece as spm
 import seqio
 import tensorflow as tf
 
+from tda import fs
 from tda import workdir as wd
 
 try:
@@ -138,7 +139,7 @@ def vocab_digest(path: str) -> str:
 
 
 def _read_rows(path: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f"{path} not found: run the 'world' stage first.")
   rows = wd.read_jsonl(path)
   if not rows:
@@ -201,7 +202,7 @@ def register_world_tasks(*, world_dir: str, vocab_path: str) -> dict[str, str]:
     "example_id", "fact_id", "inputs" (prompt tokens), "targets" (target
     tokens, no EOS), plus the "*_pretokenized" strings.
   """
-  world_dir = os.path.abspath(world_dir)
+  world_dir = fs.abspath(world_dir)
   vocab = get_vocabulary(vocab_path)
   # Targets continue the prompt: no BOS (a HF tokenizer's) in front of them.
   target_vocab = get_vocabulary(vocab_path, add_special_tokens=False)

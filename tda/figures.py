@@ -8,12 +8,12 @@ caller can inspect what was drawn.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 import numpy as np
 
+from tda import fs
 from tda import json_values
 from tda import methods as methods_lib
 
@@ -21,9 +21,8 @@ _DPI = 120
 
 
 def _save(fig: Figure, path: str) -> Figure:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
-  os.replace(tmp, path)
+  with fs.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight")
   return fig
 
 

@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import os
 import sys
 import types
 from typing import Any
@@ -24,12 +25,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tda import config as config_lib
+from tda import fs
 from tda import sharding
 from tda.tables import Table, TableError
+from tda.workdir import read_json, write_json
 
 # Rows scored per step when a caller gives none: the `index.chunk_rows` config default.
 DEFAULT_CHUNK_ROWS = config_lib.base_config().index.chunk_rows
 _BRUTE_FORCE_BELOW = 2_048  # Fewer rows: a tree/AH index is not worth training.
+INDEX_META = "tda_index.json"  # A saved index's n, d and build parameters.
 
 
 def _check_queries(queries_qd, d: int) -> np.ndarray:
@@ -272,6 +276,26 @@ class ScannIndex:
       raise ValueError(f"ScaNN returned {idx.shape[1]} of {k} neighbours; search more "
                        "leaves (num_leaves_to_search)")
     return dist * sign, idx
+
+  def save(self, path: str) -> None:
+    """Serialises the searcher into folder `path` (local or gs://): ScaNN writes
+    its files into a local folder, copied to `path` (`tda.fs.local_dir`); the
+    description (`INDEX_META`) is written last."""
+    with fs.local_dir(path, upload=True) as local:
+      self.searcher.serialize(local, relative_path=True)
+    write_json(os.path.join(path, INDEX_META),
+               {"n": self.n, "d": self.d, "params": self.params})
+
+  @classmethod
+  def load(cls, path: str) -> "ScannIndex":
+    """The index `save` wrote to `path` (copied to a local folder for ScaNN)."""
+    meta_path = os.path.join(path, INDEX_META)
+    if not fs.exists(meta_path):
+      raise FileNotFoundError(f"{path} holds no saved index (no {INDEX_META})")
+    meta = read_json(meta_path)
+    with fs.local_dir(path, upload=False) as local:
+      searcher = _scann_ops().load_searcher(local)
+    return cls(searcher=searcher, n=meta["n"], d=meta["d"], params=meta["params"])
 
 
 # --- Shard-merged search -------------------------------------------------------

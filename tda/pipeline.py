@@ -6,7 +6,7 @@
 Each stage is a module of `tda.stages` behind one protocol (see there); this is
 the only place that drives it, once for all stages: fingerprint → skip if
 committed with the same fingerprint (refuse if committed from another setup) →
-run into `<stage>.tmp/` → commit atomically (`tda.workdir`) → publish the
+run into `<stage>/` → commit by writing its marker last (`tda.workdir`) → publish the
 stage's `results/` files into `<workdir>/results/`. An interrupted run resumes;
 a finished one costs nothing to rerun. Per-stage wall times accumulate in
 `<workdir>/results/timings.json`.
@@ -28,6 +28,7 @@ from tda import context as context_lib
 from tda import distributed
 from tda import errors
 from tda import faults
+from tda import fs
 from tda import methods as methods_lib
 from tda import stages as stages_lib
 from tda import workdir as wd
@@ -57,17 +58,16 @@ def run_stage(ctx: context_lib.Context, stage) -> bool:
     if leader:
       wd.begin(ctx.workdir, name, fingerprint, resumable=resumable)
     distributed.barrier(f"tda-begin-{name}")
-    tmp = wd.temp_dir(ctx.workdir, name)
     summary = None
     if leader or getattr(stage, "ALL_PROCESSES", False):
-      summary = stage.run(ctx, tmp)
+      summary = stage.run(ctx, wd.stage_dir(ctx.workdir, name))
     faults.point(name, "commit")
     distributed.barrier(f"tda-ran-{name}")
     if leader:
       wd.commit(ctx.workdir, name, fingerprint, summary)
   if leader:
     results = os.path.join(wd.stage_dir(ctx.workdir, name), "results")
-    if os.path.isdir(results) and (not skip or not os.path.isdir(ctx.results_dir)):
+    if fs.isdir(results) and (not skip or not fs.isdir(ctx.results_dir)):
       wd.publish(results, ctx.results_dir)
   distributed.barrier(f"tda-stage-{name}")
   return not skip
@@ -80,7 +80,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                jax.device_count(), jax.devices()[0].platform)
   stages = stages_of(config)
   methods_lib.check(config.eval.methods)
-  os.makedirs(workdir, exist_ok=True)
+  fs.check_scheme(workdir)
+  fs.makedirs(workdir)
   ctx = context_lib.Context(config=config, workdir=workdir)
   for stage in stages:
     t0 = time.time()
@@ -91,9 +92,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  ctx.timings[stage.STAGE])
   if not distributed.is_leader():
     return ctx.timings
-  os.makedirs(ctx.results_dir, exist_ok=True)
+  fs.makedirs(ctx.results_dir)
   path = os.path.join(ctx.results_dir, "timings.json")
-  history = wd.read_json(path) if os.path.exists(path) else {"runs": []}
+  history = wd.read_json(path) if fs.exists(path) else {"runs": []}
   history["runs"].append(ctx.timings)
   history["last"] = ctx.timings
   wd.write_json(path, history)

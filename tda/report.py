@@ -25,6 +25,7 @@ import numpy as np
 
 from tda import claims
 from tda import figures
+from tda import fs
 from tda import json_values
 from tda import metrics as metrics_lib
 from tda import result_tables
@@ -251,7 +252,7 @@ def write_report(*, results_dir: str, methods: dict[str, MethodResult],
   }
   out = json_values.to_jsonable(out)
 
-  os.makedirs(results_dir, exist_ok=True)
+  fs.makedirs(results_dir)
   workdir_lib.write_json(os.path.join(results_dir, "metrics.json"), out)
   result_tables.write_tables(results_dir=results_dir, methods=out["methods"],
                              bucket_order=bucket_order)
@@ -259,10 +260,10 @@ def write_report(*, results_dir: str, methods: dict[str, MethodResult],
   figures.plot_by_bucket(methods=out["methods"], bucket_order=bucket_order,
                          path=os.path.join(results_dir, "fig_by_bucket.png"))
   folder = os.path.join(results_dir, "proponents")
-  os.makedirs(folder, exist_ok=True)
-  for stale in os.listdir(folder):  # The viewer reads every .jsonl here.
+  fs.makedirs(folder)
+  for stale in fs.listdir(folder):  # The viewer reads every .jsonl here.
     if stale.endswith(".jsonl") and stale[:-len(".jsonl")] not in methods:
-      os.remove(os.path.join(folder, stale))
+      fs.remove(os.path.join(folder, stale))
   for name in names:
     m = methods[name]
     workdir_lib.write_jsonl(os.path.join(folder, f"{name}.jsonl"), viewer.result_rows(

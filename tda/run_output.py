@@ -20,7 +20,6 @@ the C++ log level environment before those load.
 from __future__ import annotations
 
 import atexit
-import glob
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Any
 from absl import logging as absl_logging
 
 from tda import errors
+from tda import fs
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -174,8 +174,8 @@ def print_header(config, workdir: str, *, config_arg: str | None) -> None:
   from tda import distributed
   if not distributed.is_leader():
     return
-  os.makedirs(workdir, exist_ok=True)
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  fs.makedirs(workdir)
+  if not fs.exists(os.path.join(workdir, "config.json")):
     write_config(config, workdir)
   print("\n".join(header_lines(config, workdir, config_arg=config_arg)), flush=True)
 
@@ -188,7 +188,7 @@ def write_config(config, workdir: str) -> None:
     return
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
+  if fs.exists(path):
     try:
       if wd.read_json(path) == new:
         return  # A rerun of the same config rewrites nothing.
@@ -199,23 +199,22 @@ def write_config(config, workdir: str) -> None:
 
 def footer_lines(workdir: str, timings: dict[str, float]) -> list[str]:
   """The result table (with the paper's numbers) and the paths of figures and viewer."""
-  results = os.path.join(os.path.abspath(workdir), "results")
+  results = os.path.join(fs.abspath(workdir), "results")
   lines = [f"done in {sum(timings.values()):.0f} s "
            f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})"]
   table = os.path.join(results, "table.md")
-  if os.path.isfile(table):
-    with open(table) as f:
-      rows = [l.rstrip("\n") for l in f if l.startswith("|")]
+  if fs.isfile(table):
+    rows = [l for l in fs.read_text(table).splitlines() if l.startswith("|")]
     lines += ["", f"Results ({table}; 'Paper' columns: Chang et al. 2025, Table 1, T-REx):"]
     lines += rows
-  figs = sorted(glob.glob(os.path.join(results, "*.png")))
+  figs = [os.path.join(results, n) for n in fs.listdir(results) if n.endswith(".png")]
   if figs:
     lines += ["", "Figures:"] + [f"  {p}" for p in figs]
   viewer = os.path.join(results, "viewer.html")
-  if os.path.isfile(viewer):
+  if fs.isfile(viewer):
     lines += ["", f"Viewer:  {viewer}"]
   props = os.path.join(results, "proponents")
-  if os.path.isdir(props):
+  if fs.isdir(props):
     lines += [f"Per-method JSONL (PAIR-code/pretraining-tda viewer schema): {props}/<method>.jsonl"]
   return lines
 

@@ -3,7 +3,7 @@
 A table holds one d-dim vector per example (DESIGN.md §4, "Gradient tables"):
 
     <path>/header.json                  d, dtype, rows_per_shard, meta (first writer)
-    <path>/manifest.json                written last, by process 0 (write-then-rename)
+    <path>/manifest.json                written last, by process 0 (whole-file write)
     <path>/shards/<shard_id>/vectors/   one tensorstore zarr3 array [rows_per_shard, d]
     <path>/shards/<shard_id>/scale/     int8 tables only: per-row float32 scale [rows_per_shard]
     <path>/shards/<shard_id>/ids.json   row -> example id for the shard's rows
@@ -12,10 +12,11 @@ A table holds one d-dim vector per example (DESIGN.md §4, "Gradient tables"):
 Why zarr3 on tensorstore: chunked (bounded memory per read/write), compressed
 (blosc-zstd with byte shuffle: float exponent bytes compress, mantissas do not),
 writable by many processes at once because each shard is its own array (no shared
-metadata to race on), and the same spec takes a `gcs` kvstore. This module
-addresses local (or FUSE-mounted) paths; the protocol is GCS-friendly because a
-reader trusts a shard only through its COMMIT.json, which is written after the
-shard's data (locally the whole shard folder is then renamed into place).
+metadata to race on), and the same spec takes a `gcs` kvstore: `path` is a local
+folder or gs://bucket/path (`tda.fs`). Nothing is renamed: a shard is written in
+place under `shards/<shard_id>/` and a reader trusts it only through its
+COMMIT.json, written after all of the shard's data; a writer restarting clears
+its own shard folders that have none.
 
 Reads are verified: `Table.read_shard` reads a shard's files once, checks their
 sha256 and size against the manifest (naming the file that differs, from the
@@ -41,7 +42,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -53,6 +53,7 @@ import tensorstore as ts
 
 from tda import errors
 from tda import faults
+from tda import fs
 from tda.workdir import json_roundtrip, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -105,7 +106,7 @@ def _array_spec(path: str, *, shape: list[int], chunk: list[int], dtype: str) ->
             {"name": "blosc", "configuration": {
                 "cname": "zstd", "clevel": 1, "shuffle": "shuffle",
                 "typesize": _ITEMSIZE[dtype], "blocksize": 0}}]
-  return {"driver": "zarr3", "kvstore": {"driver": "file", "path": path},
+  return {"driver": "zarr3", "kvstore": fs.kvstore(path),
           "metadata": {"shape": shape, "data_type": dtype, "fill_value": 0,
                        "chunk_grid": {"name": "regular",
                                       "configuration": {"chunk_shape": chunk}},
@@ -119,14 +120,8 @@ def _shard_id(s: int) -> str:
 
 def _shard_files(root: str) -> dict[str, bytes]:
   """{relative path: bytes} of every file of a shard folder except its commit record."""
-  out = {}
-  for r, _, fs in os.walk(root):
-    for f in fs:
-      rel = os.path.relpath(os.path.join(r, f), root)
-      if rel != COMMIT:
-        with open(os.path.join(r, f), "rb") as fh:
-          out[rel] = fh.read()
-  return out
+  return {rel: fs.read_bytes(os.path.join(root, rel))
+          for rel in fs.walk_files(root) if rel != COMMIT}
 
 
 def _files_digest(files: dict[str, bytes], *,
@@ -163,7 +158,7 @@ def _diff(have: dict, want: dict, keys) -> list[str]:
 def read_commit(path: str, shard: int) -> dict | None:
   """The commit record of `shard`, or None when it is not committed."""
   p = os.path.join(path, "shards", _shard_id(shard), COMMIT)
-  return read_json(p) if os.path.exists(p) else None
+  return read_json(p) if fs.exists(p) else None
 
 
 class TableWriter:
@@ -171,14 +166,14 @@ class TableWriter:
 
   Rows arrive in this process's *local stream*: the rows of its own shards
   (s % num_processes == process_index) concatenated in global order. `write`
-  accepts any chunk size; rows go to a temp folder in zarr-chunk pieces, and a
-  full shard is checksummed, given its commit record and renamed into place.
+  accepts any chunk size; rows go to the shard's folder in zarr-chunk pieces, and
+  a full shard is checksummed and given its commit record (written last).
 
   Resume: on construction the writer finds committed shards. `write` silently
   skips rows that fall into committed shards (checking their ids match), so a
   restarted job may simply re-feed everything; to avoid recomputing them, start
-  at `resume_row` instead and pass it as `start_row`. Temp folders of this
-  process's shards left by a killed run are removed.
+  at `resume_row` instead and pass it as `start_row`. This process's shard
+  folders without a commit record (a killed run's) are removed.
 
   `chunk_rows` sets the zarr chunk (rows per stored chunk file); it is part of
   the stored bytes, so a resumed job must use the same value.
@@ -207,9 +202,9 @@ class TableWriter:
         1, _CHUNK_BYTES // (d * _ITEMSIZE[dtype])))
     self._on_event = _on_event or (lambda *a: None)
     self._shards_dir = os.path.join(path, "shards")
-    os.makedirs(self._shards_dir, exist_ok=True)
+    fs.makedirs(self._shards_dir)
     self._check_existing()
-    if not os.path.exists(os.path.join(path, HEADER)):
+    if not fs.exists(os.path.join(path, HEADER)):
       write_json(os.path.join(path, HEADER), self.header)  # Same bytes from any process.
     self.committed: dict[int, dict] = self._scan_committed()
     self._next_local = 0      # Local-stream index of the next row `write` expects.
@@ -239,10 +234,10 @@ class TableWriter:
 
   def _check_existing(self):
     have = [read_json(os.path.join(self.path, f)) for f in (HEADER, MANIFEST)
-            if os.path.exists(os.path.join(self.path, f))]
-    for name in sorted(os.listdir(self._shards_dir)):
+            if fs.exists(os.path.join(self.path, f))]
+    for name in fs.listdir(self._shards_dir):
       rec = os.path.join(self._shards_dir, name, COMMIT)
-      if name.isdigit() and os.path.exists(rec):
+      if name.isdigit() and fs.exists(rec):
         have.append(read_json(rec))
         break  # All commit records are checked again by finalize_table.
     for h in have:
@@ -255,17 +250,17 @@ class TableWriter:
 
   def _scan_committed(self) -> dict[int, dict]:
     out = {}
-    for name in os.listdir(self._shards_dir):
+    for name in fs.listdir(self._shards_dir):
       sid, _, tmp_suffix = name.partition(".tmp-")
       if not sid.isdigit() or int(sid) % self.n_proc != self.p:
-        continue  # Another process's shard or temp folder: not ours to touch.
+        continue  # Another process's shard: not ours to touch.
       full = os.path.join(self._shards_dir, name)
-      if tmp_suffix:  # Our temp folder from a killed run.
-        shutil.rmtree(full, ignore_errors=True)
-      elif os.path.exists(os.path.join(full, COMMIT)):
+      if tmp_suffix:  # A temp folder of an earlier version's killed run.
+        fs.rmtree(full)
+      elif fs.exists(os.path.join(full, COMMIT)):
         out[int(sid)] = read_json(os.path.join(full, COMMIT))
-      else:  # Final name without a commit record (non-atomic store): incomplete.
-        shutil.rmtree(full, ignore_errors=True)
+      else:  # Written by a killed run, never committed: incomplete.
+        fs.rmtree(full)
     return out
 
   # --- Writing -------------------------------------------------------------
@@ -340,17 +335,17 @@ class TableWriter:
       self._commit(o)
 
   def _open_shard(self, shard: int) -> dict:
-    tmp = os.path.join(self._shards_dir,
-                       f"{_shard_id(shard)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    folder = os.path.join(self._shards_dir, _shard_id(shard))
+    fs.rmtree(folder)  # Uncommitted: what a failed attempt left is not kept.
+    fs.makedirs(folder)
     arrays = {"vectors": ts.open(_array_spec(
-        os.path.join(tmp, "vectors"), shape=[self.rps, self.d],
+        os.path.join(folder, "vectors"), shape=[self.rps, self.d],
         chunk=[self.chunk_rows, self.d], dtype=self.dtype), create=True).result()}
     if self.dtype == "int8":
       arrays["scale"] = ts.open(_array_spec(
-          os.path.join(tmp, "scale"), shape=[self.rps], chunk=[self.rps],
+          os.path.join(folder, "scale"), shape=[self.rps], chunk=[self.rps],
           dtype="float32"), create=True).result()
-    return {"shard": shard, "tmp": tmp, "arrays": arrays, "ids": [], "rows": 0,
+    return {"shard": shard, "dir": folder, "arrays": arrays, "ids": [], "rows": 0,
             "stage": [], "staged": 0, "scale": []}
 
   @contextlib.contextmanager
@@ -365,7 +360,10 @@ class TableWriter:
         raise
       o, self._open, self._closed = self._open, None, True
       if o is not None:
-        shutil.rmtree(o["tmp"], ignore_errors=True)
+        try:
+          fs.rmtree(o["dir"])
+        except OSError:
+          pass  # The shard has no commit record: a rerun clears it anyway.
       raise TableWriteError(
           f"table {self.path}: writing shard {_shard_id(shard)} failed: {e}. The shard was "
           f"discarded; the {len(self.committed)} committed shard(s) are kept: free space "
@@ -394,15 +392,14 @@ class TableWriter:
       scale_n = np.zeros([self.rps], np.float32)
       scale_n[:o["rows"]] = np.concatenate(o["scale"])
       o["arrays"]["scale"].write(scale_n).result()
-    write_json(os.path.join(o["tmp"], IDS), o["ids"])
-    digest, nbytes, per_file = _files_digest(_shard_files(o["tmp"]))
+    write_json(os.path.join(o["dir"], IDS), o["ids"])
+    digest, nbytes, per_file = _files_digest(_shard_files(o["dir"]))
     s = o["shard"]
     rec = {**self.header, "shard": s, "start_row": s * self.rps, "rows": o["rows"],
            "sha256": digest, "stored_bytes": nbytes, "files": per_file,
            "process_index": self.p,
            "host": socket.gethostname(), "written_at": time.time()}
-    write_json(os.path.join(o["tmp"], COMMIT), rec)
-    os.rename(o["tmp"], os.path.join(self._shards_dir, _shard_id(s)))
+    write_json(os.path.join(o["dir"], COMMIT), rec)  # Last: the shard's commit.
     self.committed[s] = rec
     self._open = None
     self._on_event("commit", s, o["rows"])
@@ -448,7 +445,7 @@ def finalize_table(*, path: str, num_shards: int) -> dict:
     raise TableError(f"table {path}: shard {num_shards} is committed beyond "
                      f"num_shards={num_shards}")
   hpath = os.path.join(path, HEADER)
-  if not os.path.exists(hpath):
+  if not fs.exists(hpath):
     raise TableError(f"{path} is not a table (no {HEADER}; was a TableWriter made?)")
   head = read_json(hpath)
   for rec in recs:
@@ -503,7 +500,7 @@ class Table:
       TableCorrupted: a shard folder is missing, or one not in the manifest exists.
     """
     man = os.path.join(path, MANIFEST)
-    if not os.path.exists(man):
+    if not fs.exists(man):
       raise TableError(f"{path} is not a finalized table (no {MANIFEST})")
     m = read_json(man)
     if m.get("format_version") != FORMAT_VERSION:
@@ -515,7 +512,7 @@ class Table:
         raise TableError(f"table {path} does not match what was expected: {'; '.join(diff)}")
     want = {_shard_id(i["shard"]) for i in m["shards"]}
     shards_dir = os.path.join(path, "shards")
-    have = set(os.listdir(shards_dir)) if os.path.isdir(shards_dir) else set()
+    have = set(fs.listdir(shards_dir)) if fs.isdir(shards_dir) else set()
     problems = [f"shard {n} is missing ({os.path.join(shards_dir, n)})"
                 for n in sorted(want - have)]
     problems += [f"{os.path.join(shards_dir, n)} is not a shard of the manifest (extra)"
@@ -557,7 +554,7 @@ class Table:
     info = self.manifest["shards"][s]
     where = f"table {self.path}: shard {_shard_id(s)} ({self._dir(s)})"
     advice = f". {self.advice}"
-    if not os.path.isdir(self._dir(s)):
+    if not fs.isdir(self._dir(s)):
       raise TableCorrupted(f"{where} is missing{advice}")
     files = _shard_files(self._dir(s))
     digest, nbytes, _ = _files_digest(files, per_file=False)  # The one pass over the bytes.

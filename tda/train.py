@@ -27,6 +27,7 @@ from etils import epath
 from tda import batches
 from tda import errors
 from tda import faults
+from tda import fs
 from tda import model as model_lib
 from tda import progress
 from tda import sharding
@@ -81,10 +82,14 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "data.seq_len": config.data.seq_len}
 
 
-def checkpoint_manager(path: str, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
+def checkpoint_manager(path: str, *, max_to_keep: int | None = 2,
+                       cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+  """Orbax's manager of a local or gs:// folder; `cleanup_tmp` (the writer's) removes
+  steps a killed save left unfinalized."""
   return ocp.CheckpointManager(
-      os.path.abspath(path),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      fs.abspath(path),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=cleanup_tmp))
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
@@ -137,13 +142,15 @@ def abstract_state(config, model, tx) -> TrainState:
 def available_steps(checkpoint_dir: str) -> list[int]:
   """Steps of all finalized checkpoints.
 
-  Read from the folder names (orbax finalizes a step by renaming its temp folder
-  to the step number), not through a CheckpointManager, whose creation is a
-  collective in multi-process jobs: any one process may ask.
+  Read from the folder names (locally orbax finalizes a step by renaming its temp
+  folder to the step number; on gs:// the step folder gets `commit_success.txt`
+  last, which orbax's `is_path_finalized` checks), not through a
+  CheckpointManager, whose creation is a collective in multi-process jobs: any
+  one process may ask.
   """
-  if not os.path.isdir(checkpoint_dir):
-    return []
-  return sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit())
+  return sorted(int(n) for n in fs.listdir(checkpoint_dir) if n.isdigit() and (
+      not fs.is_remote(checkpoint_dir)
+      or ocp.step.is_path_finalized(os.path.join(checkpoint_dir, n))))
 
 
 def latest_step(checkpoint_dir: str) -> int | None:
@@ -229,7 +236,7 @@ def check_checkpoint_format(fmt: str) -> None:
 
 
 def step_dir(checkpoint_dir: str, step: int) -> str:
-  return os.path.join(os.path.abspath(checkpoint_dir), str(step))
+  return os.path.join(fs.abspath(checkpoint_dir), str(step))
 
 
 def resolve_step(checkpoint_dir: str, step: int | None) -> int:
@@ -363,10 +370,10 @@ def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """
   m = config.model
   check_checkpoint_format(m.checkpoint_format)
-  path = os.path.abspath(m.checkpoint)
+  path = fs.abspath(m.checkpoint)
   if m.checkpoint_format == "hf_llama":
     return _describe_hf(config)
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     raise errors.MissingInput(f"model.checkpoint={m.checkpoint!r} is not a folder; supported "
                             f"formats: {_ORBAX_LAYOUT}")
   step = resolve_step(path, m.checkpoint_step)
@@ -377,7 +384,7 @@ def describe_checkpoint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   _check_checkpoint_shape(config, read_step_meta(path, step), step_dir(path, step))
   committed_at = None
   marker = os.path.join(step_dir(path, step), "_CHECKPOINT_METADATA")
-  if os.path.exists(marker):
+  if fs.exists(marker):
     committed_at = wd.read_json(marker).get("commit_timestamp_nsecs")
   return {"path": path, "step": step, "format": m.checkpoint_format,
           "structure_sha256": structure_hash(have), "commit_timestamp_nsecs": committed_at}
@@ -431,7 +438,7 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
   t = config.train
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
-  mngr = checkpoint_manager(checkpoint_dir, max_to_keep=t.max_to_keep)
+  mngr = checkpoint_manager(checkpoint_dir, max_to_keep=t.max_to_keep, cleanup_tmp=True)
   mesh = sharding.make_mesh(config)
   if mngr.latest_step() is not None:
     _check_checkpoint_shape(config, read_meta(mngr), checkpoint_dir)

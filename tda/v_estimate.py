@@ -31,6 +31,7 @@ checkpoint's own state and the kernels are unchanged.
 
 from __future__ import annotations
 
+import io
 from typing import Any, Sequence
 
 import flax
@@ -40,6 +41,7 @@ import numpy as np
 import optax
 
 from tda import correction as corr_lib
+from tda import fs
 from tda import model as model_lib
 
 ADAFACTOR_EPS = 1e-30  # optax.adafactor's decay epsilon1, added to g² before factoring.
@@ -147,13 +149,14 @@ def save(path: str, stats: dict[str, dict[str, np.ndarray]], *, factored: bool) 
   """Writes `estimate`'s statistics to one .npz (keys '<stat>:<param name>')."""
   arrays = {f"{s}:{k}": v for s, d in stats.items() for k, v in d.items()}
   arrays["__factored__"] = np.asarray(factored)
-  with open(path, "wb") as f:
-    np.savez(f, **arrays)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  fs.write_bytes(path, buf.getvalue())
 
 
 def load(path: str):
   """The statistics saved at `path` as an optax state (see `load_stats`)."""
-  with np.load(path) as z:
+  with np.load(io.BytesIO(fs.read_bytes(path))) as z:
     factored = bool(z["__factored__"])
     stats: dict[str, dict[str, Any]] = {"v_row": {}, "v_col": {}, "v": {}}
     for key in z.files:

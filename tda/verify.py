@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from tda import fs
 from tda import workdir as wd
 
 FILES = "files"  # The key of a stage commit record's file hashes.
@@ -62,23 +63,16 @@ def sha256_bytes(data: bytes) -> str:
 
 def _walk(root: str) -> list[str]:
   """Relative paths of the files under `root`, outside subtrees with their own record."""
-  out = []
-  for dirpath, dirs, files in os.walk(root):
-    if dirpath != root and SHARD_RECORD in files:
-      dirs[:] = []
-      continue
-    dirs.sort()
-    rel = os.path.relpath(dirpath, root)
-    for f in sorted(files):
-      p = f if rel == "." else os.path.join(rel, f)
-      if p not in _SKIP_TOP:
-        out.append(p)
-  return out
+  files = fs.walk_files(root)
+  own = sorted({os.path.dirname(p) + "/" for p in files
+                if os.path.basename(p) == SHARD_RECORD and os.path.dirname(p)})
+  return [p for p in files
+          if p not in _SKIP_TOP and not any(p.startswith(d) for d in own)]
 
 
 def record_files(root: str) -> dict[str, dict[str, Any]]:
   """{relative path: {bytes, sha256}} of the files a stage commits (see module doc)."""
-  return {rel: {"bytes": os.path.getsize(os.path.join(root, rel)),
+  return {rel: {"bytes": fs.getsize(os.path.join(root, rel)),
                 "sha256": wd.file_sha256(os.path.join(root, rel))}
           for rel in _walk(root)}
 
@@ -122,8 +116,7 @@ def read_bytes(folder: str, rel: str) -> bytes:
       sha256 differs from it.
   """
   rec = _record(folder)
-  with open(os.path.join(folder, rel), "rb") as f:
-    data = f.read()
+  data = fs.read_bytes(os.path.join(folder, rel))
   if rec is not None:
     stage = _split(folder)[1]
     want = rec.get(rel)
@@ -183,7 +176,7 @@ class _HashingReader(io.RawIOBase):
 def load_npy(folder: str, rel: str) -> np.ndarray:
   """A committed `.npy`, hashed as numpy reads it (no second pass, no extra copy)."""
   rec = _record(folder)
-  with open(os.path.join(folder, rel), "rb") as f:
+  with fs.open(os.path.join(folder, rel), "rb") as f:
     reader = _HashingReader(f)
     x = np.load(reader, allow_pickle=False)
     size, digest = reader.finish()
@@ -220,7 +213,7 @@ def _check_files(folder: str, rec: dict, *, hash_limit: int | None) -> tuple[lis
   hashed = 0
   for rel in sorted(have & set(rec)):
     path = os.path.join(folder, rel)
-    size = os.path.getsize(path)
+    size = fs.getsize(path)
     full = hash_limit is None or size <= hash_limit
     bad = _mismatch(stage, rel, rec[rel], size=size,
                     digest=wd.file_sha256(path) if full and size == rec[rel]["bytes"] else None)
@@ -248,8 +241,8 @@ def check_stage(workdir: str, stage: str, *, hash_limit: int | None = HASH_ON_AC
 
 def _table_dirs(folder: str) -> list[str]:
   from tda import tables as tables_lib
-  return sorted(n for n in os.listdir(folder)
-                if os.path.exists(os.path.join(folder, n, tables_lib.MANIFEST)))
+  return [n for n in fs.listdir(folder)
+          if fs.exists(os.path.join(folder, n, tables_lib.MANIFEST))]
 
 
 def _check_tables(folder: str) -> tuple[list[str], int, list[str]]:
@@ -295,8 +288,8 @@ def verify_stage(workdir: str, stage: str) -> Verdict:
   except (OSError, ValueError) as e:
     return Verdict(stage, "FAILED", f"unreadable {wd.MARKER}: {e}", [str(e)])
   if marker is None:
-    tmp = wd.temp_dir(workdir, stage)
-    what = f"interrupted run in {tmp}" if os.path.isdir(tmp) else "nothing written"
+    what = (f"interrupted run in {folder}" if fs.exists(os.path.join(folder, wd.STARTED))
+            else "nothing written")
     return Verdict(stage, "not committed", what)
   rec = marker.get(FILES)
   problems, hashed = [], 0
@@ -321,25 +314,21 @@ def verify_stage(workdir: str, stage: str) -> Verdict:
 
 
 def reopen(workdir: str, stage: str) -> str:
-  """Turns a committed stage back into its interrupted temp folder (same fingerprint),
-  so the next run resumes it: a resumable stage recomputes only what is missing."""
+  """Turns a committed stage back into an interrupted one (same fingerprint), so the
+  next run resumes it: a resumable stage recomputes only what is missing."""
   marker = wd.committed(workdir, stage)
-  final, tmp = wd.stage_dir(workdir, stage), wd.temp_dir(workdir, stage)
+  folder = wd.stage_dir(workdir, stage)
   if marker is None:
     raise ValueError(f"stage '{stage}' is not committed in {workdir}")
-  if os.path.exists(tmp):
-    raise wd.WorkdirConflict(f"{tmp} exists; refusing to overwrite it")
-  # Crash-safe order: a temp folder with STARTED.json resumes, its stale marker is rewritten.
-  wd.write_json(os.path.join(final, wd.STARTED), {"fingerprint": marker["fingerprint"]})
-  os.rename(final, tmp)
-  os.remove(os.path.join(tmp, wd.MARKER))
-  return tmp
+  # Crash-safe order: STARTED.json first (an interrupted run), then the commit goes.
+  wd.write_json(os.path.join(folder, wd.STARTED), {"fingerprint": marker["fingerprint"]})
+  fs.remove(os.path.join(folder, wd.MARKER))
+  return folder
 
 
 def repair(workdir: str) -> list[str]:
   """Deletes every table shard that fails its check and reopens its (resumable)
   stage; returns what was done. Other failures are left for the user (printed)."""
-  import shutil
   from tda import stages as stages_lib
   done = []
   for mod in stages_lib.STAGES:
@@ -354,10 +343,10 @@ def repair(workdir: str) -> list[str]:
                   "rerun the stage")
       continue
     for d in bad_dirs:
-      shutil.rmtree(d)
+      fs.rmtree(d)
       done.append(f"{mod.STAGE}: deleted {d}")
     reopen(workdir, mod.STAGE)
-    done.append(f"{mod.STAGE}: reopened as {wd.temp_dir(workdir, mod.STAGE)}: rerun stage "
+    done.append(f"{mod.STAGE}: reopened {folder} (uncommitted): rerun stage "
                 f"'{mod.STAGE}' to recompute the {len(bad_dirs)} deleted shard(s)")
   return done
 
@@ -384,7 +373,7 @@ def adopt(workdir: str) -> list[str]:
 
 def verify_workdir(workdir: str) -> list[Verdict]:
   from tda import stages as stages_lib
-  if not os.path.isdir(workdir):
+  if not fs.isdir(workdir):
     raise FileNotFoundError(f"no workdir {workdir}")
   return [verify_stage(workdir, s) for s in stages_lib.NAMES]
 

@@ -18,7 +18,6 @@ appear in it), and a Content-Security-Policy allows only the page's own script
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import html
 import json
@@ -30,6 +29,7 @@ from absl import flags
 import numpy as np
 
 from tda import cli
+from tda import fs
 from tda import json_values
 from tda import methods as methods_lib
 from tda import workdir as workdir_lib
@@ -128,7 +128,7 @@ def load_results(*, workdir: str) -> dict[str, list[dict[str, Any]]]:
     ValueError: a malformed line (names the file and line).
   """
   folder = os.path.join(workdir, "results", "proponents")
-  paths = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+  paths = [os.path.join(folder, n) for n in fs.listdir(folder) if n.endswith(".jsonl")]
   if not paths:
     raise FileNotFoundError(
         f"no proponent files (<method>.jsonl) in {folder}: run the evaluation "
@@ -360,9 +360,9 @@ def write_viewer(*, workdir: str, out_path: str | None = None,
   results = load_results(workdir=workdir)
   payload = build_payload(results=results, page_size=page_size)
   page = render_html(payload=payload,
-                     title=f"TrackStar results: {os.path.basename(os.path.abspath(workdir))}")
+                     title=f"TrackStar results: {os.path.basename(fs.abspath(workdir).rstrip('/'))}")
   out_path = out_path or os.path.join(workdir, "results", "viewer.html")
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  fs.makedirs(os.path.dirname(fs.abspath(out_path)))
   workdir_lib.write_text(out_path, page)  # Write-then-rename: no half pages.
   return out_path
 
@@ -384,9 +384,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--workdir is required")
   path = write_viewer(workdir=fv.workdir, out_path=fv.out, page_size=fv.page_size)
   if fv.json:
-    cli.print_json({"path": path, "bytes": os.path.getsize(path)})
+    cli.print_json({"path": path, "bytes": fs.getsize(path)})
   else:
-    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB); open it in a browser.")
+    print(f"wrote {path} ({fs.getsize(path) / 2**20:.1f} MiB); open it in a browser.")
 
 
 if __name__ == "__main__":

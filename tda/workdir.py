@@ -1,27 +1,36 @@
 """Workdir layout and the commit protocol of every stage (driven by `tda.pipeline`).
 
-A stage runs into `<workdir>/<stage>.tmp/`; when it finishes, the pipeline writes
-its `summary.json` and a `COMMITTED.json` marker (the stage's fingerprint: what
-its output was computed from) and renames the folder to `<workdir>/<stage>/`.
-A later run that finds the stage committed with the same fingerprint skips it;
-one with a different fingerprint stops with a clear error instead of overwriting
-(delete the folder, or use another workdir). A *resumable* stage (training,
-tables) keeps its partial output in the temp folder across interruptions,
-guarded by `STARTED.json`: a rerun with the same fingerprint resumes it, one from
-another setup is refused.
+A workdir is a local folder or `gs://bucket/path`; every file goes through
+`tda.fs`. Nothing is ever renamed, so the protocol is the same on both:
 
-The writers here (`write_json`, `write_jsonl`, `write_text`) all write-then-rename,
-so a reader never sees half a file.
+  1. `begin`: the stage writes `<workdir>/<stage>/STARTED.json` (its fingerprint)
+     first, then all its output in place under `<workdir>/<stage>/`.
+  2. `commit`: `summary.json`, then `COMMITTED.json` (the fingerprint) last.
+
+Readers trust a stage only through `COMMITTED.json`. A later run that finds the
+stage committed with the same fingerprint skips it; one with a different
+fingerprint stops with a clear error instead of overwriting (delete the folder,
+or use another workdir). An uncommitted stage folder (a killed run) is cleared
+and rerun, except a *resumable* stage (training, tables) with the same
+fingerprint, which resumes its partial output; partial work from another setup
+is refused, and so is a folder without `STARTED.json` (not written by a stage).
+
+Workdirs from earlier versions (stages committed by renaming `<stage>.tmp/`)
+read as before: the committed folders are the same. A leftover `<stage>.tmp/`
+from an interrupted run of such a version is refused with a message naming it.
+
+The writers here (`write_json`, `write_jsonl`, `write_text`) write whole files
+(`tda.fs.atomic_open`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
+
+from tda import fs
 
 from tda import errors
 
@@ -41,10 +50,9 @@ def stage_dir(workdir: str, stage: str) -> str:
 def committed(workdir: str, stage: str) -> dict[str, Any] | None:
   """The committed marker of `stage`, or None when not committed."""
   path = os.path.join(stage_dir(workdir, stage), MARKER)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path)
 
 
 def check_fingerprint(workdir: str, stage: str, fingerprint: dict[str, Any]) -> bool:
@@ -64,11 +72,7 @@ def check_fingerprint(workdir: str, stage: str, fingerprint: dict[str, Any]) -> 
   """
   marker = committed(workdir, stage)
   if marker is None:
-    if os.path.exists(stage_dir(workdir, stage)):
-      raise WorkdirConflict(
-          f"{stage_dir(workdir, stage)} exists but was never committed (no {MARKER}); "
-          "it is not ours to overwrite: remove it or use another --workdir.")
-    return False
+    return False  # `begin` clears, resumes or refuses what an uncommitted run left.
   have = marker.get("fingerprint")
   if have != json_roundtrip(fingerprint):
     raise WorkdirConflict(
@@ -93,58 +97,79 @@ def diff_keys(have: dict[str, Any] | None, want: dict[str, Any]) -> list[str]:
   return walk(have or {}, json_roundtrip(want), "")
 
 
-def temp_dir(workdir: str, stage: str) -> str:
+def legacy_temp_dir(workdir: str, stage: str) -> str:
+  """Where earlier versions ran a stage before renaming it into place."""
   return f"{stage_dir(workdir, stage)}.tmp"
 
 
 def begin(workdir: str, stage: str, fingerprint: dict[str, Any], *,
           resumable: bool) -> str:
-  """Prepares and returns `<workdir>/<stage>.tmp` for a stage about to run.
+  """Prepares and returns `<workdir>/<stage>/` for a stage about to run.
 
   A resumable stage's partial output from an interrupted run with the same
-  fingerprint is kept (the stage resumes it); otherwise the folder starts empty.
+  fingerprint is kept (the stage resumes it). Otherwise what an interrupted run
+  left is removed, all but `STARTED.json`, which is then rewritten: a kill while
+  clearing leaves a folder still recognised as ours.
 
   Raises:
-    WorkdirConflict: the stage is committed already, or (resumable) the temp
-      folder holds partial work from a different setup.
+    WorkdirConflict: the stage is committed already; the folder was not started
+      by a stage (no STARTED.json); (resumable) it holds partial work from a
+      different setup; or an earlier version's `<stage>.tmp/` is present.
   """
-  final, tmp = stage_dir(workdir, stage), temp_dir(workdir, stage)
-  if os.path.exists(final):
-    raise WorkdirConflict(f"{final} already exists; refusing to overwrite it.")
-  started = os.path.join(tmp, STARTED)
-  if resumable and os.path.exists(started):
-    have = read_json(started).get("fingerprint")
-    if have != json_roundtrip(fingerprint):
-      raise WorkdirConflict(
-          f"{tmp} holds an interrupted '{stage}' run from a different setup (differs in: "
-          f"{', '.join(diff_keys(have, fingerprint))}); refusing to overwrite it: use a new "
-          f"--workdir or delete {tmp}.")
-    return tmp
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  folder = stage_dir(workdir, stage)
+  legacy = legacy_temp_dir(workdir, stage)
+  if fs.exists(legacy):
+    raise WorkdirConflict(
+        f"{legacy} is the partial output of an interrupted run of an earlier tda version "
+        f"(which committed by renaming it); delete it to rerun stage '{stage}'.")
+  if committed(workdir, stage) is not None:
+    raise WorkdirConflict(f"{folder} is committed already; refusing to overwrite it.")
+  started = os.path.join(folder, STARTED)
+  names = fs.listdir(folder)
+  if names and STARTED not in names:
+    raise WorkdirConflict(
+        f"{folder} exists but was not started by this pipeline (no {STARTED}) and was "
+        "never committed; it is not ours to overwrite: remove it or use another --workdir.")
+  if names:
+    if resumable:
+      have = read_json(started).get("fingerprint")
+      if have != json_roundtrip(fingerprint):
+        raise WorkdirConflict(
+            f"{folder} holds an interrupted '{stage}' run from a different setup (differs "
+            f"in: {', '.join(diff_keys(have, fingerprint))}); refusing to overwrite it: use "
+            f"a new --workdir or delete {folder}.")
+      return folder
+    for name in names:
+      if name != STARTED:
+        path = os.path.join(folder, name)
+        if fs.isdir(path):
+          fs.rmtree(path)
+        else:
+          fs.remove(path)
+  fs.makedirs(folder)
   write_json(started, {"fingerprint": fingerprint})
-  return tmp
+  return folder
 
 
 def commit(workdir: str, stage: str, fingerprint: dict[str, Any],
            summary: dict[str, Any]) -> str:
-  """Writes the summary and marker (with `tda.verify.record_files`: every file's size
-  and sha256) into the temp folder and renames it into place."""
-  tmp, final = temp_dir(workdir, stage), stage_dir(workdir, stage)
+  """Writes the stage's summary, then its commit marker (the commit; with
+  `tda.verify.record_files`: every file's size and sha256), then drops
+  `STARTED.json` (a committed folder looks as it did when stages were renamed)."""
   from tda import verify  # pylint: disable=g-import-not-at-top (verify imports workdir)
-  write_json(os.path.join(tmp, SUMMARY), summary)
+  folder = stage_dir(workdir, stage)
+  write_json(os.path.join(folder, SUMMARY), summary)
   # Every file's size and sha256: readers refuse what changed after this commit.
-  write_json(os.path.join(tmp, MARKER), {"fingerprint": fingerprint,
-                                         verify.FILES: verify.record_files(tmp)})
-  os.remove(os.path.join(tmp, STARTED))
-  os.rename(tmp, final)
-  return final
+  write_json(os.path.join(folder, MARKER), {"fingerprint": fingerprint,
+                                            verify.FILES: verify.record_files(folder)})
+  fs.remove(os.path.join(folder, STARTED))
+  return folder
 
 
 def file_sha256(path: str) -> str:
   """sha256 of a file's bytes, read in 1 MiB pieces."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fs.open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -156,58 +181,38 @@ def digest(obj: Any) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _atomic(path: str, **open_kwargs) -> Iterator[TextIO]:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w", **open_kwargs) as f:
-      yield f
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_json(path: str, obj: Any) -> None:
   """Writes JSON (sorted keys, one space indent) atomically."""
-  with _atomic(path) as f:
+  with fs.atomic_open(path) as f:
     json.dump(obj, f, indent=1, sort_keys=True, default=str)
     f.write("\n")
 
 
 def write_text(path: str, text: str) -> None:
   """Writes a UTF-8 text file atomically (newlines as given)."""
-  with _atomic(path, encoding="utf-8", newline="") as f:
-    f.write(text)
+  fs.write_text(path, text)
 
 
 def write_jsonl(path: str, rows) -> None:
   """Writes one JSON value per line atomically."""
-  with _atomic(path) as f:
+  with fs.atomic_open(path) as f:
     for r in rows:
       f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def publish(src: str, dst: str) -> None:
-  """Copies the tree `src` into `dst` (files of the same name replaced atomically)."""
-  for root, _, files in os.walk(src):
-    out = os.path.join(dst, os.path.relpath(root, src))
-    os.makedirs(out, exist_ok=True)
-    for f in files:
-      tmp = os.path.join(out, f"{f}.tmp-{os.getpid()}")
-      shutil.copyfile(os.path.join(root, f), tmp)
-      os.replace(tmp, os.path.join(out, f))
+  """Copies the tree `src` into `dst` (files of the same name replaced whole)."""
+  fs.copy_tree(src, dst)
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
+  with fs.open(path) as f:
     return json.load(f)
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
   """(line number, parsed value) of each non-blank line; bad JSON names path:line."""
-  with open(path) as f:
+  with fs.open(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue

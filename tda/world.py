@@ -24,6 +24,7 @@ import numpy as np
 
 from tda import config as config_lib
 from tda import errors
+from tda import fs
 from tda import workdir as workdir_lib
 
 PASSAGES, FACTS = "passages.jsonl", "facts.jsonl"
@@ -112,7 +113,7 @@ def _read_jsonl(path: str, what: str, required: Sequence[str]) -> list[dict[str,
   """Rows of a JSONL file; errors name the file, the line and the field."""
   if not path:
     raise errors.UserError(f"load_byo: no path given for the {what} file")
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise errors.MissingInput(f"load_byo: {what} file {path} does not exist")
   rows = []
   for lineno, row in workdir_lib.iter_jsonl(path):

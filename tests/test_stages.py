@@ -75,8 +75,10 @@ def test_failed_stage_commits_nothing_and_reruns_from_scratch(tmp_path):
   ctx, calls = helpers.context(_config(), tmp_path), []
   with pytest.raises(RuntimeError, match="interrupted"):
     pipeline.run_stage(ctx, _fake_stage(calls=calls, fail_after=2))
-  assert not (tmp_path / "fake").exists()
+  assert sorted(os.listdir(tmp_path / "fake")) == ["STARTED.json", "part0", "part1"]
   assert wd.committed(str(tmp_path), "fake") is None
+  with pytest.raises(FileNotFoundError, match="not committed"):
+    ctx.stage_dir("fake")  # Readers trust committed stages only.
   pipeline.run_stage(ctx, _fake_stage(calls=calls))
   assert calls[1] == ["STARTED.json"]  # Not resumable: the partial parts were dropped.
   assert wd.committed(str(tmp_path), "fake") is not None
@@ -88,11 +90,11 @@ def test_resumable_stage_resumes_partial_work_of_the_same_setup_only(tmp_path):
     pipeline.run_stage(ctx, _fake_stage(calls=calls, fail_after=2, resumable=True))
   with pytest.raises(wd.WorkdirConflict, match="interrupted 'fake' run from a different"):
     pipeline.run_stage(ctx, _fake_stage(calls=calls, resumable=True, knob=2))
-  assert sorted(os.listdir(tmp_path / "fake.tmp")) == ["STARTED.json", "part0", "part1"]
+  assert sorted(os.listdir(tmp_path / "fake")) == ["STARTED.json", "part0", "part1"]
   pipeline.run_stage(ctx, _fake_stage(calls=calls, resumable=True))
   assert calls[-1] == ["STARTED.json", "part0", "part1"]  # Resumed, not restarted.
-  assert not (tmp_path / "fake.tmp").exists()
   assert (tmp_path / "fake" / "part2").read_text() == "2"
+  assert "STARTED.json" not in os.listdir(tmp_path / "fake")
 
 
 def test_uncommitted_stage_folder_is_not_overwritten(tmp_path):
@@ -101,6 +103,14 @@ def test_uncommitted_stage_folder_is_not_overwritten(tmp_path):
   with pytest.raises(wd.WorkdirConflict, match="never committed"):
     pipeline.run_stage(helpers.context(_config(), tmp_path), _fake_stage(calls=[]))
   assert (tmp_path / "fake" / "mine.txt").read_text() == "keep"
+
+
+def test_earlier_versions_temp_folder_is_refused_by_name(tmp_path):
+  (tmp_path / "fake.tmp").mkdir()
+  (tmp_path / "fake.tmp" / "STARTED.json").write_text("{}")
+  with pytest.raises(wd.WorkdirConflict, match=r"fake\.tmp is the partial output of an "
+                     "interrupted run of an earlier tda version"):
+    pipeline.run_stage(helpers.context(_config(), tmp_path), _fake_stage(calls=[]))
 
 
 def test_config_selects_known_stages_in_pipeline_order():

@@ -25,6 +25,7 @@ import numpy as np
 from tda import config as config_lib
 from tda import corpus as corpus_lib
 from tda import figures
+from tda import fs
 from tda import methods as methods_lib
 from tda import paper_comparison
 from tda import protocol
@@ -117,7 +118,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   timings = {**_all_timings(ctx.results_dir), **ctx.timings}
   timings["evaluation.tailpatch"] = t_tail
   results = os.path.join(out_dir, "results")
-  os.makedirs(results)
+  fs.makedirs(results)
   model_eval = ctx.summary("model_eval")
   grads = ctx.summary("gradients")
   choices = protocol_record(config, grads=grads, lr=lr, n_dev=grads.get("dev_queries"),
@@ -175,7 +176,7 @@ def _all_timings(results_dir: str) -> dict[str, float]:
   """Wall time of each stage so far (this run's, else the last run that ran it)."""
   path = os.path.join(results_dir, "timings.json")
   out: dict[str, float] = {}
-  if os.path.exists(path):
+  if fs.exists(path):
     for run_ in wd.read_json(path)["runs"]:
       out.update(run_)
   return out

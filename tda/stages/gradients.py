@@ -31,6 +31,7 @@ import numpy as np
 from tda import corpus as corpus_lib
 from tda import distributed
 from tda import featurize
+from tda import fs
 from tda import methods as methods_lib
 from tda import projection as proj
 from tda import protocol
@@ -116,17 +117,17 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
     return {}  # Process 0 writes; every process computed the same whiteners.
   whiteners = fit.whiteners
   for v in variants:
-    np.save(os.path.join(out_dir, f"queries_{v}.npy"), q[v])
-    np.save(os.path.join(out_dir, f"r_train_{v}.npy"), fit.r_train[v].astype(np.float32))
-    np.save(os.path.join(out_dir, f"r_eval_{v}.npy"), fit.r_eval[v].astype(np.float32))
-  np.save(os.path.join(out_dir, "query_loss.npy"), q["loss"])
+    fs.save_npy(os.path.join(out_dir, f"queries_{v}.npy"), q[v])
+    fs.save_npy(os.path.join(out_dir, f"r_train_{v}.npy"), fit.r_train[v].astype(np.float32))
+    fs.save_npy(os.path.join(out_dir, f"r_eval_{v}.npy"), fit.r_eval[v].astype(np.float32))
+  fs.save_npy(os.path.join(out_dir, "query_loss.npy"), q["loss"])
   for table in methods_lib.table_groups(methods):
     w = whiteners.matrices[table]
     if w is not None:
-      np.save(os.path.join(out_dir, f"whitener_{table}.npy"), w)
+      fs.save_npy(os.path.join(out_dir, f"whitener_{table}.npy"), w)
     final = whiteners.transform(method=table,
                                 vectors_nd=q[methods_lib.switches(table).variant])
-    np.save(os.path.join(out_dir, f"queries_final_{table}.npy"), final)
+    fs.save_npy(os.path.join(out_dir, f"queries_final_{table}.npy"), final)
   wd.write_json(os.path.join(out_dir, "query_ids.json"), queries.ids)
   wd.write_json(os.path.join(out_dir, COVERAGE), cov)
   wd.write_json(os.path.join(out_dir, "split.json"),
@@ -162,7 +163,7 @@ class Outputs:
   def whitener(self, table: str) -> np.ndarray | None:
     """R^{-1/2} of a table's methods (None: the methods use no R)."""
     path = os.path.join(self.folder, f"whitener_{table}.npy")
-    return verify.load_npy(self.folder, os.path.basename(path)) if os.path.exists(path) else None
+    return verify.load_npy(self.folder, os.path.basename(path)) if fs.exists(path) else None
 
   def split(self) -> dict[str, str]:
     """query id -> 'dev' | 'test' (`tda.protocol`), as the stage chose it."""

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from tda import config as config_lib
+from tda import fs
 from tda import model_eval
 from tda import workdir as wd
 
@@ -44,7 +45,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   summary["wall_s"] = time.time() - t0
   summary["train_step"] = ctx.checkpoint_step
   wd.write_jsonl(os.path.join(out_dir, PREDICTIONS), per_query)
-  os.makedirs(os.path.join(out_dir, "results"))
+  fs.makedirs(os.path.join(out_dir, "results"))
   wd.write_json(os.path.join(out_dir, "results", "model_eval.json"), summary)
   logging.info("query accuracy %.3f; by bucket %s", summary["query_accuracy"],
                summary["accuracy_by_bucket"])

@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from tda import corpus as corpus_lib
+from tda import fs
 from tda import train as train_lib
 from tda import workdir as wd
 
@@ -74,7 +75,7 @@ def load(ctx) -> Checkpoints:
   (its steps up to the adopted one, for the model-quality trend)."""
   external = ctx.summary(STAGE).get("external_checkpoint")
   want = ctx.config.model.checkpoint
-  if (external or {}).get("path") != (os.path.abspath(want) if want else None):
+  if (external or {}).get("path") != (fs.abspath(want) if want else None):
     raise wd.WorkdirConflict(
         f"the train stage in {ctx.workdir} was committed with model.checkpoint="
         f"{(external or {}).get('path')!r}, but the config has {want!r}; refusing to mix "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tda import fs
 from tda import viewer
 
 STAGE = "viewer"
@@ -18,4 +19,4 @@ def fingerprint(ctx) -> dict[str, Any]:
 def run(ctx, out_dir: str) -> dict[str, Any]:
   path = viewer.write_viewer(workdir=ctx.workdir,
                              out_path=os.path.join(out_dir, "results", "viewer.html"))
-  return {"path": os.path.relpath(path, out_dir), "bytes": os.path.getsize(path)}
+  return {"path": os.path.relpath(path, out_dir), "bytes": fs.getsize(path)}

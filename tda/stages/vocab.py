@@ -15,6 +15,7 @@ from typing import Any
 
 from tda import corpus as corpus_lib
 from tda import data
+from tda import fs
 from tda import workdir as wd
 
 STAGE = "vocab"
@@ -68,9 +69,11 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   else:
     passages = os.path.join(ctx.stage_dir("world"), "passages.jsonl")
     texts = (r["text"] for r in wd.read_jsonl(passages))
-  path = data.train_vocab(texts=texts,
-                          vocab_size=d.vocab_size, model_prefix=os.path.join(out_dir, "spm"))
-  return {"path": None, "piece_size": data.check_vocab_file(path), "requested": d.vocab_size}
+  with fs.local_dir(out_dir, upload=True) as local:  # SentencePiece writes local files.
+    path = data.train_vocab(texts=texts, vocab_size=d.vocab_size,
+                            model_prefix=os.path.join(local, "spm"))
+    piece_size = data.check_vocab_file(path)
+  return {"path": None, "piece_size": piece_size, "requested": d.vocab_size}
 
 
 def load(ctx) -> str:
