@@ -5,7 +5,7 @@ itself (no cleanup, no exception handlers: as a lost machine) when it reaches
 that point. The points:
 
   <stage>:commit   every stage, in `tda.pipeline.run_stage`: its outputs are
-                   written into `<stage>.tmp/` and the commit has not begun;
+                   written into `<stage>/` and the commit has not begun;
   train:checkpoint after the first checkpoint is saved (`tda.train`);
   tables:shard     after the first table shard is committed (`tda.tables`).
 """

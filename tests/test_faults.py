@@ -96,10 +96,10 @@ def killed_chain(default_run, tmp_path_factory):
   for point in POINTS:
     stage = point.split(":")[0]
     p = helpers.run_tda(w, check=False, env={faults.ENV: point})
-    tmp = wd.temp_dir(w, stage)
+    folder = wd.stage_dir(w, stage)  # Uncommitted after the kill: STARTED.json + partial.
     info[point] = {"rc": p.returncode, "stderr": p.stderr[-2000:],
                    "committed": wd.committed(w, stage) is not None,
-                   "tmp": helpers.file_snapshot(tmp) if os.path.isdir(tmp) else None}
+                   "tmp": helpers.file_snapshot(folder) if os.path.isdir(folder) else None}
   helpers.run_tda(w)
   return w, info
 
@@ -249,7 +249,8 @@ def test_repair_recomputes_only_the_deleted_shard(default_run, tmp_path):
   assert not os.path.exists(os.path.join(w, "retrieval"))  # Nothing was committed.
   before = helpers.file_snapshot(os.path.join(w, "tables"))
   assert verify.report(w, repair_first=True) == 0
-  assert not os.path.exists(bad) and os.path.isdir(os.path.join(w, "tables.tmp"))
+  assert not os.path.exists(bad) and wd.committed(w, "tables") is None
+  assert os.path.exists(os.path.join(w, "tables", wd.STARTED))  # Reopened: resumes.
   helpers.run_tda(w, "--config.stages=tables,retrieval")
   s = wd.read_json(os.path.join(w, "tables", "summary.json"))
   assert s["featurised_rows_this_run_process0"] == 64  # One shard (rows_per_shard).
@@ -286,13 +287,13 @@ def test_full_disk_during_tables_is_a_clear_error_and_commits_nothing_half_writt
   assert "TableWriteError" in p.stderr and "writing shard 000000 failed" in p.stderr, (
       p.stderr[-3000:])
   assert "File too large" in p.stderr or "No space left" in p.stderr
-  assert wd.committed(w, "tables") is None and not os.path.exists(os.path.join(w, "tables"))
-  tmp = wd.temp_dir(w, "tables")
+  assert wd.committed(w, "tables") is None
+  tmp = wd.stage_dir(w, "tables")
   for table in os.listdir(tmp):
     shards = os.path.join(tmp, table, "shards")
     if os.path.isdir(shards):  # No partial shard, and no shard without its record.
       for s in os.listdir(shards):
-        assert ".tmp-" not in s and os.path.exists(os.path.join(shards, s, "COMMIT.json"))
+        assert os.path.exists(os.path.join(shards, s, "COMMIT.json")), s
   helpers.run_tda(w, "--config.stages=tables")  # Space again: the rerun finishes.
   _assert_same_outputs(wd.stage_dir(w, "tables"), wd.stage_dir(default_run, "tables"),
                        "tables after a full disk")

@@ -54,12 +54,13 @@ def test_kill_during_tables_then_resume_is_bit_identical(tmp_path):
   shutil.copytree(ref, killed)
   shutil.rmtree(killed / "tables")  # The same workdir with 'tables' never run.
 
-  shards = killed / "tables.tmp" / "trackstar" / "shards"
+  shards = killed / "tables" / "trackstar" / "shards"  # Written in place, uncommitted.
   proc = subprocess.Popen(_cmd(killed, "tables"), cwd=ROOT, env=ENV,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline, done = time.time() + 900, []
   while time.time() < deadline and proc.poll() is None:
-    done = sorted(n for n in os.listdir(shards) if ".tmp" not in n) if shards.exists() else []
+    done = (sorted(n for n in os.listdir(shards) if (shards / n / tables_lib.COMMIT).exists())
+            if shards.exists() else [])
     if len(done) >= 2:
       break
     time.sleep(0.02)
@@ -69,9 +70,9 @@ def test_kill_during_tables_then_resume_is_bit_identical(tmp_path):
   proc.wait(timeout=30)
   assert proc.returncode == -signal.SIGKILL
   n_shards = -(-json.load(open(ref / "tables" / "summary.json"))["rows"] // 8)
-  committed = sorted(n for n in os.listdir(shards) if ".tmp" not in n)
+  committed = sorted(n for n in os.listdir(shards) if (shards / n / tables_lib.COMMIT).exists())
   assert 2 <= len(committed) < n_shards       # Killed mid-stage, some shards committed.
-  assert not (killed / "tables").exists()
+  assert not (killed / "tables" / "COMMITTED.json").exists()
   before = {n: os.stat(shards / n / tables_lib.COMMIT).st_mtime_ns for n in committed}
 
   _run(killed, "tables")

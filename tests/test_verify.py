@@ -156,10 +156,11 @@ def test_committed_without_records_is_unrecorded_not_ok(committed, caplog):
   assert "read unchecked" in caplog.text
 
 
-def test_reopen_turns_a_committed_stage_back_into_a_resumable_temp_folder(committed):
+def test_reopen_turns_a_committed_stage_back_into_an_interrupted_resumable_one(committed):
   workdir, folder = committed
   fp = wd.read_json(os.path.join(folder, wd.MARKER))["fingerprint"]
-  tmp = verify.reopen(workdir, "fake")
-  assert wd.committed(workdir, "fake") is None and not os.path.exists(folder)
-  assert wd.begin(workdir, "fake", fp, resumable=True) == tmp
-  assert os.path.exists(os.path.join(tmp, "q.npy"))  # Kept for the resume.
+  assert verify.reopen(workdir, "fake") == folder
+  assert wd.committed(workdir, "fake") is None
+  assert wd.read_json(os.path.join(folder, wd.STARTED)) == {"fingerprint": fp}
+  assert wd.begin(workdir, "fake", fp, resumable=True) == folder
+  assert os.path.exists(os.path.join(folder, "q.npy"))  # Kept for the resume.
