@@ -17,9 +17,10 @@ def fast_interval():
 def test_log_lines_have_count_rate_eta(caplog, fast_interval):
   caplog.set_level(logging.INFO)
   with progress.bar(total=4, desc="tables", unit="passage") as b:
-    for _ in range(4):
+    for i in range(4):
+      if i == 3:
+        b.set_postfix(loss="0.5")
       b.update(1)
-    b.set_postfix(loss="0.5")
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tables:")]
   assert lines[0].startswith("tables: 1/4 passages (25%), ")
   assert lines[-1].startswith("tables: 4/4 passages (100%), ")
