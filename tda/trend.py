@@ -34,6 +34,7 @@ from tda import index as index_lib
 from tda import metrics
 from tda import model_eval
 from tda import progress
+from tda import protocol
 from tda import train as train_lib
 
 
@@ -121,24 +122,31 @@ def measure(ctx, *, config, model, state, label: str, params: int,
   q = eng.featurizer(tokens_nt=queries.tokens_nl, mask_nt=queries.loss_mask_nl, ids=queries.ids)
   c = eng.featurizer(tokens_nt=corpus.tokens_nt,
                      mask_nt=(corpus.tokens_nt != 0).astype(np.float32), ids=corpus.ids)
+  # The run's protocol (tda.protocol): R_eval from the dev queries, every number on
+  # the test queries; the damping is hessian.damping for every size (not tuned).
+  split = ctx.gradients.split()
+  dev = np.array([split[i] == protocol.DEV for i in queries.ids])
+  test = np.flatnonzero(~dev)
   sample = featurize.hessian_sample(config, len(corpus.ids))
   fit = featurize.fit_whiteners(
-      config, methods=["trackstar"], queries={"corrected": q["corrected"]},
+      config, methods=["trackstar"], queries={"corrected": q["corrected"][dev]},
       train={"corrected": c["corrected"][sample]},
       block_sizes=[b.dim for b in eng.plan.blocks])
-  qv = fit.whiteners.transform(method="trackstar", vectors_nd=q["corrected"])
+  qv = fit.whiteners.transform(method="trackstar", vectors_nd=q["corrected"][test])
   cv = fit.whiteners.transform(method="trackstar", vectors_nd=c["corrected"])
   # The full ranking: MRR without truncation.
   _, rows = index_lib.exact_search(queries_qd=qv, vectors_nd=cv, k=len(corpus.ids),
                                    chunk_rows=config.index.chunk_rows)
   top_ids = [[corpus.ids[j] for j in r] for r in rows]
+  fact_ids = [queries.fact_ids[i] for i in test]
   att = metrics.attribution(top_ids=top_ids,
-                            relevant=[set(facts[f]["passage_ids"]) for f in queries.fact_ids])
+                            relevant=[set(facts[f]["passage_ids"]) for f in fact_ids])
+  preds = [preds[i] for i in test]
   correct = np.array([p["correct"] for p in preds], np.float64)
   logprob = np.array([p["target_logprob"] for p in preds], np.float64)
   p10 = np.array([np.mean([i in set(facts[f]["passage_ids"]) for i in r[:10]])
-                  for f, r in zip(queries.fact_ids, top_ids)])
-  out = {"size": label, "params": params, "queries": len(preds),
+                  for f, r in zip(fact_ids, top_ids)])
+  out = {"size": label, "params": params, "queries": len(preds), "split": protocol.TEST,
          "query_accuracy": float(correct.mean()),
          "query_accuracy_ci": bootstrap_mean_ci(correct, seed=ctx.config.seed),
          "target_logprob": float(logprob.mean()),
@@ -149,7 +157,7 @@ def measure(ctx, *, config, model, state, label: str, params: int,
                                               seed=ctx.config.seed),
          "precision_at_10": float(p10.mean()),
          "precision_at_10_ci": bootstrap_mean_ci(p10, seed=ctx.config.seed),
-         "rr": [float(x) for x in att["rr"]], "query_ids": list(queries.ids),
+         "rr": [float(x) for x in att["rr"]], "query_ids": [queries.ids[i] for i in test],
          "measure_s": time.time() - t0}
   logging.info("trend: %s (%d params): accuracy %.3f, TrackStar MRR %.3f (%.1f s)", label,
                params, out["query_accuracy"], out["mrr"], out["measure_s"])
@@ -210,7 +218,8 @@ def table_markdown(points: list[dict[str, Any]]) -> str:
   lines = ["# TrackStar attribution by model size (same data, steps and optimizer)", "",
            "Each model is trained for the same number of steps (so epochs) on the same "
            "corpus; values in brackets are 95% bootstrap CIs over the "
-           f"{points[0]['queries']} queries. MRR is over the full ranking of the corpus.", "",
+           f"{points[0]['queries']} test queries (R_eval from the dev queries). MRR is over "
+           "the full ranking of the corpus.", "",
            "| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |",
            "|" + "---|" * len(TABLE_COLUMNS)]
   for p in points:

@@ -35,7 +35,7 @@ def fingerprint(ctx) -> dict[str, Any]:
   return {"trend": c.trend.to_dict(), "train": train_lib.fingerprint(c),
           "gradients": c.gradients.to_dict(), "hessian": c.hessian.to_dict(),
           "model_eval.batch_size": c.model_eval.batch_size, "seed": c.seed,
-          "upstream": ctx.upstream("world", "vocab", "train", "second_moments")}
+          "upstream": ctx.upstream("world", "vocab", "train", "second_moments", "gradients")}
 
 
 def run(ctx, out_dir: str) -> dict[str, Any]:
