@@ -90,17 +90,9 @@ def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def bootstrap_mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> list[float]:
-  """[lo, hi]: the percentile bootstrap CI of the mean of `values` (resampling
-  queries with replacement, seeded)."""
-  v = np.asarray(values, np.float64)
-  if v.size == 0:
-    raise ValueError("bootstrap_mean_ci: no values")
-  idx = np.random.default_rng([seed, v.size]).integers(0, v.size, size=(n_boot, v.size))
-  means = v[idx].mean(axis=1)
-  a = (1 - level) / 2
-  return [float(np.quantile(means, a)), float(np.quantile(means, 1 - a))]
+def _ci(values, *, seed: int) -> list[float]:
+  """[lo, hi]: the 95% percentile bootstrap CI of the mean over queries."""
+  return list(metrics.bootstrap_ci(values, seed=seed))
 
 
 def measure(ctx, *, config, model, state, label: str, params: int,
@@ -148,15 +140,15 @@ def measure(ctx, *, config, model, state, label: str, params: int,
                   for f, r in zip(fact_ids, top_ids)])
   out = {"size": label, "params": params, "queries": len(preds), "split": protocol.TEST,
          "query_accuracy": float(correct.mean()),
-         "query_accuracy_ci": bootstrap_mean_ci(correct, seed=ctx.config.seed),
+         "query_accuracy_ci": _ci(correct, seed=ctx.config.seed),
          "target_logprob": float(logprob.mean()),
          "mrr": float(np.mean(att["rr"])),
-         "mrr_ci": bootstrap_mean_ci(att["rr"], seed=ctx.config.seed),
+         "mrr_ci": _ci(att["rr"], seed=ctx.config.seed),
          "recall_at_10": float(np.mean(att["hit"])),
-         "recall_at_10_ci": bootstrap_mean_ci(np.asarray(att["hit"], np.float64),
+         "recall_at_10_ci": _ci(np.asarray(att["hit"], np.float64),
                                               seed=ctx.config.seed),
          "precision_at_10": float(p10.mean()),
-         "precision_at_10_ci": bootstrap_mean_ci(p10, seed=ctx.config.seed),
+         "precision_at_10_ci": _ci(p10, seed=ctx.config.seed),
          "rr": [float(x) for x in att["rr"]], "query_ids": [queries.ids[i] for i in test],
          "measure_s": time.time() - t0}
   logging.info("trend: %s (%d params): accuracy %.3f, TrackStar MRR %.3f (%.1f s)", label,

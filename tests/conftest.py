@@ -32,3 +32,25 @@ def runlocal_engine(default_run):
   """`tda.query.Engine` over `default_run`, loaded once per session."""
   from tda import query as query_lib
   return query_lib.engine_from_flags(default_run)
+
+
+# Debian's chromium driven by Playwright (never a downloaded browser): the viewer and
+# serve tests' browser, skipped with the reason when either is missing.
+CHROMIUM = os.environ.get("TDA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+  try:
+    from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    pytest.skip(f"playwright not installed ({e}); pip install playwright==1.64.1")
+  if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} missing; apt-get install -y chromium chromium-driver")
+  with sync_playwright() as p:
+    b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield b
+    b.close()

@@ -21,10 +21,6 @@ from tda import serve
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = os.environ.get("TDA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +120,6 @@ def test_load_200_requests_8_concurrent_without_errors(server):
         f"p99 {np.percentile(lat, 99):.3f} s, max {lat.max():.3f} s")
 
 
-@pytest.fixture(scope="module")
-def browser():
-  try:
-    from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    pytest.skip(f"playwright not installed ({e}); pip install playwright==1.64.1")
-  if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} missing; apt-get install -y chromium chromium-driver")
-  with sync_playwright() as p:
-    b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    yield b
-    b.close()
 
 
 def test_viewer_trace_box_shows_proponents_of_a_typed_prompt(server, browser):

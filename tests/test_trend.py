@@ -42,19 +42,6 @@ def test_size_config_changes_only_the_model_and_checkpointing():
   assert c.model.d_model == 128  # The run's config is untouched.
 
 
-def test_bootstrap_ci_brackets_the_mean_and_narrows_with_more_queries():
-  rng = np.random.default_rng(0)
-  few, many = rng.random(20), rng.random(2000)
-  lo, hi = trend.bootstrap_mean_ci(few)
-  assert lo < few.mean() < hi
-  lo2, hi2 = trend.bootstrap_mean_ci(many)
-  assert lo2 < many.mean() < hi2 and (hi2 - lo2) < (hi - lo) / 5
-  assert trend.bootstrap_mean_ci(few, seed=3) == trend.bootstrap_mean_ci(few, seed=3)
-  assert trend.bootstrap_mean_ci([0.5] * 7) == [0.5, 0.5]
-  with pytest.raises(ValueError, match="no values"):
-    trend.bootstrap_mean_ci([])
-
-
 def _point(size, params, mrr, acc):
   return {"size": size, "params": params, "steps": 400, "queries": 220, "final_loss": 1.0,
           "mrr": mrr, "mrr_ci": [mrr - 0.05, mrr + 0.04], "recall_at_10": mrr + 0.1,

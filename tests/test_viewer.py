@@ -21,10 +21,6 @@ from tda import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CHROMIUM = os.environ.get("TDA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 
@@ -223,18 +219,6 @@ def test_cli_writes_default_path_and_reports_it_as_one_json_line(tmp_path):
 
 # --- Browser tests ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-  try:
-    from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    pytest.skip(f"playwright not installed ({e}); pip install playwright==1.64.1")
-  if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} missing; apt-get install -y chromium chromium-driver")
-  with sync_playwright() as p:
-    b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    yield b
-    b.close()
 
 
 class Page:
