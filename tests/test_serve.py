@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
-import os
 import time
 
 import numpy as np

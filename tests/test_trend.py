@@ -5,7 +5,6 @@ import io
 import os
 
 from matplotlib.container import BarContainer
-import numpy as np
 import pytest
 
 from tda import config as config_lib
