@@ -73,6 +73,30 @@ def run_stage(ctx: context_lib.Context, stage) -> bool:
   return not skip
 
 
+def verify_skipped(ctx: context_lib.Context, stage) -> None:
+  """A stage named in `config.stages` but committed already is verified instead of
+  silently skipped: every byte of it and of the stages before it (what it reads),
+  each stage once per run (`tda.verify.verify_stage`).
+
+  Raises:
+    verify.ArtefactCorrupted: a stage's files (or a table shard) differ from their
+      commit records; the message names each difference.
+  """
+  from tda import verify  # pylint: disable=g-import-not-at-top
+  done = ctx.cached("verified_stages", set)
+  for s in stages_lib.NAMES[:stages_lib.NAMES.index(stage.STAGE) + 1]:
+    if s in done or wd.committed(ctx.workdir, s) is None:
+      continue
+    v = verify.verify_stage(ctx.workdir, s)
+    done.add(s)
+    logging.info("verify (stage '%s' was named and is committed): %s", stage.STAGE, v.line())
+    if v.status == "FAILED":
+      raise verify.ArtefactCorrupted(
+          f"stage '{stage.STAGE}' is committed, but what it was computed from no longer "
+          f"matches its commit record: {v.line()}. See python -m tda.verify "
+          f"--workdir={ctx.workdir} (--repair for table shards).")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs every configured stage; returns this run's per-stage wall times."""
   logging.info("tda: process %d of %d, %d local / %d global devices (%s)",
@@ -83,10 +107,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   fs.check_scheme(workdir)
   fs.makedirs(workdir)
   ctx = context_lib.Context(config=config, workdir=workdir)
+  named = config.stages != "all"
   for stage in stages:
     t0 = time.time()
     logging.info("stage %s ...", stage.STAGE)
     ran = run_stage(ctx, stage)
+    if named and not ran and distributed.is_leader():
+      verify_skipped(ctx, stage)
     ctx.timings[stage.STAGE] = round(time.time() - t0, 3)
     logging.info("stage %s %s in %.1f s", stage.STAGE, "done" if ran else "skipped (committed)",
                  ctx.timings[stage.STAGE])

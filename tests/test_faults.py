@@ -239,6 +239,21 @@ def test_workdir_committed_without_hashes_is_reported_not_passed(default_run, tm
 
 
 @pytest.mark.slow
+def test_naming_a_committed_stage_verifies_what_it_was_computed_from(default_run, tmp_path):
+  # The bar: flip a table byte, rerun --config.stages=retrieval (committed).
+  w = _linked_copy(default_run, tmp_path / "w")
+  _flip(os.path.join(w, "tables", "trackstar", "shards", "000001", "vectors", "c", "0", "0"))
+  stages = [s for s in os.listdir(w) if os.path.isdir(os.path.join(w, s))]
+  before = {s: helpers.file_snapshot(os.path.join(w, s)) for s in stages}
+  p = helpers.run_tda(w, "--config.stages=retrieval", check=False)
+  assert p.returncode != 0, p.stderr[-2000:]
+  assert "shard 000001" in p.stderr and "trackstar" in p.stderr, p.stderr[-2000:]
+  assert {s: helpers.file_snapshot(os.path.join(w, s)) for s in stages} == before
+  # The same on an intact copy: verified, then skipped.
+  helpers.run_tda(_linked_copy(default_run, tmp_path / "ok"), "--config.stages=retrieval")
+
+
+@pytest.mark.slow
 def test_repair_recomputes_only_the_deleted_shard(default_run, tmp_path):
   w = _linked_copy(default_run, tmp_path / "w")
   bad = os.path.join(w, "tables", "trackstar", "shards", "000001")
