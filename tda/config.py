@@ -81,7 +81,6 @@ def base_config() -> ml_collections.ConfigDict:
   # A streamed corpus is held in memory only by training from scratch (no model.checkpoint)
   # and the BM25/dense baselines; both are refused above this many rows.
   d.max_rows_in_memory = 100_000
-  d.shuffle_buffer = 10_000      # Unused by the attribution stages (they read in row order).
   # T-REx as released (tda.trex): queries and ground truth for streamed sources.
   d.trex_facts = _str()          # Globs of trex_facts*.jsonl.
   d.trex_sentences = _str()      # Globs of trex_sentences.jsonl-000XX-of-000NN.

@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -234,22 +234,6 @@ def register_world_tasks(*, world_dir: str, vocab_path: str) -> dict[str, str]:
   return {"corpus": corpus, "queries": queries}
 
 
-def register_c4_task(*, vocab_path: str, tfds_name: str,
-                     tfds_data_dir: str | None = None) -> str:
-  """Registers the C4 pretraining task (TFDS "text" -> "targets" + EOS)."""
-  vocab = get_vocabulary(vocab_path)
-  h = _short_hash(tfds_name, str(tfds_data_dir), vocab_digest(vocab_path))
-  return _register(
-      f"tda_c4_{h}",
-      source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir),
-      preprocessors=[
-          functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-          seqio.preprocessors.tokenize,
-          seqio.preprocessors.append_eos,
-      ],
-      output_features={"targets": seqio.Feature(vocab, add_eos=True)})
-
-
 # ---------------------------------------------------------------------------
 # Materialised arrays for the small world.
 
@@ -371,30 +355,3 @@ def world_queries(*, world_dir: str, vocab_path: str, seq_len: int) -> QueryArra
   """A committed world's query arrays alone (a streamed corpus: `tda.corpus`)."""
   names = register_world_tasks(world_dir=world_dir, vocab_path=vocab_path)
   return tokenized_queries(task_name=names["queries"], seq_len=seq_len)
-
-
-def c4_batches(*, task_name: str, seq_len: int, batch_size: int, start_example: int,
-               shuffle_buffer: int = 0, seed: int = 0) -> Iterator[np.ndarray]:
-  """Streams int32 [batch_size, seq_len] batches of a seqio task, one pass.
-
-  The data position is a count of examples: after k batches from
-  `start_example` it is `start_example + k * batch_size`; passing that back
-  resumes the same stream. `skip` reads through the skipped examples (cost
-  linear in the position), which is acceptable for a one-pass run. A shuffle
-  buffer, when used, is seeded and not reshuffled, so the stream stays a pure
-  function of (seed, shuffle_buffer).
-  """
-  if start_example < 0:
-    raise ValueError(f"start_example must be >= 0, got {start_example}.")
-  task = seqio.get_mixture_or_task(task_name)
-  # No in-memory cache: it would ask TFDS for split sizes and never fits C4.
-  ds = task.get_dataset(sequence_length={"targets": seq_len}, split=_SPLIT,
-                        shuffle=False, use_cached=False, num_epochs=1,
-                        try_in_mem_cache=False)
-  ds = ds.map(lambda ex: ex["targets"])
-  if shuffle_buffer:
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-  ds = ds.skip(start_example)
-  ds = ds.padded_batch(batch_size, padded_shapes=[seq_len], drop_remainder=True)
-  for batch_bt in ds.prefetch(2).as_numpy_iterator():
-    yield batch_bt.astype(np.int32)

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from tda import config as config_lib
 from tda import data
@@ -190,35 +189,3 @@ def test_tokenized_queries_raise_on_overlong_empty_or_incomplete_records(world, 
                                     vocab_path=world["vocab_path"])
   with pytest.raises(ValueError, match="record 3 lacks keys"):
     data.tokenized_queries(task_name=names["queries"], seq_len=128)
-
-
-# --- C4 (TFDS mock, no network) ---------------------------------------------
-
-
-def test_c4_task_on_mock_data_resumes_exactly(world):
-  name = data.register_c4_task(vocab_path=world["vocab_path"], tfds_name="c4/en:3.1.0")
-  assert name == data.register_c4_task(vocab_path=world["vocab_path"],
-                                       tfds_name="c4/en:3.1.0")
-  vocab = world["vocab"]
-  seq_len, batch_size = 16, 2
-  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-    texts = [ex["text"].decode() for ex in tfds.as_numpy(
-        tfds.load("c4/en:3.1.0", split="train").take(6))]
-    full = list(data.c4_batches(task_name=name, seq_len=seq_len, batch_size=batch_size,
-                                start_example=0))
-    head = list(data.c4_batches(task_name=name, seq_len=seq_len, batch_size=batch_size,
-                                start_example=0))[:3]
-    tail = list(data.c4_batches(task_name=name, seq_len=seq_len, batch_size=batch_size,
-                                start_example=3 * batch_size))
-    shuf = [list(data.c4_batches(task_name=name, seq_len=seq_len, batch_size=batch_size,
-                                 start_example=s, shuffle_buffer=8, seed=3))
-            for s in (0, 4 * batch_size)]
-  assert len(full) == 10 and full[0].shape == (2, 16) and full[0].dtype == np.int32
-  for j, text in enumerate(texts):  # Tokens are the mock text's, + EOS, trimmed, 0-padded.
-    want = (vocab.encode(text) + [data.EOS_ID])[:seq_len]
-    row = full[j // batch_size][j % batch_size]
-    assert row[:len(want)].tolist() == want and not row[len(want):].any()
-  np.testing.assert_array_equal(np.stack(head + tail), np.stack(full))
-  assert len(shuf[0]) == 10
-  np.testing.assert_array_equal(np.stack(shuf[0][4:]), np.stack(shuf[1]))
-  assert not np.array_equal(np.stack(shuf[0]), np.stack(full))
