@@ -101,8 +101,10 @@ def _evidence(name: str, claim: dict[str, Any], metrics: dict[str, Any]) -> list
                   if "top_k" in lam else "") + ".")
   if any(m in _R_METHODS for m in names):
     d = proto.get("d") or {}
+    per = ("per dimension of each block of the block-diagonal R" if d.get("block_diagonal")
+           else "per dimension")
     out.append(f"R_train from {d.get('train_samples')} passages for d = {d.get('value')} "
-               f"({_f(d.get('samples_per_dim'), 1)} per dimension).")
+               f"({_f(d.get('samples_per_dim'), 1)} {per}).")
   if "tailpatch" in name:
     ms_tp = {m: ms[m].get("tailpatch_rel") for m in names}
     out.append("Relative tail-patch: " + ", ".join(

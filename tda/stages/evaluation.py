@@ -157,10 +157,11 @@ def protocol_record(config, *, grads: dict[str, Any], lr: float, n_dev, n_test: 
                   "how": "per table, the candidate with the best dev MRR (full ranking of "
                          "the R_train sample plus the dev ground truth)"},
       "d": {"value": grads.get("d"), "train_samples": grads.get("train_samples"),
-            "samples_per_dim": grads.get("samples_per_dim"),
+            "samples_per_dim": grads.get("samples_per_dim"), "r_dim": grads.get("r_dim"),
             "block_diagonal": grads.get("block_diagonal"),
-            "how": "fixed by the config (gradients.k_in/k_out) so that R_train has "
-                   ">= 4 × d samples; not tuned"},
+            "how": "fixed by the config (gradients.k_in/k_out, hessian.block_diagonal), "
+                   "chosen on dev MRR among settings whose R (or each block of it) has "
+                   ">= 4 samples per dimension (scripts/bench_r_estimate.py)"},
       "tailpatch_lr": {"value": lr, "how": ("eval.tailpatch_lr" if ev.tailpatch_lr is not None
                                             else "the training schedule's final LR; not tuned")},
       "tailpatch": {"k": ev.tailpatch_k, "queries": n_tailpatched},

@@ -97,10 +97,13 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   in_sample = ok_p[np.isin(mine[ok_p], sample)]
   variants = methods_lib.variants(methods)
   n_sample = int(distributed.sum_across_processes(np.array([len(in_sample)], np.float64))[0])
-  if n_sample < 4 * eng.plan.dim:
-    logging.warning("R_train is estimated from %d passages for d=%d (fewer than 4 × d): "
-                    "lower gradients.k_in/k_out or use hessian.block_diagonal", n_sample,
-                    eng.plan.dim)
+  # The dimension each estimated R has: d, or the largest block's with a block-diagonal R.
+  r_dim = (max(b.dim for b in eng.plan.blocks) if config.hessian.block_diagonal
+           else eng.plan.dim)
+  if n_sample < 4 * r_dim:
+    logging.warning("R_train is estimated from %d passages for R of dimension %d (fewer than "
+                    "4 × that): lower gradients.k_in/k_out or use hessian.block_diagonal",
+                    n_sample, r_dim)
   mine_ids = [ids[i] for i in ok_p]
   dev = featurize.DevPool(
       queries={v: q[v][dev_rows] for v in variants},
@@ -140,7 +143,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       "damping": whiteners.damping, "damping_sweep": fit.sweep,
       "num_queries": len(queries.ids), "dev_queries": int(len(dev_rows)),
       "test_queries": int((split == protocol.TEST).sum()),
-      "train_samples": n_sample, "samples_per_dim": n_sample / eng.plan.dim,
+      "train_samples": n_sample, "r_dim": r_dim, "samples_per_dim": n_sample / r_dim,
       "block_diagonal": bool(config.hessian.block_diagonal),
       "dev_pool": int(len(pool)), "bad_query_ids": q["bad_ids"],
       "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(),
