@@ -24,7 +24,6 @@ import numpy as np
 
 from tda import config as config_lib
 from tda import corpus as corpus_lib
-from tda import figures
 from tda import fs
 from tda import methods as methods_lib
 from tda import paper_comparison
