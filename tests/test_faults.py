@@ -261,7 +261,7 @@ def test_repair_recomputes_only_the_deleted_shard(default_run, tmp_path):
   shutil.rmtree(os.path.join(w, "retrieval"))  # So that the rerun reads the tables.
   p = helpers.run_tda(w, "--config.stages=retrieval", check=False)
   assert p.returncode != 0 and "shard 000001" in p.stderr and "--repair" in p.stderr
-  assert not os.path.exists(os.path.join(w, "retrieval"))  # Nothing was committed.
+  assert wd.committed(w, "retrieval") is None  # Nothing was committed.
   before = helpers.file_snapshot(os.path.join(w, "tables"))
   assert verify.report(w, repair_first=True) == 0
   assert not os.path.exists(bad) and wd.committed(w, "tables") is None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tda import tables as tables_lib
+from tda import workdir as wd
 from tests import entailment
 from tests.helpers import ROOT, run_tda  # noqa: F401 (run_tda: used by other tests too)
 
@@ -178,7 +179,7 @@ def test_unsatisfiable_world_is_a_clear_error(tmp_path):
   w = str(tmp_path / "w")
   p = run_tda(w, "--config.world.facts_per_bucket=(5000,5000,5000,5000)", check=False)
   assert p.returncode != 0 and "world.facts_per_bucket" in p.stderr
-  assert not os.path.exists(os.path.join(w, "world"))
+  assert wd.committed(w, "world") is None
 
 
 @pytest.mark.slow
