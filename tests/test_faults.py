@@ -299,7 +299,7 @@ def test_full_disk_during_tables_is_a_clear_error_and_commits_nothing_half_writt
   p = helpers.run_tda(w, "--config.stages=tables", check=False,
                       preexec_fn=_limit_file_size(32 << 10))
   assert p.returncode != 0
-  assert "TableWriteError" in p.stderr and "writing shard 000000 failed" in p.stderr, (
+  assert "error: table" in p.stderr and "writing shard 000000 failed" in p.stderr, (
       p.stderr[-3000:])
   assert "File too large" in p.stderr or "No space left" in p.stderr
   assert wd.committed(w, "tables") is None
