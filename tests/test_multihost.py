@@ -65,7 +65,13 @@ def test_two_processes_match_one(tmp_path):
     ids1, x1 = t1.read_all()
     ids2, x2 = t2.read_all()
     assert ids1 == ids2
-    np.testing.assert_allclose(x2, x1, rtol=1e-5, atol=1e-6)
+    # TrackStar's R_train is summed over the processes' shares of the sample (another
+    # float order), and R^{-1/2} amplifies that: its vectors agree to ~6e-5 (cosine
+    # > 0.99999); exp2 uses no R and agrees to float32 rounding.
+    np.testing.assert_allclose(x2, x1, rtol=1e-5, atol=1e-6 if name == "exp2" else 2e-4)
+    cos = np.einsum("nd,nd->n", x1, x2) / (np.linalg.norm(x1, axis=1) *
+                                           np.linalg.norm(x2, axis=1) + 1e-30)
+    assert cos[np.linalg.norm(x1, axis=1) > 0].min() > 0.99999
     t2.verify()
   for m in ("exp2", "trackstar", "bm25"):
     r1 = wd.read_json(os.path.join(one, "retrieval", f"{m}.json"))
