@@ -76,8 +76,8 @@ def _outputs(stage_dir):
         continue
       with open(os.path.join(root, f), "rb") as fh:
         data = fh.read()
-      out[rel] = (_drop_volatile(json.loads(data))
-                  if f.endswith(".json") else data.replace(name, b"W"))
+      out[rel] = (_drop_volatile(json.loads(data)) if f.endswith(".json") else
+                  data.replace(name, b"W") if f.endswith(".html") else data)
   return out
 
 
