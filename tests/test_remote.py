@@ -205,7 +205,7 @@ def test_commit_marker_last_and_rerun_of_an_uncommitted_stage(root, resumable):
 # The runlocal pipeline, kept to what the storage paths need: TrackStar and BM25, no
 # trend checkpoints, a few tail-patched queries, 10 table shards (so the kill lands
 # inside the tables stage).
-E2E_OVERRIDES = ("--config.eval.methods=('trackstar','bm25')", "--config.eval.trend_steps=()",
+E2E_OVERRIDES = ("--config.eval.methods=('trackstar','bm25')", "--config.trend.sizes=()",
                  "--config.eval.tailpatch_queries=8", "--config.tables.rows_per_shard=16")
 UPSTREAM_OF_TABLES = ("world", "vocab", "train", "second_moments", "model_eval", "gradients")
 ALL_STAGES = UPSTREAM_OF_TABLES + ("tables", "retrieval", "evaluation", "viewer")

@@ -163,6 +163,10 @@ class _FakeCtx:
     self.trained = (model, types.SimpleNamespace(params=params), {})
     toks = helpers.random_tokens(6, 16, 512, seed=9)
     self.arrays = (types.SimpleNamespace(tokens_nt=toks, ids=[str(i) for i in range(6)]), None)
+    self.corpus = toks  # len() is what the stage asks of it; rows come from corpus_rows.
+
+  def corpus_rows(self, rows):
+    return [self.arrays[0].ids[i] for i in rows], self.arrays[0].tokens_nt[rows]
 
   def upstream(self, *stages):
     return {s: "digest" for s in stages}
