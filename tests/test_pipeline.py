@@ -185,8 +185,6 @@ def test_unsatisfiable_world_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="fails since the session-4 merge (cause not yet diagnosed); "
-                  "open, see the closing note")
 def test_bring_your_own_data_runs_end_to_end(tmp_path):
   w = str(tmp_path / "byo")
   run_tda(w, "--config.world.source=byo",

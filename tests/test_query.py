@@ -41,8 +41,9 @@ def _stored(engine, method):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [
     pytest.param("trackstar", marks=pytest.mark.skip(
-        reason="fails since the session-4 merge (cause not yet diagnosed); open, see the "
-               "closing note")),
+        reason="same proponents, but scores differ from the committed ones by 1.6e-6 "
+               "(> atol 1e-6): R^{-1/2} amplifies float differences; the tolerance is to "
+               "be derived from R's conditioning (open)")),
     "exp1"])
 def test_eval_queries_traced_as_prompts_give_the_committed_proponents(engine, facts, method):
   row, ranking = _stored(engine, method)
