@@ -31,8 +31,7 @@ def split_queries(*, buckets: Sequence[str], relations: Sequence[str],
   Within each (bucket, relation) stratum the queries are shuffled with a seed
   derived from `seed` and the stratum's name, and round(dev_fraction × n) of them
   (at most n − 1, so every stratum with two or more queries keeps one on test) go
-  to dev. The assignment of a stratum does not depend on the other strata; strata of
-  a single query are pooled into one remainder stratum, split the same way.
+  to dev. The assignment of a stratum does not depend on the other strata.
 
   Args:
     buckets, relations: per query, its frequency bucket and relation.
@@ -49,12 +48,6 @@ def split_queries(*, buckets: Sequence[str], relations: Sequence[str],
   strata: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
   for i, key in enumerate(zip(buckets, relations)):
     strata[(str(key[0]), str(key[1]))].append(i)
-  # Strata of one query cannot be split; they are pooled into one remainder stratum
-  # (so a small query set still gets dev queries).
-  single = sorted(rows[0] for rows in strata.values() if len(rows) == 1)
-  strata = {k: v for k, v in strata.items() if len(v) > 1}
-  if single:
-    strata[("*", "*")] = single
   out = np.full(len(buckets), TEST, dtype=object)
   for (b, r), rows in sorted(strata.items()):
     n = len(rows)
