@@ -31,7 +31,9 @@ def split_queries(*, buckets: Sequence[str], relations: Sequence[str],
   Within each (bucket, relation) stratum the queries are shuffled with a seed
   derived from `seed` and the stratum's name, and round(dev_fraction × n) of them
   (at most n − 1, so every stratum with two or more queries keeps one on test) go
-  to dev. The assignment of a stratum does not depend on the other strata.
+  to dev. The assignment of a stratum does not depend on the other strata. When
+  that gives dev no query at all (every stratum a single query), the single-query
+  strata are pooled into one remainder stratum split by the same rule.
 
   Args:
     buckets, relations: per query, its frequency bucket and relation.
@@ -50,14 +52,27 @@ def split_queries(*, buckets: Sequence[str], relations: Sequence[str],
     strata[(str(key[0]), str(key[1]))].append(i)
   out = np.full(len(buckets), TEST, dtype=object)
   for (b, r), rows in sorted(strata.items()):
-    n = len(rows)
-    n_dev = min(int(np.floor(dev_fraction * n + 0.5)), max(n - 1, 0))
-    # A stable per-stratum seed: the same stratum gets the same split whatever else exists.
-    key = [seed] + [ord(c) for c in f"{b}\x00{r}"]
-    perm = np.random.default_rng(key).permutation(n)
-    for j in perm[:n_dev]:
-      out[rows[j]] = DEV
+    _assign(out, rows, name=f"{b}\x00{r}", dev_fraction=dev_fraction, seed=seed)
+  if dev_fraction > 0 and not (out == DEV).any():
+    # Every stratum is a single query (a small query set over many relations), so the
+    # stratified rule gives dev nothing. Only then are those queries pooled into one
+    # remainder stratum and split by the same rule; a query set with any stratum of
+    # two or more keeps the purely stratified split.
+    singles = [rows[0] for rows in strata.values() if len(rows) == 1]
+    _assign(out, sorted(singles), name="\x00remainder", dev_fraction=dev_fraction, seed=seed)
   return out
+
+
+def _assign(out: np.ndarray, rows: list[int], *, name: str, dev_fraction: float,
+            seed: int) -> None:
+  """Marks round(dev_fraction × n) of `rows` (at most n − 1) as dev, seeded by `name`."""
+  n = len(rows)
+  n_dev = min(int(np.floor(dev_fraction * n + 0.5)), max(n - 1, 0))
+  # A stable per-stratum seed: the same stratum gets the same split whatever else exists.
+  key = [seed] + [ord(c) for c in name]
+  perm = np.random.default_rng(key).permutation(n)
+  for j in perm[:n_dev]:
+    out[rows[j]] = DEV
 
 
 def query_split(config, facts_q: Sequence[dict[str, Any]]) -> np.ndarray:

@@ -159,27 +159,22 @@ def test_raw_reader_matches_safetensors(tmp_path):
 
 @needs_hf
 @pytest.mark.slow
-def test_float32_logits_match(hf_model, tokens, tmp_path):
-  folder = _save(hf_model, tmp_path / "f32")
-  diff = float(np.max(np.abs(_our_logits(folder, tokens) - _hf_logits(hf_model, tokens))))
-  print(f"float32 max |logit diff| = {diff:.3g}")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_float32_logits_match(tied, hf_model, hf_model_untied, tokens, tmp_path):
+  model = hf_model if tied else hf_model_untied
+  folder = _save(model, tmp_path / "f32")
+  diff = float(np.max(np.abs(_our_logits(folder, tokens) - _hf_logits(model, tokens))))
+  print(f"{'tied' if tied else 'untied'} float32 max |logit diff| = {diff:.3g}")
   assert diff < 1e-4, diff
   params = hfc.load_params(folder)
   assert params["embed"]["embedding"].dtype == np.float32
   np.testing.assert_array_equal(params["layer_1"]["attn"]["k"]["kernel"],
-                                hf_model.model.layers[1].self_attn.k_proj.weight.detach().numpy().T)
-
-
-@needs_hf
-@pytest.mark.slow
-def test_untied_float32_logits_match(hf_model_untied, tokens, tmp_path):
-  folder = _save(hf_model_untied, tmp_path / "untied")
-  diff = float(np.max(np.abs(_our_logits(folder, tokens) - _hf_logits(hf_model_untied, tokens))))
-  print(f"untied float32 max |logit diff| = {diff:.3g}")
-  assert diff < 1e-4, diff
-  params = hfc.load_params(folder)
+                                model.model.layers[1].self_attn.k_proj.weight.detach().numpy().T)
+  if tied:
+    assert "lm_head" not in params
+    return
   np.testing.assert_array_equal(params["lm_head"]["kernel"],
-                                hf_model_untied.lm_head.weight.detach().numpy().T)
+                                model.lm_head.weight.detach().numpy().T)
   assert not np.array_equal(params["lm_head"]["kernel"].T, params["embed"]["embedding"])
   # A tied config against an untied folder, and an untied folder without its head.
   cfg = hfc.model_config_from_hf(folder)

@@ -185,8 +185,6 @@ def test_unsatisfiable_world_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="'no dev queries': every (bucket, relation) stratum of its small "
-                  "query set holds one query, so the split puts none on dev (open)")
 def test_bring_your_own_data_runs_end_to_end(tmp_path):
   w = str(tmp_path / "byo")
   run_tda(w, "--config.world.source=byo",

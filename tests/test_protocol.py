@@ -45,6 +45,19 @@ def test_split_is_stratified_disjoint_and_seeded():
     protocol.split_queries(buckets=buckets, relations=relations, dev_fraction=1.0, seed=0)
 
 
+def test_all_single_query_strata_are_pooled_but_only_when_no_stratum_gives_dev():
+  # Ten queries, each its own (bucket, relation): the stratified rule gives dev none,
+  # so they are pooled into one remainder stratum: round(0.3 × 10) = 3 on dev.
+  buckets = [str(i % 2) for i in range(10)]
+  relations = [f"r{i}" for i in range(10)]
+  s = protocol.split_queries(buckets=buckets, relations=relations, dev_fraction=0.3, seed=0)
+  assert collections.Counter(s) == {"dev": 3, "test": 7}
+  # With one stratum of two or more, singletons stay on test and the split is purely stratified.
+  b2, r2 = buckets + ["0"] * 4, relations + ["shared"] * 4
+  s2 = protocol.split_queries(buckets=b2, relations=r2, dev_fraction=0.3, seed=0)
+  assert list(s2[:10]) == ["test"] * 10 and collections.Counter(s2[10:]) == {"dev": 1, "test": 3}
+
+
 def test_full_ranking_mrr_counts_ranks_beyond_ten_and_ties_against_the_query():
   scores = np.array([np.arange(20, 0, -1), [5.0] * 20], np.float64)  # Row 1: all tied.
   rel = np.zeros((2, 20), bool)

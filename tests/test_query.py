@@ -39,14 +39,17 @@ def _stored(engine, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    pytest.param("trackstar", marks=pytest.mark.skip(
-        reason="same proponents, but scores differ from the committed ones by 1.6e-6 "
-               "(> atol 1e-6): R^{-1/2} amplifies float differences; the tolerance is to "
-               "be derived from R's conditioning (open)")),
-    "exp1"])
+@pytest.mark.parametrize("method", ["trackstar", "exp1"])
 def test_eval_queries_traced_as_prompts_give_the_committed_proponents(engine, facts, method):
   row, ranking = _stored(engine, method)
+  # The query's gradient is computed in another batch than the stage's, so it agrees
+  # with the committed one to float32 rounding (atol 1e-6 on unit-norm scores, as
+  # exp1 shows without R). A whitener W = R^{-1/2} amplifies a relative input error
+  # by at most cond(W) in W·g and at most twice that after normalising, so the
+  # tolerance is 2·cond(W)·1e-6, computed from the committed W (no W: 1e-6).
+  w = engine.ctx.gradients.whitener(engine.tables[method])
+  cond = 1.0 if w is None else float(np.linalg.cond(np.asarray(w, np.float64)))
+  atol = 1e-6 * (1.0 if w is None else 2.0 * cond)
   picked = facts[::7][:4]
   reqs = [query_lib.Request(prompt=f["inputs_plaintext"], target=f["targets_plaintext"],
                             method=method, k=10) for f in picked]
@@ -56,9 +59,9 @@ def test_eval_queries_traced_as_prompts_give_the_committed_proponents(engine, fa
     assert [h["id"] for h in res["proponents"]] == ranking["top_ids"][i]
     assert [h["id"] for h in res["opponents"]] == ranking["bottom_ids"][i]
     np.testing.assert_allclose([h["score"] for h in res["proponents"]],
-                               ranking["top_scores"][i], rtol=1e-5, atol=1e-6)
+                               ranking["top_scores"][i], rtol=1e-5, atol=atol)
     np.testing.assert_allclose([h["score"] for h in res["opponents"]],
-                               ranking["bottom_scores"][i], rtol=1e-5, atol=1e-6)
+                               ranking["bottom_scores"][i], rtol=1e-5, atol=atol)
     assert [h["rank"] for h in res["proponents"]] == list(range(1, 11))
     assert all(h["text"] == engine.passages[h["id"]] for h in res["proponents"])
     assert set(res["timings"]) >= {f"{k}_s" for k in query_lib.TIMING_KEYS}

@@ -259,8 +259,6 @@ def _outputs(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="its override named the removed eval.trend_steps (now trend.sizes); "
-                  "fixed but not yet rerun (open)")
 def test_pipeline_on_gs_killed_in_tables_and_resumed_equals_an_uninterrupted_run(
     emulator, tmp_path):
   run = f"gs://{gcs_emulator.BUCKET}/run"

@@ -48,8 +48,6 @@ def _table_files(path):
   return out
 
 
-@pytest.mark.skip(reason="'no dev queries': every (bucket, relation) stratum of its small "
-                  "query set holds one query, so the split puts none on dev (open)")
 def test_kill_during_tables_then_resume_is_bit_identical(tmp_path):
   ref, killed = tmp_path / "ref", tmp_path / "killed"
   _run(ref, "world,vocab,train,gradients,tables")  # The uninterrupted run.

@@ -11,6 +11,8 @@ from tda import config as config_lib
 from tda import figures
 from tda import pipeline
 from tda import trend
+from tda.stages import gradients as gradients_stage
+from tda.stages import second_moments as second_moments_stage
 from tda.stages import train as train_stage
 from tda.stages import trend as trend_stage
 from tda.stages import vocab as vocab_stage
@@ -119,8 +121,6 @@ def test_table_figure_draws_ci_error_bars_when_metrics_carry_them(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="the trend now reads the gradients stage's dev/test split; this "
-                  "test's stage list lacks it (to be rewritten); open, see the closing note")
 def test_trend_stage_trains_the_smaller_sizes_alike_and_measures_every_size(tmp_path):
   c = helpers.tiny_config()
   c.world.facts_per_bucket = (3, 3, 2, 1)
@@ -132,16 +132,19 @@ def test_trend_stage_trains_the_smaller_sizes_alike_and_measures_every_size(tmp_
   c.trend.sizes = ("tiny:32:1:1:64",)
   c = config_lib.finalize(c)
   ctx = helpers.context(c, tmp_path)
-  for stage in (world_stage, vocab_stage, train_stage):
+  for stage in (world_stage, vocab_stage, train_stage, second_moments_stage, gradients_stage):
     pipeline.run_stage(ctx, stage)
   assert pipeline.run_stage(ctx, trend_stage)
   points = ctx.summary("trend")["points"]
   assert [p["size"] for p in points] == ["tiny", "large"]
   assert points[0]["params"] < points[1]["params"]
   assert points[0]["steps"] == points[1]["steps"] == 4  # Same steps: same epochs.
-  n_queries = len(ctx.world.facts)
+  split = ctx.gradients.split()
+  test_ids = sorted(q for q, part in split.items() if part == "test")
+  assert 0 < len(test_ids) < len(split)  # R_eval from dev; every number on test.
   for p in points:
-    assert p["queries"] == n_queries and len(p["rr"]) == n_queries
+    assert p["split"] == "test" and sorted(p["query_ids"]) == test_ids
+    assert p["queries"] == len(test_ids) and len(p["rr"]) == len(test_ids)
     assert 0 < p["mrr"] <= 1  # Full ranking: every query has a first correct passage.
     assert min(p["rr"]) > 0
     assert p["mrr_ci"][0] <= p["mrr"] <= p["mrr_ci"][1]
