@@ -160,8 +160,8 @@ def header_lines(config, workdir: str, *, config_arg: str | None) -> list[str]:
       f"tda.run  config {config_arg or '?'}",
       f"  devices  {jax.device_count()} x {', '.join(kinds)} ({devices[0].platform}), "
       f"{jax.process_count()} process(es)",
-      f"  workdir  {os.path.abspath(workdir)}  (full config: "
-      f"{os.path.join(os.path.abspath(workdir), 'config.json')})",
+      f"  workdir  {fs.abspath(workdir)}  (full config: "
+      f"{os.path.join(fs.abspath(workdir), 'config.json')})",
       f"  stages   to run: {', '.join(todo) or 'none'}",
   ]
   if committed:

@@ -171,7 +171,7 @@ def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str,
   model = model_lib.Transformer(model_lib.model_config(config))
   tx = make_optimizer(config)
   if (config.model.checkpoint and config.model.checkpoint_format == "hf_llama"
-      and os.path.abspath(checkpoint_dir) == os.path.abspath(config.model.checkpoint)):
+      and fs.abspath(checkpoint_dir) == fs.abspath(config.model.checkpoint)):
     return _load_hf(config, checkpoint_dir, model, tx, sharding.process_mesh(config))
   mngr = checkpoint_manager(checkpoint_dir, max_to_keep=None)
   if mngr.latest_step() is None:

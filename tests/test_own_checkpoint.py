@@ -175,13 +175,14 @@ def _proponents(workdir):
 
 
 @pytest.mark.slow
-def test_attributing_a_finished_runs_checkpoint_reproduces_it(tmp_path):
-  w, w2 = str(tmp_path / "W"), str(tmp_path / "W2")
-  common = ("--config.eval.methods=('trackstar','bm25')", "--config.trend.sizes=()")
-  test_pipeline.run_tda(w, *common)
+def test_attributing_a_finished_runs_checkpoint_reproduces_it(default_run, tmp_path):
+  # The session's default run is the finished run; a second run attributes its
+  # checkpoint (with its vocabulary) for two of its methods and must give the same.
+  w, w2 = default_run, str(tmp_path / "W2")
   before = helpers.file_snapshot(w)
   test_pipeline.run_tda(
-      w2, *common, f"--config.model.checkpoint={w}/train/checkpoints",
+      w2, "--config.eval.methods=('trackstar','bm25')", "--config.trend.sizes=()",
+      f"--config.model.checkpoint={w}/train/checkpoints",
       f"--config.data.vocab_path={w}/vocab/spm.model")
   assert sorted(os.listdir(os.path.join(w2, "train"))) == ["COMMITTED.json", "summary.json"]
   assert helpers.file_snapshot(w) == before  # Nothing in the first run was touched.

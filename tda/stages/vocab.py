@@ -26,9 +26,9 @@ def _external(ctx) -> str | None:
   """The existing vocabulary the run uses (a file or a HF folder), if any."""
   m = ctx.config.model
   if ctx.config.data.vocab_path:
-    return os.path.abspath(ctx.config.data.vocab_path)
+    return fs.abspath(ctx.config.data.vocab_path)
   if m.checkpoint and m.checkpoint_format == "hf_llama":
-    return os.path.abspath(m.checkpoint)
+    return fs.abspath(m.checkpoint)
   return None
 
 
