@@ -363,3 +363,60 @@ def index_params_from_config(index_cfg) -> dict:
           "reorder", "training_sample_size", "soar_lambda", "spherical", "avq")
   out = {k: index_cfg.get(k, None) for k in keys}
   return {k: v for k, v in out.items() if v is not None}
+
+
+# --- Searching a committed table (tda.query, tda.serve) --------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_bottom(q_qd, x_nd, valid_n, *, k: int):
+  """Top-k and bottom-k (negated) dot products over the valid rows, one matmul."""
+  s = jnp.dot(q_qd, x_nd.T, precision=jax.lax.Precision.HIGHEST)
+  ts, ti = jax.lax.top_k(jnp.where(valid_n[None, :], s, -jnp.inf), k)
+  bs, bi = jax.lax.top_k(jnp.where(valid_n[None, :], -s, -jnp.inf), k)
+  return ts, ti, bs, bi
+
+
+class TableSearcher:
+  """One table, loaded once: exact (rows on the device, one matmul per batch) or
+  ScaNN (one index per shard, exact reordering), as the run's `index.method`."""
+
+  def __init__(self, *, table: Table, excluded: set[str], method: str,
+               index_params: dict):
+    if method not in ("exact", "scann"):
+      raise ValueError(f"index.method must be 'exact' or 'scann', got {method!r}")
+    self.method = method
+    self.ids, self.x_nd = table.read_all()
+    self.valid_n = np.array([i not in excluded for i in self.ids])
+    self.n_valid = int(self.valid_n.sum())
+    self.n_excluded = len(self.ids) - self.n_valid
+    if method == "exact":
+      self._x = jnp.asarray(self.x_nd)
+      self._valid = jnp.asarray(self.valid_n)
+    else:
+      self._shards = []
+      for info in table.shard_infos:
+        lo, hi = info["start_row"], info["start_row"] + info["rows"]
+        self._shards.append((lo, ScannIndex.build(
+            vectors_nd=self.x_nd[lo:hi], **index_params)))
+
+  def search(self, q_qd: np.ndarray, k: int):
+    """(top rows [q, k], top scores, bottom rows [q, k], bottom scores), best first;
+    excluded passages never returned."""
+    if self.method == "exact":
+      n_q = len(q_qd)  # Padded to a power of two: few compiled shapes.
+      q = np.zeros((1 << max(0, (n_q - 1).bit_length()), q_qd.shape[1]), np.float32)
+      q[:n_q] = q_qd
+      ts, ti, bs, bi = _top_bottom(jnp.asarray(q), self._x, self._valid, k=k)
+      return (np.asarray(ti)[:n_q], np.asarray(ts)[:n_q], np.asarray(bi)[:n_q],
+              -np.asarray(bs)[:n_q])
+    out = []
+    for sign in (1.0, -1.0):
+      best_s = np.full([len(q_qd), 0], -np.inf, np.float32)
+      best_i = np.zeros([len(q_qd), 0], np.int64)
+      for lo, ix in self._shards:
+        kk = min(k + self.n_excluded, ix.n)
+        s, i = ix.search(q_qd * sign, kk)
+        s = np.where(self.valid_n[i + lo], s, -np.inf)
+        best_s, best_i = merge_topk(best_s, best_i, s, i + lo, k)
+      out += [best_i, best_s * sign]
+    return tuple(out)

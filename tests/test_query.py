@@ -236,8 +236,8 @@ def test_scann_and_exact_searchers_agree_and_skip_excluded_passages(engine, fact
   table = engine._table("trackstar")  # pylint: disable=protected-access
   ids = table.ids
   excluded = {ids[0], ids[5]}  # As if their gradients had been non-finite.
-  exact = query_lib.Searcher(table=table, excluded=excluded, method="exact", index_params={})
-  scann = query_lib.Searcher(table=table, excluded=excluded, method="scann", index_params={})
+  exact = index_lib.TableSearcher(table=table, excluded=excluded, method="exact", index_params={})
+  scann = index_lib.TableSearcher(table=table, excluded=excluded, method="scann", index_params={})
   q = exact.x_nd[[0, 3, 7]] + 0.01 * exact.x_nd[[1, 2, 4]]  # Queries near excluded rows too.
   a, b = exact.search(q, 6), scann.search(q, 6)
   np.testing.assert_array_equal(a[0], b[0])
