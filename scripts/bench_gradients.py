@@ -13,7 +13,20 @@ rounds is reported). Peak memory is XLA's own account of each compiled program
 (`memory_analysis()`: arguments + outputs + temporaries).
 
 Prints `factored_over_train_step` (goal <= 0.9) and `reference_over_factored`
-(goal >= 20 at the default d).
+(goal >= 20 at the default d), and how far from the machine's limit the kernel
+runs: `achieved_gflops` (XLA's analytic FLOP count of the corrected kernel's
+compiled program over its time), `peak_gflops` (a 2048^3 matmul of the model's
+compute dtype, same process) and `achieved_over_peak`.
+
+    python scripts/bench_gradients.py --profile=prof.json [--trace_dir=T] [--json]
+
+instead writes a per-phase breakdown of the corrected kernel (forward, activation
+backward, projection/contraction, correction, whitening, host I/O: differences of
+nested programs, each timed in interleaved rounds, with XLA's FLOPs and bytes per
+program) for the bench shape and for scripts/bench_vs_bergson.py's shape (its
+4-layer d_model-256 model, dense members only, 16 x 16 per module, batch 16 x 128).
+Differences of noisy timings can come out negative on a loaded machine: read the
+per-program times then.
 """
 
 from __future__ import annotations
