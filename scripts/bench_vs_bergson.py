@@ -526,10 +526,14 @@ class _Worker:
 
   def close(self):
     if self._proc.poll() is None:
-      self._proc.stdin.write("quit\n")
-      self._proc.stdin.flush()
+      try:
+        self._proc.stdin.write("quit\n")
+        self._proc.stdin.flush()
+      except BrokenPipeError:  # It died meanwhile; its error is already raised.
+        pass
       self._proc.wait()
     self._log.close()
+    self._replies.close()
 
 
 def _gpu_present() -> bool:
