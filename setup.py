@@ -30,6 +30,13 @@ setuptools.setup(
         "dense": ["torch==2.13.0", "sentence-transformers==6.2.0", "transformers==5.24.0",
                   "huggingface-hub==2.4.0", "scikit-learn==1.9.1"],
         # Side-by-side benchmark against bergson (scripts/bench_vs_bergson.py); torch CPU build.
-        "bench": ["bergson==2.5.1", "torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0"],
+        # bergson itself goes in with --no-deps (README): it declares torchvision and
+        # torchaudio, whose registry wheels do not load against the CPU build of torch 2.13
+        # (`operator torchvision::nms does not exist`, which then breaks `import
+        # transformers`) and which it never imports. These are the dependencies it imports.
+        "bench": ["torch==2.13.0", "transformers==5.24.0", "datasets==5.2.0",
+                  "huggingface-hub==2.4.0", "accelerate==1.15.0", "peft==0.21.2",
+                  "jaxtyping==0.3.11", "natsort==8.4.0", "petname==2.9",
+                  "simple-parsing==0.1.9", "torchopt==0.7.3"],
     },
 )

@@ -1,6 +1,6 @@
 """Side by side with bergson (EleutherAI's PyTorch TrackStar): speed and agreement.
 
-One run, on this machine's CPU:
+One run, on this machine's CPU (or both sides on CUDA, `--device`):
   1. prep: the fact world (`tda.world.generate_world`, default config), a
      SentencePiece vocab trained on it, and our Llama-style model
      (`block='sequential'`, `scale_embeddings=False`; default 4 layers, d_model
@@ -9,28 +9,38 @@ One run, on this machine's CPU:
      the world's passages (128-token documents);
   2. conversion (`tda.convert_hf.save_hf`): LlamaForCausalLM + tokenizer +
      transformers-Adafactor `optimizer.pt`; logits checked against ours;
-  3. agreement: `bergson build` (its CLI, as a user runs it) over the passages
-     and over fact queries (prompt tokens labelled -100), and our factored
-     kernel with *bergson's own* projection matrices on the same module set
-     (every nn.Linear in the transformer body = our `kind == 'dense'` members;
-     embeddings and LM head left out, bergson's default), the same Adafactor
-     normaliser (eps 1e-30, as bergson's hooks) and the same summed token NLL
-     (bergson's default `loss_reduction='sum'`). Per-example relative error,
-     `max_score_diff` of unit-normalised query·passage scores, top-10 sets;
-  4. speed: each side in its own subprocess (peak RSS = that process's VmHWM),
-     interleaved A B A B, with the same thread budget (`--threads`, default 1:
-     on a shared CPU torch's OpenMP threads spin against other jobs and lose
-     ~5x, which would flatter us); examples/s of the steady state: ours after
-     compiling every length bucket, bergson after a warm-up pass (its
-     projection matrices cached); imports, model load, data setup and
-     compilation are excluded on both sides and reported separately. Ours
-     runs the production `Featurizer` (length buckets, fixed batch shapes;
-     it computes the raw and the corrected vectors), bergson its
+  3. agreement: `python -m bergson build` (its CLI, through this interpreter)
+     over the passages and over fact queries (prompt tokens labelled -100), and
+     our factored kernel with *bergson's own* projection matrices on the same
+     module set (every nn.Linear in the transformer body = our `kind == 'dense'`
+     members; embeddings and LM head left out, bergson's default), the same
+     Adafactor normaliser (eps 1e-30, as bergson's hooks) and the same summed
+     token NLL (bergson's default `loss_reduction='sum'`). Per-example relative
+     error; for queries also a norm-aware one (relative error × min(1, mean
+     target-token NLL): a confident query's gradient is ~NLL times smaller than
+     float32's rounding scale; see `check_agreement`) and, with `--fp64_check`,
+     both sides against bergson in float64; `max_score_diff` of unit-normalised
+     query·passage scores, top-10 sets. Passes when passages' relative error and
+     queries' norm-aware error are <= 1e-4 and every top-10 set is equal;
+  4. speed: one long-lived worker process per side (peak RSS = its VmHWM), with
+     the same thread budget (`--threads`, default 1: on a shared CPU torch's
+     OpenMP threads spin against other jobs and lose ~5x, which would flatter
+     us), driven in `--repeats` (>= 5) rounds of one pass per side, the order
+     alternating, the 1-minute load average read around every pass. Examples/s
+     of the steady state: ours after compiling every length bucket, bergson
+     after a warm-up pass (its projection matrices cached); imports, model
+     load, data setup and compilation are excluded on both sides and reported
+     separately. Ours runs the production `Featurizer` (length buckets, fixed
+     batch shapes, the corrected variant only, as bergson computes), bergson its
      `collect_gradients` (token-budget batches of `batch * seq_len` tokens).
+     The ratio is the median of the per-round ratios, with their min and max;
+     when those spread by more than 25% of the median the script prints no
+     ratio and says why (`ratio_refused`).
 
-Needs the `.[bench]` extra (bergson, torch CPU, transformers). Usage:
-  python scripts/bench_vs_bergson.py [--json] [--workdir=/tmp/bvb]
+Needs the `.[bench]` extra and bergson (README). Usage:
+  python scripts/bench_vs_bergson.py [--json] [--workdir=/tmp/bvb] [--device=auto]
 `--json` prints every figure as one JSON object on stdout; without it, a summary.
+On a GPU machine `--install_cuda` first installs jax's and torch's CUDA builds.
 """
 
 from __future__ import annotations
@@ -75,10 +85,22 @@ flags.DEFINE_integer("threads", 1, "Compute threads per side in the timed runs (
 flags.DEFINE_integer("n_time", 512, "Passages timed per pass.")
 flags.DEFINE_integer("n_check", 256, "Passages in the agreement check.")
 flags.DEFINE_integer("n_queries", 32, "Fact queries in the agreement check.")
-flags.DEFINE_integer("repeats", 2, "A B rounds.")
+flags.DEFINE_integer("repeats", 5, "Timed rounds, each one pass per side (order alternating); "
+                     "a ratio needs at least 5.")
 flags.DEFINE_bool("retrain", False, "Ignore a cached trained model.")
+flags.DEFINE_bool("fp64_check", True, "Also run bergson in float64 on the queries: which "
+                  "side's float32 rounding the query error is.")
+flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"],
+                  "Where both sides run: 'auto' is 'cuda' when `nvidia-smi` sees a GPU.")
+flags.DEFINE_bool("install_cuda", False, "Before anything else, install jax's CUDA build "
+                  "(jax[cuda12] at this jax's version) and torch's CUDA build (this torch's "
+                  "version, from --torch_cuda_index) into this interpreter; needs --device "
+                  "cuda or a GPU under auto.")
+flags.DEFINE_string("torch_cuda_index", "https://download.pytorch.org/whl/cu128",
+                    "The package index of torch's CUDA builds (--install_cuda).")
 flags.DEFINE_enum("worker", None, ["ours", "bergson"],
-                  "Internal: run one side's timed pass and print its result as JSON.")
+                  "Internal: serve one side's timed passes (one per 'run' line on stdin).")
+flags.DEFINE_integer("reply_fd", None, "Internal: the worker's reply pipe.")
 _JSON = cli.define_json_flag()
 
 
@@ -208,11 +230,14 @@ def prepare(a) -> dict:
 # 3. Agreement.
 
 
-def _bergson_cli(a, run, dataset):
-  cmd = ["bergson", "build", run, "--model", os.path.join(a.workdir, "hf"), "--dataset", dataset,
+def _bergson_cli(a, run, dataset, extra=()):
+  # bergson's CLI through this interpreter (`python -m bergson`), not a `bergson` on PATH.
+  cmd = [sys.executable, "-m", "bergson", "build", run, "--model", os.path.join(a.workdir, "hf"), "--dataset", dataset,
          "--projection_dim", str(a.proj), "--optimizer_state", os.path.join(a.workdir, "hf"),
-         "--token_batch_size", str(a.batch * a.seq_len), "--overwrite", "true"]
-  r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+         "--token_batch_size", str(a.batch * a.seq_len), "--overwrite", "true", *extra]
+  env = dict(os.environ)
+  env.update(_device_env(a, "bergson"))
+  r = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if r.returncode:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
   return cmd
@@ -241,7 +266,8 @@ def _featurizer(a, model, params, plan, mats, corrs):
   from tda import featurize
   from tda import sharding
   return featurize.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
-                              mesh=sharding.make_mesh(), batch_size=a.batch, bucket=a.bucket)
+                              mesh=sharding.make_mesh(), batch_size=a.batch, bucket=a.bucket,
+                              variants=("corrected",))  # bergson computes this one only.
 
 
 def check_agreement(a) -> dict:
@@ -252,14 +278,18 @@ def check_agreement(a) -> dict:
   from tda import convert_hf
 
   runs = {}
-  for name, ds in (("passages", "passages_check.jsonl"), ("queries", "queries.jsonl")):
+  todo = [("passages", "passages_check.jsonl", ()), ("queries", "queries.jsonl", ())]
+  if a.fp64_check:  # bergson's float64 model: the queries' rounding-free reference.
+    todo.append(("queries_fp64", "queries.jsonl", ("--precision", "fp64")))
+  for name, ds, extra in todo:
     run = os.path.join(a.workdir, f"bergson_{name}")
     t0 = time.time()
-    cmd = _bergson_cli(a, run, os.path.join(a.workdir, ds))
+    cmd = _bergson_cli(a, run, os.path.join(a.workdir, ds), extra)
+    if name == "queries":
+      bergson_cmd = "python " + " ".join(cmd[1:]).replace(a.workdir, "$W")
     with open(os.path.join(run, "info.json")) as f:
       info = json.load(f)
     runs[name] = (np.array(load_gradients(run), np.float64), info, time.time() - t0)
-  bergson_cmd = " ".join(cmd).replace(a.workdir, "$W")
   order = list(runs["passages"][1]["grad_sizes"])
   if order != list(runs["queries"][1]["grad_sizes"]):
     raise AssertionError("bergson's module order differs between the two runs")
@@ -296,15 +326,33 @@ def check_agreement(a) -> dict:
       cols.append(x[:, o:o + k * k].reshape(-1, k, k).transpose(0, 2, 1).reshape(-1, k * k))
     return np.concatenate(cols, axis=1).astype(np.float64)
 
+  # The relative error ||ours - bergson|| / ||bergson|| of each example, and a
+  # norm-aware one: that times min(1, mean target-token NLL). A confident query's
+  # gradient is small (its logit cotangent p - onehot is ~ 1 - p ~ the token NLL), but
+  # float32 rounds 1 - p with an absolute error of ~1e-7 whatever p is, so both sides'
+  # rounding error stays at the scale of a unit-cotangent gradient, ||g|| / NLL; the
+  # norm-aware error measures it on that scale (= the relative error when NLL >= 1).
+  # The float64 bergson run (`--fp64_check`) shows which side the rounding is on.
   res = {}
+  arr_mask = {"passages": (p_tok[:, 1:] != 0).sum(1), "queries": arrays["q_mask"][:, 1:].sum(1)}
   for name in ("passages", "queries"):
     ours = to_bergson_layout(outs[name]["corrected"])
     theirs = runs[name][0]
     rel = np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+    token_nll = outs[name]["loss"] / np.maximum(arr_mask[name], 1)
+    aware = rel * np.minimum(1.0, token_nll)
     res[f"{name}_max_rel_err"] = float(rel.max())
     res[f"{name}_median_rel_err"] = float(np.median(rel))
+    res[f"{name}_max_norm_aware_err"] = float(aware.max())
+    res[f"{name}_token_nll_of_max_rel_err"] = float(token_nll[rel.argmax()])
+    res[f"{name}_min_token_nll"] = float(token_nll.min())
     res[f"{name}_bergson_build_s"] = round(runs[name][2], 1)
     outs[name]["bergson_layout"] = ours
+    if name == "queries" and "queries_fp64" in runs:
+      ref = runs["queries_fp64"][0]
+      err = lambda x: np.linalg.norm(x - ref, axis=1) / np.linalg.norm(ref, axis=1)
+      res["queries_ours_vs_bergson_fp64_max_rel_err"] = float(err(ours).max())
+      res["queries_bergson_vs_bergson_fp64_max_rel_err"] = float(err(theirs).max())
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   s_ours = unit(outs["queries"]["bergson_layout"]) @ unit(outs["passages"]["bergson_layout"]).T
   s_theirs = unit(runs["queries"][0]) @ unit(runs["passages"][0]).T
@@ -328,7 +376,34 @@ def check_agreement(a) -> dict:
 # 4. Speed, one side per subprocess.
 
 
-def worker_ours(a) -> dict:
+def _serve(a, setup: dict, one_pass) -> None:
+  """A worker's loop: report `setup`, then one timed pass per 'run' line on stdin.
+
+  The worker stays up across rounds, so the parent can interleave the sides
+  round by round without paying imports, model load and compilation each time.
+  Each reply is one JSON line on the worker's real stdout (`a.reply_fd`).
+  """
+  reply = os.fdopen(a.reply_fd, "w")
+
+  def send(obj):
+    reply.write(json.dumps(obj) + "\n")
+    reply.flush()
+
+  send(setup)
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      return
+    if line.strip() != "run":
+      raise ValueError(f"worker: unknown command {line.strip()!r}")
+    rss_before, _ = _rss_mb()
+    t0 = time.perf_counter()
+    res = one_pass()
+    res.update(wall_s=time.perf_counter() - t0, rss_before_mb=rss_before,
+               peak_rss_mb=_rss_mb()[1])
+    send(res)
+
+
+def worker_ours(a) -> None:
   import jax
   import numpy as np
   from tda import model as model_lib
@@ -346,18 +421,18 @@ def worker_ours(a) -> dict:
     jax.block_until_ready(feat.run_batch(np.ones((feat.batch_size, t), np.int32),
                                          np.ones((feat.batch_size, t), np.float32)))
   compile_s = time.time() - t0
-  rss_before, _ = _rss_mb()
-  t0 = time.time()
-  out = feat(tokens_nt=toks, mask_nt=mask, ids=list(range(len(toks))))
-  wall = time.time() - t0
-  assert out["corrected"].shape == (len(toks), plan.dim) and not out["bad_ids"]
-  return {"examples": len(toks), "tokens": int(lengths.sum()), "wall_s": wall,
-          "setup_s": setup_s, "warmup_s": compile_s, "rss_before_mb": rss_before,
-          "peak_rss_mb": _rss_mb()[1], "threads": a.threads or os.cpu_count(),
-          "compiled_shapes": feat.compiled_shapes}
+
+  def one_pass():
+    out = feat(tokens_nt=toks, mask_nt=mask, ids=list(range(len(toks))))
+    assert out["corrected"].shape == (len(toks), plan.dim) and not out["bad_ids"]
+    return {"examples": len(toks), "tokens": int(lengths.sum())}
+
+  _serve(a, {"setup_s": setup_s, "warmup_s": compile_s, "device": str(jax.devices()[0]),
+             "threads": a.threads or os.cpu_count(),
+             "compiled_shapes": feat.compiled_shapes}, one_pass)
 
 
-def worker_bergson(a) -> dict:
+def worker_bergson(a) -> None:
   import torch
   from bergson.collection import collect_gradients
   from bergson.config.config import DataConfig, IndexConfig, PreprocessConfig
@@ -371,7 +446,7 @@ def worker_bergson(a) -> dict:
   cfg = IndexConfig(run_path=run + "_warm", model=hf, overwrite=True,
                     data=DataConfig(dataset=os.path.join(a.workdir, "passages_time.jsonl")),
                     projection_dim=a.proj, optimizer_state=hf,
-                    token_batch_size=a.batch * a.seq_len)
+                    token_batch_size=a.batch * a.seq_len, **_bergson_device_kwargs(a))
   cfg.partial_run_path.mkdir(parents=True, exist_ok=True)
   ds, _ = setup_data_pipeline(cfg)
   model, target_modules = setup_model_and_peft(cfg)
@@ -386,71 +461,189 @@ def worker_bergson(a) -> dict:
     collect_gradients(model=model, data=data, processor=processor, cfg=cfg, batches=batches,
                       target_modules=target_modules, attention_cfgs={},
                       preprocess_cfg=PreprocessConfig())
+    if torch.cuda.is_available():
+      torch.cuda.synchronize()
 
   t0 = time.time()
   collect(ds.select(range(min(2 * a.batch, len(ds)))), run + "_warm")  # Caches projections.
   warm_s = time.time() - t0
-  rss_before, _ = _rss_mb()
-  t0 = time.time()
-  collect(ds, run)
-  wall = time.time() - t0
-  return {"examples": len(ds), "tokens": int(sum(ds["length"])), "wall_s": wall,
-          "setup_s": setup_s, "warmup_s": warm_s, "rss_before_mb": rss_before,
-          "peak_rss_mb": _rss_mb()[1], "threads": torch.get_num_threads(),
-          "modules": len(processor.normalizers)}
+  n_tokens = int(sum(ds["length"]))
+
+  def one_pass():
+    collect(ds, run)
+    return {"examples": len(ds), "tokens": n_tokens}
+
+  _serve(a, {"setup_s": setup_s, "warmup_s": warm_s, "device": str(model.device),
+             "threads": torch.get_num_threads(), "modules": len(processor.normalizers)},
+         one_pass)
 
 
-def _spawn(a, side: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}",
-         f"--workdir={a.workdir}", "--json"]
-  for k in ("vocab", "d_model", "n_layers", "d_ff", "seq_len", "proj", "batch", "bucket",
-            "n_time", "steps", "threads"):
-    cmd.append(f"--{k}={getattr(a, k)}")
-  env = dict(os.environ)
-  if a.threads:  # The same thread budget on both sides (torch: OpenMP; XLA: Eigen pool).
-    env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-    if a.threads == 1:
-      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                          " intra_op_parallelism_threads=1").strip()
-  t0 = time.time()
-  r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if r.returncode:
-    raise RuntimeError(f"{side} worker failed:\n{r.stderr[-3000:]}")
-  out = json.loads(r.stdout)
-  out["process_s"] = time.time() - t0
+def _bergson_device_kwargs(a) -> dict:
+  return {}
+
+
+class _Worker:
+  """One side's worker process (`--worker=side`), driven round by round."""
+
+  def __init__(self, a, side: str):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}",
+           f"--workdir={a.workdir}", "--json"]
+    for k in ("vocab", "d_model", "n_layers", "d_ff", "seq_len", "proj", "batch", "bucket",
+              "n_time", "steps", "threads", "device"):
+      cmd.append(f"--{k}={getattr(a, k)}")
+    env = dict(os.environ)
+    env.update(_device_env(a, side))
+    if a.threads:  # The same thread budget on both sides (torch: OpenMP; XLA: Eigen pool).
+      env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+      if a.threads == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                            " intra_op_parallelism_threads=1").strip()
+    self.side = side
+    self._log = open(os.path.join(a.workdir, f"worker_{side}.log"), "w")
+    r, w = os.pipe()
+    cmd.append(f"--reply_fd={w}")
+    self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log,
+                                  stderr=subprocess.STDOUT, text=True, env=env, pass_fds=(w,))
+    os.close(w)
+    self._replies = os.fdopen(r)
+
+  def _reply(self) -> dict:
+    line = self._replies.readline()
+    if not line:
+      self._proc.wait()
+      with open(self._log.name) as f:
+        tail = f.read()[-3000:]
+      raise RuntimeError(f"{self.side} worker failed (exit {self._proc.returncode}):\n{tail}")
+    return json.loads(line)
+
+  def ready(self) -> dict:
+    return self._reply()
+
+  def run(self) -> dict:
+    self._proc.stdin.write("run\n")
+    self._proc.stdin.flush()
+    return self._reply()
+
+  def close(self):
+    if self._proc.poll() is None:
+      try:
+        self._proc.stdin.write("quit\n")
+        self._proc.stdin.flush()
+      except BrokenPipeError:  # It died meanwhile; its error is already raised.
+        pass
+      self._proc.wait()
+    self._log.close()
+    self._replies.close()
+
+
+def _gpu_present() -> bool:
+  import shutil
+  smi = shutil.which("nvidia-smi")
+  if not smi:
+    return False
+  r = subprocess.run([smi, "-L"], capture_output=True, text=True)
+  return r.returncode == 0 and "GPU" in r.stdout
+
+
+def resolve_device(a) -> str:
+  """'cpu' or 'cuda' for both sides (`--device`; 'auto' asks `nvidia-smi`)."""
+  if a.device != "auto":
+    return a.device
+  return "cuda" if _gpu_present() else "cpu"
+
+
+def install_cuda_builds(a) -> list[str]:
+  """pip-installs jax's and torch's CUDA builds matching the installed versions."""
+  from importlib import metadata
+  jax_v = metadata.version("jax")
+  torch_v = metadata.version("torch").split("+")[0]
+  cmds = [[sys.executable, "-m", "pip", "install", "-q", f"jax[cuda12]=={jax_v}"],
+          [sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps",
+           f"torch=={torch_v}", "--index-url", a.torch_cuda_index]]
+  for cmd in cmds:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+  return [" ".join(c[2:]) for c in cmds]
+
+
+def _device_env(a, side: str) -> dict:
+  """The environment that puts `side` on `a.device` (resolved: 'cpu' or 'cuda')."""
+  if side == "ours":
+    return {"JAX_PLATFORMS": a.device}
+  return {"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}  # bergson: CUDA if visible.
+
+
+MAX_SPREAD = 0.25  # Refuse a ratio when the per-round ratios spread wider than this.
+
+
+def ratio_summary(ratios: list[float], max_spread: float = MAX_SPREAD) -> dict:
+  """Median, min, max of the per-round ratios; the median only when they agree.
+
+  The spread is (max - min) / median. Above `max_spread` the rounds disagree
+  (the machine's load changed between them, typically) and no ratio is given:
+  `ours_over_bergson_examples_per_s` is None and `ratio_refused` says why.
+  """
+  med = statistics.median(ratios)
+  spread = (max(ratios) - min(ratios)) / med
+  out = {"ratio_per_round": [round(r, 3) for r in ratios], "ratio_median": round(med, 3),
+         "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+         "ratio_spread": round(spread, 3), "ratio_refused": None,
+         "ours_over_bergson_examples_per_s": round(med, 2)}
+  if len(ratios) < 5:
+    out["ratio_refused"] = f"{len(ratios)} rounds: a ratio needs at least 5"
+  elif spread > max_spread:
+    out["ratio_refused"] = (f"the rounds disagree: per-round ratios {min(ratios):.2f} to "
+                            f"{max(ratios):.2f}, a spread of {spread:.0%} of the median "
+                            f"(the limit is {max_spread:.0%}); rerun on a quieter machine")
+  if out["ratio_refused"]:
+    out["ours_over_bergson_examples_per_s"] = None
   return out
 
 
 def timed(a) -> dict:
-  rounds = {"ours": [], "bergson": []}
-  loads = [os.getloadavg()[0]]
-  for _ in range(a.repeats):
-    for side in ("ours", "bergson"):
-      rounds[side].append(_spawn(a, side))
-      loads.append(os.getloadavg()[0])
+  """`a.repeats` rounds, each one pass of each side (the order alternating), every
+  pass with the same thread budget; the load average before and after each pass."""
+  workers = {side: _Worker(a, side) for side in ("ours", "bergson")}
+  try:
+    ready = {side: w.ready() for side, w in workers.items()}
+    rounds = {"ours": [], "bergson": []}
+    loads = []
+    for i in range(a.repeats):
+      order = ("ours", "bergson") if i % 2 == 0 else ("bergson", "ours")
+      load = {"before": round(os.getloadavg()[0], 2)}
+      for side in order:
+        rounds[side].append(workers[side].run())
+        load[f"after_{side}"] = round(os.getloadavg()[0], 2)
+      loads.append(load)
+  finally:
+    for w in workers.values():
+      w.close()
   summary = {}
   for side, rs in rounds.items():
-    best = max(rs, key=lambda r: r["examples"] / r["wall_s"])
+    eps = [r["examples"] / r["wall_s"] for r in rs]
     summary[side] = {
-        "examples_per_s": [round(r["examples"] / r["wall_s"], 2) for r in rs],
+        "examples_per_s": [round(x, 2) for x in eps],
+        "examples_per_s_median": round(statistics.median(eps), 2),
         "tokens_per_s": [round(r["tokens"] / r["wall_s"], 1) for r in rs],
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
-        "rss_before_compute_mb": round(best["rss_before_mb"], 1),
-        "setup_s": round(best["setup_s"], 1), "warmup_s": round(best["warmup_s"], 1),
-        "process_s": round(best["process_s"], 1), "threads": best["threads"],
-        "examples": best["examples"], "tokens": best["tokens"]}
+        "rss_before_compute_mb": round(rs[0]["rss_before_mb"], 1),
+        "setup_s": round(ready[side]["setup_s"], 1),
+        "warmup_s": round(ready[side]["warmup_s"], 1),
+        "threads": ready[side]["threads"], "device": ready[side]["device"],
+        "examples": rs[0]["examples"], "tokens": rs[0]["tokens"]}
   ratios = [o["examples"] / o["wall_s"] / (b["examples"] / b["wall_s"])
             for o, b in zip(rounds["ours"], rounds["bergson"])]
-  summary["ours_over_bergson_examples_per_s"] = round(statistics.median(ratios), 2)
-  summary["ratio_per_round"] = [round(r, 2) for r in ratios]
-  summary["load_average_1min"] = [round(x, 2) for x in loads]
+  summary.update(ratio_summary(ratios))
+  summary["load_average_1min"] = loads
   return summary
 
 
 def run(a) -> dict:
   """Prep, agreement and speed; every figure, and whether the two sides agree."""
   t0 = time.time()
-  res = {"setup": {"model": f"Llama-style, {a.n_layers} layers, d_model {a.d_model}, d_ff "
+  installed = install_cuda_builds(a) if a.install_cuda else []
+  res = {"setup": {"device": a.device, "installed": installed,"model": f"Llama-style, {a.n_layers} layers, d_model {a.d_model}, d_ff "
                             f"{a.d_ff}, 4 heads, vocab {a.vocab}, tied", "seq_len": a.seq_len,
                    "projection_per_side": a.proj, "batch_docs": a.batch, "bucket": a.bucket,
                    "threads_per_side": a.threads or "library default",
@@ -469,7 +662,7 @@ def run(a) -> dict:
   ag, sp = res["agreement"], res["speed"]
   res["ours_over_bergson_examples_per_s"] = sp["ours_over_bergson_examples_per_s"]
   res["max_score_diff"] = ag["max_score_diff"]
-  ok = (ag["passages_max_rel_err"] <= 1e-4 and ag["queries_max_rel_err"] <= 1e-4
+  ok = (ag["passages_max_rel_err"] <= 1e-4 and ag["queries_max_norm_aware_err"] <= 1e-4
         and ag["top10_sets_equal"].split("/")[0] == ag["top10_sets_equal"].split("/")[1])
   res["agreement_ok"] = bool(ok)
   return res
@@ -482,11 +675,17 @@ def _summary(res: dict) -> str:
       f"{res['setup']['projection_per_side']} per side, {res['setup']['threads_per_side']} "
       "thread(s) per side",
       f"agreement: {'ok' if res['agreement_ok'] else 'FAILED'}; relative error passages "
-      f"{ag['passages_max_rel_err']:.2e}, queries {ag['queries_max_rel_err']:.2e}; "
+      f"{ag['passages_max_rel_err']:.2e}, queries {ag['queries_max_rel_err']:.2e} (norm-aware "
+      f"{ag['queries_max_norm_aware_err']:.2e}, the worst query's token NLL "
+      f"{ag['queries_token_nll_of_max_rel_err']:.1e}); "
       f"max score diff {ag['max_score_diff']:.2e}; top-10 sets equal {ag['top10_sets_equal']}",
-      f"speed: ours {sp['ours']['examples_per_s']} vs bergson {sp['bergson']['examples_per_s']}"
-      f" examples/s; ours / bergson {sp['ours_over_bergson_examples_per_s']}x (median of "
-      f"rounds {sp['ratio_per_round']})",
+      f"speed ({sp['ours']['device']} / {sp['bergson']['device']}): ours "
+      f"{sp['ours']['examples_per_s']} vs bergson {sp['bergson']['examples_per_s']} examples/s",
+      (f"ours / bergson {sp['ours_over_bergson_examples_per_s']}x (median of rounds "
+       f"{sp['ratio_per_round']}, min {sp['ratio_min']}, max {sp['ratio_max']})"
+       if sp["ratio_refused"] is None else f"no ratio: {sp['ratio_refused']}"),
+      "load average (1 min) per round: " + "; ".join(
+          " ".join(f"{k} {v}" for k, v in r.items()) for r in sp["load_average_1min"]),
       f"peak RSS: ours {sp['ours']['peak_rss_mb']} MiB, bergson "
       f"{sp['bergson']['peak_rss_mb']} MiB; total {res['total_s']} s"])
 
@@ -495,16 +694,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   a = flags.FLAGS
+  if a.worker:
+    if a.reply_fd is None:
+      raise app.UsageError("--worker is internal: it needs --reply_fd")
+    with cli.stdout_to_stderr(True):
+      (worker_ours if a.worker == "ours" else worker_bergson)(a)
+    return
+  a.device = resolve_device(a)
+  if a.install_cuda and a.device != "cuda":
+    raise app.UsageError("--install_cuda: no GPU here (nvidia-smi sees none); pass "
+                         "--device=cuda to install anyway")
   with cli.stdout_to_stderr(_JSON.value):
-    if a.worker:
-      res = worker_ours(a) if a.worker == "ours" else worker_bergson(a)
-    else:
-      res = run(a)
+    res = run(a)
   if _JSON.value:
     cli.print_json(res)
   else:
-    print("\n".join(f"{k}: {v}" for k, v in res.items()) if a.worker else _summary(res))
-  if not a.worker and not res["agreement_ok"]:
+    print(_summary(res))
+  if not res["agreement_ok"]:
     sys.exit("agreement check failed (see 'agreement')")
 
 

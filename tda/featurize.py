@@ -68,7 +68,8 @@ def sharded_kernel(fn, *, param_shardings, corr_shardings):
 
 class Featurizer:
   """Runs a gradient kernel over many examples: length buckets, fixed batch shapes
-  (a padded last batch, so nothing recompiles), sharding over the data axis, and
+  (examples longest first, each batch as long as its longest bucket, only the last
+  batch padded with empty rows, so nothing recompiles), sharding over the data axis, and
   NaN/Inf rows flagged by example id instead of returned.
 
   Params (and corrections) are placed by `sharding.param_shardings` on `mesh`;
@@ -123,24 +124,27 @@ class Featurizer:
     lengths = (tokens_nt != 0).shape[1] - np.argmax((tokens_nt != 0)[:, ::-1], axis=1)
     lengths = np.where((tokens_nt != 0).any(1), lengths, 2)
     padded = model_lib.bucket_lengths(lengths, multiple=self.bucket, max_len=t_max)
-    order = np.lexsort((np.arange(n), padded))
+    # Longest first, cut into batches of `batch_size` rows, each as long as its first
+    # row's bucket: a bucket's last rows share a batch with the next (shorter) bucket's
+    # instead of padding rows, so only the overall last batch is partial, and the
+    # batch lengths are still bucket lengths (no new shapes to compile).
+    order = np.lexsort((np.arange(n), -padded))
     out: dict[str, Any] = {}
     bs = self.batch_size
     bar = progress.start(total=n, desc=desc or "", unit="example", enabled=bool(desc))
-    for t in np.unique(padded):
-      rows = order[padded[order] == t]
-      for s in range(0, len(rows), bs):
-        idx = rows[s:s + bs]
-        tok = np.zeros((bs, t), np.int32)
-        msk = np.zeros((bs, t), np.float32)
-        tok[:len(idx)] = tokens_nt[idx, :t]
-        msk[:len(idx)] = mask_nt[idx, :t]
-        res = self.run_batch(tok, msk)
-        for k, v in res.items():
-          if k not in out:
-            out[k] = np.zeros((n,) + v.shape[1:], np.float32)
-          out[k][idx] = np.asarray(v)[:len(idx)]
-        bar.update(len(idx))
+    for s in range(0, n, bs):
+      idx = order[s:s + bs]
+      t = int(padded[idx[0]])
+      tok = np.zeros((bs, t), np.int32)
+      msk = np.zeros((bs, t), np.float32)
+      tok[:len(idx)] = tokens_nt[idx, :t]
+      msk[:len(idx)] = mask_nt[idx, :t]
+      res = self.run_batch(tok, msk)
+      for k, v in res.items():
+        if k not in out:
+          out[k] = np.zeros((n,) + v.shape[1:], np.float32)
+        out[k][idx] = np.asarray(v)[:len(idx)]
+      bar.update(len(idx))
     bar.close()
     finite = np.ones(n, bool)
     for k, v in out.items():
