@@ -78,7 +78,8 @@ def record_files(root: str) -> dict[str, dict[str, Any]]:
 
 
 def _split(folder: str) -> tuple[str, str]:
-  folder = os.path.normpath(folder)
+  # Not os.path.normpath: it would fold gs://bucket into gs:/bucket.
+  folder = folder.rstrip("/") if fs.is_remote(folder) else os.path.normpath(folder)
   return os.path.dirname(folder), os.path.basename(folder)
 
 
