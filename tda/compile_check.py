@@ -17,7 +17,8 @@ corpus-scale run repeats, one step function each:
     `Featurizer` uses. Parameters, optimizer state and corrections are only
     `jax.eval_shape`d: nothing of the model is ever allocated.
   * `r_step` (`check_r_step`): one accumulation step of R = Σ φφᵀ (DESIGN.md §2),
-    R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
+    `tda.hessian.r_accumulate` itself (the step the 'gradients' stage accumulates
+    R_train with), R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
     16 × 16 chips a 4,096² = 64 MiB tile each), the φ rows arriving as the kernel
     emits them, P(DATA).
   * `scoring` (`check_scoring`): one chunk of exact search, `tda.index._chunk_topk`
