@@ -17,12 +17,17 @@ corpus-scale run repeats, one step function each:
     `Featurizer` uses. Parameters, optimizer state and corrections are only
     `jax.eval_shape`d: nothing of the model is ever allocated.
   * `r_step` (`check_r_step`): one accumulation step of R = Σ φφᵀ (DESIGN.md §2),
-    R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
+    `tda.hessian.r_accumulate` itself (the step the 'gradients' stage accumulates
+    R_train with), R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
     16 × 16 chips a 4,096² = 64 MiB tile each), the φ rows arriving as the kernel
     emits them, P(DATA).
   * `scoring` (`check_scoring`): one chunk of exact search, `tda.index._chunk_topk`
     itself, on a 1-D DATA mesh over every chip (as `tda.index` builds it): queries
     replicated, table rows split over chips, local top-k then a merge.
+
+It also reports `eigh_plan` (`tda.hessian.eigh_plan`): R's bytes per chip while it
+is accumulated, and the eigendecomposition's placement (each host, LAPACK) with its
+host memory and FLOPs at the config's d (65,536 for the 8B config); 0 bytes per chip.
 
 Per program it reports XLA's per-chip memory (`memory_analysis()`) against the
 chip's HBM and per-chip FLOPs (`cost_analysis()`: the SPMD-partitioned module, so
@@ -59,6 +64,7 @@ from tda import cli
 from tda import correction as corr_lib
 from tda import featurize
 from tda import gradients as grad_lib
+from tda import hessian
 from tda import model as model_lib
 from tda import projection as proj
 from tda import sharding
@@ -163,17 +169,11 @@ def lower_gradients(*, config, mesh: Mesh, batch: int):
   return jax.jit(kernel, out_shardings=out).lower(*args), info
 
 
-def r_step(r_dd, phi_bd):
-  """R += φᵀφ over a batch of rows (float32 accumulation)."""
-  phi = phi_bd.astype(jnp.float32)
-  return r_dd + jnp.dot(phi.T, phi, preferred_element_type=jnp.float32)
-
-
 def lower_r_step(*, mesh: Mesh, d: int, batch: int, dtype=jnp.float32):
-  r_sharding = NamedSharding(mesh, P(sharding.DATA, sharding.MODEL))
-  r = jax.ShapeDtypeStruct((d, d), jnp.float32, sharding=r_sharding)
-  phi = jax.ShapeDtypeStruct((batch, d), dtype, sharding=sharding.batch_sharding(mesh, 2))
-  return jax.jit(r_step, out_shardings=r_sharding, donate_argnums=0).lower(r, phi)
+  """The run's R step itself (`tda.hessian.r_accumulate`), on `hessian.r_arguments`."""
+  dp, rows = hessian.r_shapes(mesh=mesh, d=d, rows=batch)
+  return hessian.r_accumulate.lower(*hessian.r_arguments(mesh=mesh, d=dp, rows=rows,
+                                                         dtype=dtype))
 
 
 def lower_scoring(*, devices, d: int, queries: int, chunk_rows: int, k: int):
@@ -349,10 +349,11 @@ def search_gradient_batch(target: _Target, *, first: dict[str, Any]) -> dict[str
 
 def check_r_step(target: _Target, *, d: int, r_batch: int) -> dict[str, Any]:
   """One R accumulation step over `r_batch` φ rows (rounded up to the DATA axis)."""
-  rb = sharding.pad_to_multiple(r_batch, target.mesh)
-  target.log(f"r_step: R [{d}, {d}] float32 over P(data, model), {rb} rows")
+  dp, rb = hessian.r_shapes(mesh=target.mesh, d=d, rows=r_batch)
+  target.log(f"r_step: R [{dp}, {dp}] float32 over P(data, model), {rb} rows")
   rep = compile_report(lower_r_step(mesh=target.mesh, d=d, batch=rb), hbm_bytes=target.hbm)
-  rep.update(d=d, rows=rb, r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
+  rep.update(d=d, d_padded=dp, rows=rb, function="tda.hessian.r_accumulate",
+             r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
   return rep
 
 
@@ -366,6 +367,20 @@ def check_scoring(target: _Target, *, d: int, queries: int) -> dict[str, Any]:
   rep.update(d=d, queries=queries, chunk_rows=chunk, k=index_cfg.k,
              rows_sharding="P('data', None) over a 1-D mesh of every chip")
   return rep
+
+
+def eigh_plan(config: ml_collections.ConfigDict, *, mesh: Mesh, d: int) -> dict[str, Any]:
+  """`tda.hessian.eigh_plan` for the config on this mesh (analytic: the
+  eigendecomposition runs on the hosts, see there)."""
+  from tda import methods as methods_lib
+  methods = methods_lib.gradient(config.eval.methods)
+  blocks = ([b.dim for b in model_and_plan(config)[2].blocks]
+            if config.hessian.block_diagonal else None)
+  uses_r = [t for t in methods_lib.table_groups(methods)
+            if hessian.r_key(t)[1] != methods_lib.R_NONE]
+  return hessian.eigh_plan(d=d, block_sizes=blocks, mesh_shape=dict(mesh.shape),
+                           variants=len(methods_lib.variants(methods)),
+                           tables=max(1, len(uses_r)))
 
 
 def check(*, config: ml_collections.ConfigDict, topology_name: str,
@@ -413,6 +428,7 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
     d = model_and_plan(config)[2].dim
   if "r_step" in steps:
     report["steps"]["r_step"] = check_r_step(target, d=d, r_batch=r_batch)
+  report["eigh_plan"] = eigh_plan(config, mesh=mesh, d=d)
   if "scoring" in steps:
     report["steps"]["scoring"] = check_scoring(target, d=d, queries=queries)
   return report
@@ -439,6 +455,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"{_size(m['alias'])} = {_size(r['total_bytes'])}"
         + (f" ({100 * r['hbm_fraction']:.0f}% of HBM)" if r["hbm_fraction"] else "")
         + f"; {r['flops'] / 1e12:.4g} TFLOP/chip; compiled in {r['compile_s']:.1f} s")
+  if "eigh_plan" in report:
+    e = report["eigh_plan"]
+    lines.append(
+        f"  eigh plan: R [{e['d']}, {e['d']}] accumulated on chip ({_size(e['r_bytes_per_chip'])}"
+        f"/chip, {_size(e['r_bytes_total'])} in all); eigendecomposition on each host "
+        f"({e['blocks']} block(s) of {e['largest_block']}, {e['dtype']}): 0 B/chip, host peak "
+        f"{_size(e['eigh_host_bytes_peak'])} + {_size(e['host_bytes_inputs'])} of R matrices "
+        f"= {_size(e['host_bytes_total'])}; {e['eigh_flops'] / 1e12:.3g} TFLOP")
   if "batch_search" in report:
     b = report["batch_search"]
     lines.append(f"  largest gradient batch that fits: {b['largest_global_batch']} global "

@@ -36,25 +36,80 @@ import numpy as np
 import scipy.linalg
 
 from tda import methods as methods_lib
+from tda import sharding
 
 LAMBDA_RULES = ("top_k", "fixed", "fixed_normalised")
 
-@jax.jit
-def _gram(x_nd):
+R_CHUNK = 4096          # φ rows per accumulation step.
+F32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def _r_accumulate(r_dd, x_nd):
+  """R += xᵀx over a batch of rows, accumulated in float32."""
   x = x_nd.astype(jnp.float32)
-  return x.T @ x
+  return r_dd + jnp.dot(x.T, x, preferred_element_type=jnp.float32)
 
 
-def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, int]:
-  """(Σ φφᵀ [d, d] float64, n) over rows, accumulated chunk by chunk.
+# The one R accumulation step: the run calls it (`autocorrelation`) and
+# `tda.compile_check` compiles it, on arguments placed by `r_arguments`: R by
+# `sharding.r_sharding` (P(DATA, MODEL)), the rows by `sharding.batch_sharding`
+# (P(DATA)). R is donated, so each step updates the sharded array in place.
+r_accumulate = jax.jit(_r_accumulate, donate_argnums=0)
 
-  Sums (not means) so processes and chunks reduce by addition.
+
+def r_mesh(mesh=None):
+  """The mesh R is accumulated on: `mesh`, or this process's devices as a DATA × 1 mesh."""
+  return mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices())
+
+
+def r_shapes(*, mesh, d: int, rows: int, dtype=jnp.float32):
+  """(padded d, rows per step) for R [d, d] over `rows` φ rows a step on `mesh`."""
+  dp = -(-d // sharding.r_side_multiple(mesh)) * sharding.r_side_multiple(mesh)
+  return dp, sharding.pad_to_multiple(max(1, rows), mesh)
+
+
+def r_arguments(*, mesh, d: int, rows: int, dtype=jnp.float32):
+  """`r_accumulate`'s abstract arguments (R [d, d] float32, φ [rows, d]) with their
+  shardings; d and rows must divide as `r_shapes` pads them."""
+  return (jax.ShapeDtypeStruct((d, d), jnp.float32, sharding=sharding.r_sharding(mesh)),
+          jax.ShapeDtypeStruct((rows, d), dtype, sharding=sharding.batch_sharding(mesh, 2)))
+
+
+def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = R_CHUNK,
+                    mesh=None) -> tuple[np.ndarray, int]:
+  """(Σ φφᵀ [d, d], n) over rows: accumulated on device, sharded over `mesh`.
+
+  R lives on the mesh as one float32 array sharded by `sharding.r_sharding`
+  (padded to a side that divides it); each step `r_accumulate`s a `chunk` of rows
+  (zero-padded: zero rows add nothing) placed over DATA. Sums (not means), so
+  processes reduce by addition; returned as float64 numpy.
+
+  Numerics: float32 accumulation. Against the float64 sum of the same float32 rows,
+  each entry is within `r_error_bound` (first-order γ_m = m u, u = 2^-24,
+  m = chunk + ⌈n / chunk⌉ terms in any summation order, times Σ_k |φ_ki φ_kj|
+  ≤ sqrt(R_ii R_jj) by Cauchy–Schwarz).
   """
-  d = vectors_nd.shape[1]
-  acc = np.zeros((d, d), np.float64)
-  for s in range(0, len(vectors_nd), chunk):
-    acc += np.asarray(_gram(jnp.asarray(vectors_nd[s:s + chunk])), np.float64)
-  return acc, len(vectors_nd)
+  x = np.asarray(vectors_nd)
+  n, d = x.shape
+  mesh = r_mesh(mesh)
+  dp, rows = r_shapes(mesh=mesh, d=d, rows=min(chunk, max(n, 1)))
+  rs, xs = sharding.r_sharding(mesh), sharding.batch_sharding(mesh, 2)
+  r = jax.jit(lambda: jnp.zeros((dp, dp), jnp.float32), out_shardings=rs)()
+  for s in range(0, n, rows):
+    block = np.zeros((rows, dp), x.dtype)
+    block[:min(rows, n - s), :d] = x[s:s + rows]
+    r = r_accumulate(r, jax.device_put(block, xs))
+  return np.asarray(r, np.float64)[:d, :d], n
+
+
+def r_error_bound(*, r_dd: np.ndarray, n: int, chunk: int = R_CHUNK) -> np.ndarray:
+  """[d, d] bound on |`autocorrelation` − the float64 sum| entrywise (its docstring):
+  γ_m sqrt(R_ii R_jj), γ_m = m u / (1 − m u), m = min(chunk, n) + ⌈n / chunk⌉."""
+  b = max(1, min(chunk, n))
+  m = b + -(-n // b)
+  gamma = m * F32_UNIT_ROUNDOFF / (1 - m * F32_UNIT_ROUNDOFF)
+  diag = np.maximum(np.diag(np.asarray(r_dd, np.float64)), 0.0)
+  return gamma * (1 + gamma) * np.sqrt(np.outer(diag, diag))
 
 
 def normalized(r_dd: np.ndarray) -> np.ndarray:
@@ -160,6 +215,49 @@ def eigen(*, r_dd: np.ndarray, block_sizes: Sequence[int] | None = None) -> Eige
     blocks.append((s, w.astype(np.float64), u.astype(np.float64)))
     s += b
   return Eigen(d, blocks)
+
+
+EIGH_FLOAT64_MAX = 2048  # `eigen`: blocks up to this side in float64, larger in float32.
+
+
+def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[str, int],
+              variants: int = 2, tables: int = 1) -> dict[str, Any]:
+  """Where and in how much memory R and its eigendecomposition live at dimension d.
+
+  R is accumulated on the mesh (`r_accumulate`: a float32 tile of the padded
+  [d, d] per chip); each process then sums its R with the others' and
+  eigendecomposes on its host (`eigen`: LAPACK evd via scipy, float32 above
+  `EIGH_FLOAT64_MAX`, float64 below), so the eigendecomposition uses host memory,
+  not HBM. Per block of side b the host holds, besides the inputs: the block copy
+  and its symmetrised copy (s b² each, s = 4 or 8 bytes), scipy's working copy
+  (s b²), evd's workspace (1 + 6b + 2b² elements: ~2 s b²), the eigenvectors
+  (s b², float64 as kept: 8 b²): peak ≈ (5 s + 8) b². The inputs: R_train and
+  R_eval per variant and each table's mixed R (float64 d²) and R^{-1/2} (float64
+  d², kept as float32 d²).
+
+  Args:
+    d: R's dimension; block_sizes: the diagonal blocks (None: one d × d block);
+    mesh_shape: axis -> size of the mesh R is accumulated on;
+    variants: gradient variants estimated (raw, corrected); tables: R-using tables.
+  """
+  blocks = list(block_sizes) if block_sizes else [d]
+  chips = int(np.prod(list(mesh_shape.values())))
+  n_data, n_model = mesh_shape.get(sharding.DATA, 1), mesh_shape.get(sharding.MODEL, 1)
+  side = int(np.lcm(n_data, n_model))
+  dp = -(-d // side) * side
+  b = max(blocks)
+  s = 8 if b <= EIGH_FLOAT64_MAX else 4
+  eigh_peak = (5 * s + 8) * b * b
+  inputs = 8 * d * d * (2 * variants + tables) + 4 * d * d * tables
+  return {"d": d, "blocks": len(blocks), "largest_block": b,
+          "dtype": "float64" if s == 8 else "float32",
+          "where": "host (scipy.linalg.eigh, LAPACK evd), every process",
+          "r_accumulation": "tda.hessian.r_accumulate on the mesh, float32, P('data', 'model')",
+          "r_bytes_per_chip": 4 * dp * dp // chips, "r_bytes_total": 4 * dp * dp,
+          "eigh_bytes_per_chip": 0,
+          "eigh_host_bytes_peak": eigh_peak, "host_bytes_inputs": inputs,
+          "host_bytes_total": eigh_peak + inputs,
+          "eigh_flops": float(sum(9 * x ** 3 for x in blocks))}  # evd: ~9 b³ with vectors.
 
 
 def inv_sqrt(*, r_dd: np.ndarray, damping: float,

@@ -163,6 +163,8 @@ def _from_compile_report(cr: dict[str, Any], analytic_full: float) -> dict[str, 
     per_ex = grad["flops"] * cr["chips"] / grad["global_batch"]
     out["flops_per_example_compiled"] = per_ex
     out["compiled_over_analytic"] = per_ex / analytic_full
+  if "eigh_plan" in cr:
+    out["eigh_plan"] = cr["eigh_plan"]
   if "batch_search" in cr:
     out["largest_batch_per_chip"] = cr["batch_search"]["largest_batch_per_chip"]
     out["largest_global_batch"] = cr["batch_search"]["largest_global_batch"]
@@ -207,6 +209,12 @@ def format_plan(rep: dict[str, Any]) -> str:
     if "compiled_over_analytic" in c:
       lines.append(f"    kernel FLOPs/example compiled {t(c['flops_per_example_compiled'])}"
                    f" = {c['compiled_over_analytic']:.2f}x analytic")
+    if "eigh_plan" in c:
+      e, g = c["eigh_plan"], 1 << 30
+      lines.append(f"    R: {e['r_bytes_per_chip'] / g:.3f} GiB/chip accumulated on the mesh; "
+                   f"eigendecomposition on each host ({e['largest_block']:,}-wide, "
+                   f"{e['dtype']}): {e['host_bytes_total'] / g:.0f} GiB host memory, "
+                   f"{e['eigh_flops'] / 1e12:,.0f} TFLOP")
     if "largest_batch_per_chip" in c:
       lines.append(f"    largest gradient batch: {c['largest_global_batch']} global "
                    f"({c['largest_batch_per_chip']:g}/chip)")

@@ -74,6 +74,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def r_sharding(mesh: Mesh) -> NamedSharding:
+  """The Gauss-Newton R [d, d] (`tda.hessian.r_accumulate`): rows over DATA, columns
+  over MODEL (65,536² float32 = 16 GiB in all; a 4,096² tile per chip on 16 × 16)."""
+  return NamedSharding(mesh, P(DATA, MODEL))
+
+
+def r_side_multiple(mesh: Mesh) -> int:
+  """What R's side is padded to so that `r_sharding` splits it evenly."""
+  return int(np.lcm(mesh.shape.get(DATA, 1), mesh.shape.get(MODEL, 1)))
+
+
 # --- Parameter sharding rules ---------------------------------------------------
 #
 # One rule per parameter kind: a pattern over the parameter's '/'-joined path and,

@@ -84,6 +84,10 @@ def test_cpu_fallback_mesh_shapes_and_argument_bytes():
   expect = 4 * d * d // n + 4 * r["rows"] * d // (n // model)
   assert r["memory_bytes"]["argument"] == expect
   assert r["memory_bytes"]["output"] == 4 * d * d // n
+  assert r["function"] == "tda.hessian.r_accumulate"
+  e = rep["eigh_plan"]  # The eigendecomposition's plan: R's tile per chip, host eigh.
+  assert e["d"] == d and e["r_bytes_per_chip"] == 4 * d * d // n
+  assert e["eigh_bytes_per_chip"] == 0 and e["eigh_host_bytes_peak"] == (5 * 8 + 8) * d * d
   # The scoring chunk is split over every device; queries are replicated.
   s = rep["steps"]["scoring"]
   assert s["chunk_rows"] % n == 0

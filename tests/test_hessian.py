@@ -120,3 +120,101 @@ def test_unknown_method_is_a_clear_error():
     methods_lib.check(["trackstar", "trakk"])
   with pytest.raises(ValueError, match="not a gradient method"):
     methods_lib.switches("bm25")
+
+
+# --- R on device (`hessian.r_accumulate`) -------------------------------------------
+
+def _mesh_2x2():
+  import jax
+  from tda import sharding
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 forced host devices (tests/conftest.py sets them)")
+  return sharding.make_mesh(axes=(("data", 2), ("model", 2)), devices=jax.devices()[:4])
+
+
+def test_r_is_accumulated_sharded_on_the_mesh_within_its_float32_bound():
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from tda import sharding
+  mesh = _mesh_2x2()
+  # Heavy-tailed scales, d not a multiple of the mesh (padded), rows not of the chunk.
+  rng = np.random.default_rng(1)
+  x = (rng.standard_t(3, size=(1000, 70)) * np.geomspace(30, 0.01, 70)).astype(np.float32)
+  ref = x.astype(np.float64).T @ x.astype(np.float64)
+  r, n = hessian.autocorrelation(vectors_nd=x, chunk=96, mesh=mesh)
+  assert n == 1000 and r.shape == (70, 70) and r.dtype == np.float64
+  bound = hessian.r_error_bound(r_dd=ref, n=n, chunk=96)
+  assert (np.abs(r - ref) <= bound).all(), (np.abs(r - ref) / bound).max()
+  assert not np.array_equal(r, ref)  # float32 accumulation: not the float64 sum.
+  # The bound is tight enough to mean something: ~1e-5 relative at these sizes.
+  assert bound.max() / np.abs(ref).max() < 1e-4
+  # One step's output stays sharded as R's input: a (d/2 × d/2) tile per device.
+  dp, rows = hessian.r_shapes(mesh=mesh, d=70, rows=96)
+  r_abs, x_abs = hessian.r_arguments(mesh=mesh, d=dp, rows=rows)
+  out = hessian.r_accumulate(jax.device_put(np.zeros(r_abs.shape, np.float32), r_abs.sharding),
+                             jax.device_put(x[:rows, :dp] if dp == 70 else
+                                            np.pad(x[:rows], ((0, 0), (0, dp - 70))),
+                                            x_abs.sharding))
+  assert out.sharding.spec == P(sharding.DATA, sharding.MODEL)
+  assert {s.data.shape for s in out.addressable_shards} == {(dp // 2, dp // 2)}
+  assert len(out.addressable_shards) == 4
+
+
+def test_the_runs_r_train_is_the_reference_within_the_bound():
+  """`featurize.fit_whiteners` (what the 'gradients' stage calls) on the 4 forced devices."""
+  from tda import featurize
+  from tests.helpers import tiny_config
+  c = tiny_config()
+  rng = np.random.default_rng(2)
+  train = {"corrected": (rng.normal(size=(600, 48)) * np.geomspace(10, 0.1, 48)
+                         ).astype(np.float32)}
+  queries = {"corrected": rng.normal(size=(20, 48)).astype(np.float32)}
+  fit = featurize.fit_whiteners(c, methods=["trackstar"], queries=queries, train=train)
+  x = train["corrected"].astype(np.float64)
+  ref = x.T @ x
+  bound = hessian.r_error_bound(r_dd=ref, n=len(x)) / len(x)
+  assert (np.abs(fit.r_train["corrected"] - ref / len(x)) <= bound).all()
+
+
+def test_compile_check_compiles_the_runs_r_step_itself(monkeypatch):
+  import jax
+  from tda import compile_check as cc
+  mesh = _mesh_2x2()
+  # The compile check looks up `hessian.r_accumulate` itself, not a copy of it.
+  lowered_by = []
+  real = hessian.r_accumulate
+
+  class Spy:
+    def lower(self, *args):
+      lowered_by.append(args)
+      return real.lower(*args)
+
+  monkeypatch.setattr(hessian, "r_accumulate", Spy())
+  cc.lower_r_step(mesh=mesh, d=70, batch=96)
+  assert len(lowered_by) == 1
+  monkeypatch.setattr(hessian, "r_accumulate", real)
+  # The same jitted object, and the same program for the same arguments: what the
+  # run lowers for its placed arrays is what the compile check lowers.
+  lowered = cc.lower_r_step(mesh=mesh, d=70, batch=96)
+  dp, rows = hessian.r_shapes(mesh=mesh, d=70, rows=96)
+  r_abs, x_abs = hessian.r_arguments(mesh=mesh, d=dp, rows=rows)
+  run_lowered = hessian.r_accumulate.lower(
+      jax.device_put(np.zeros(r_abs.shape, np.float32), r_abs.sharding),
+      jax.device_put(np.zeros(x_abs.shape, np.float32), x_abs.sharding))
+  assert lowered.as_text() == run_lowered.as_text()
+  rep = cc.check_r_step(cc._Target(config=None, devices=list(mesh.devices.flat), mesh=mesh,
+                                   hbm=None, log=lambda s: None), d=70, r_batch=96)
+  assert rep["function"] == "tda.hessian.r_accumulate" and rep["d_padded"] == dp
+
+
+def test_eigh_plan_at_the_8b_dimension():
+  plan = hessian.eigh_plan(d=65536, block_sizes=None, mesh_shape={"data": 16, "model": 16},
+                           variants=1, tables=1)
+  assert plan["r_bytes_total"] == 4 * 65536 ** 2 == 16 << 30
+  assert plan["r_bytes_per_chip"] == 64 << 20  # A 4,096² float32 tile on each of 256 chips.
+  assert plan["dtype"] == "float32" and plan["eigh_bytes_per_chip"] == 0
+  assert plan["eigh_host_bytes_peak"] == 28 * 65536 ** 2
+  blocks = hessian.eigh_plan(d=65536, block_sizes=[4096] * 16,
+                             mesh_shape={"data": 16, "model": 16})
+  assert blocks["eigh_host_bytes_peak"] == 28 * 4096 ** 2
+  assert blocks["eigh_flops"] * 256 == pytest.approx(plan["eigh_flops"])

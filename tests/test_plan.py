@@ -15,6 +15,7 @@ import pytest
 from configs import trackstar_8b
 from tda import compile_check
 from tda import gradients as grad_lib
+from tda import hessian
 from tda import model as model_lib
 from tda import plan as plan_lib
 from tda import projection as proj
@@ -145,7 +146,9 @@ def test_compile_report_flops_are_cross_checked_per_example():
         "steps": {"gradients": {"fits": True, "total_bytes": 2 << 30, "flops": full * 2,
                                 "global_batch": 8, "hbm_fraction": 0.125,
                                 "memory_bytes": {}},
-                  "r_step": {"fits": False, "error": "Ran out of memory on HBM"}}}
+                  "r_step": {"fits": False, "error": "Ran out of memory on HBM"}},
+        "eigh_plan": hessian.eigh_plan(d=4096, block_sizes=None,
+                                       mesh_shape={"data": 4, "model": 1})}
   rep = plan_lib.make_plan_report(config=c, rows=10, compile_report=cr)
   comp = rep["compiled"]
   assert comp["flops_per_example_compiled"] == pytest.approx(full)
@@ -154,6 +157,8 @@ def test_compile_report_flops_are_cross_checked_per_example():
   assert comp["steps"]["r_step"]["fits"] is False
   text = plan_lib.format_plan(rep)
   assert "DOES NOT FIT" in text and "1.00x analytic" in text
+  assert comp["eigh_plan"]["r_bytes_per_chip"] == 4 * 4096 * 4096 // 4
+  assert "eigendecomposition on each host (4,096-wide, float32)" in text
 
 
 @pytest.mark.slow  # A subprocess that builds the 8B shapes.

@@ -164,3 +164,10 @@ def test_reopen_turns_a_committed_stage_back_into_an_interrupted_resumable_one(c
   assert wd.read_json(os.path.join(folder, wd.STARTED)) == {"fingerprint": fp}
   assert wd.begin(workdir, "fake", fp, resumable=True) == folder
   assert os.path.exists(os.path.join(folder, "q.npy"))  # Kept for the resume.
+
+
+def test_a_gs_stage_folder_splits_into_its_workdir_and_stage():
+  # os.path.normpath would fold gs://bucket into gs:/bucket, and every gs:// stage
+  # would read as uncommitted to the stages after it.
+  assert verify._split("gs://bucket/run/train/") == ("gs://bucket/run", "train")
+  assert verify._split("/tmp/run//train") == ("/tmp/run", "train")
