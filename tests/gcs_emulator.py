@@ -20,7 +20,6 @@ metageneration headers to downloads, then runs the emulator's own `main`.
 """
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
