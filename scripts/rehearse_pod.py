@@ -82,29 +82,8 @@ def log(msg: str) -> None:
 
 def build_tfds(folder: str, rows: int) -> str:
   """A TFDS dataset in C4's format of `rows` stand-in passages; returns its folder."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tda import standin  # pylint: disable=g-import-not-at-top
-
-  class RehearsalC4(tfds.core.GeneratorBasedBuilder):
-    """C4's features (text, url, timestamp) over `tda.standin.c4_rows`."""
-    VERSION = tfds.core.Version("3.1.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "text": tfds.features.Text(), "url": tfds.features.Text(),
-          "timestamp": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i, r in enumerate(standin.c4_rows(rows)):
-        yield i, r
-
-  b = RehearsalC4(data_dir=folder)
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return os.path.join(folder, b.info.name, str(b.info.version))
+  return standin.build_c4_tfds(folder, standin.c4_rows(rows), name="rehearsal_c4")
 
 
 # --- Processes ----------------------------------------------------------------------

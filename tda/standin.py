@@ -87,3 +87,41 @@ def globs(folder: str) -> dict[str, str]:
   return {"jsonl": os.path.join(folder, f"{C4_PREFIX}-*"),
           "trex_facts": os.path.join(folder, TREX_FACTS),
           "trex_sentences": os.path.join(folder, f"{TREX_SENTENCES}-*")}
+
+
+def build_c4_tfds(folder: str, rows, *, name: str = "standin_c4") -> str:
+  """A TFDS dataset `name`:3.1.0 in C4's format (`text`, `url`, `timestamp`) of
+  `rows` (dicts with those keys), built locally under `folder`; returns its
+  version folder (`<folder>/<name>/3.1.0`)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  # Not registered by name (a second build in one process would clash): readers
+  # find the prepared files by `data_dir`, as for any dataset built elsewhere.
+  with tfds.core.registered.skip_registration():
+    builder_cls = _c4_format_builder(tfds, rows, name)
+  b = builder_cls(data_dir=folder)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return os.path.join(folder, b.info.name, str(b.info.version))
+
+
+def _c4_format_builder(tfds, rows, name: str):
+  class C4Format(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("3.1.0")
+    code_path = None  # Built in memory: no checksums file beside the code.
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "text": tfds.features.Text(), "url": tfds.features.Text(),
+          "timestamp": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, r in enumerate(rows):
+        yield i, r
+
+  C4Format.name = name
+  return C4Format
+

@@ -44,27 +44,8 @@ def jsonl_dir(tmp_path_factory, c4_rows):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory, c4_rows):
   """A TFDS dataset in C4's format (text, url, timestamp), built locally."""
-  import tensorflow_datasets as tfds
-
-  class TinyC4(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("3.1.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "text": tfds.features.Text(), "url": tfds.features.Text(),
-          "timestamp": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i, r in enumerate(c4_rows):
-        yield i, r
-
   d = tmp_path_factory.mktemp("tfds")
-  TinyC4(data_dir=str(d)).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  standin.build_c4_tfds(str(d), c4_rows, name="tiny_c4")
   return d
 
 
