@@ -293,3 +293,30 @@ def paired_diff_ci(a_q: Any, b_q: Any, *, n_boot: int = 1000, seed: int = 0,
     return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
   lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed, level=level)
   return {"diff": float(d.mean()), "lo": lo, "hi": hi, "n": int(len(d))}
+
+
+def norms_by_kind(*, ids: Sequence[str], norms_n: Any, kind_of: dict[str, str],
+                  top_ids: Sequence[Sequence[str]], kind: str = "outlier",
+                  top_fraction: float = 0.05) -> dict[str, Any]:
+  """How a kind of passage (outliers by default) sits among unnormalised gradient
+  norms: the median norm per kind, the kind's share of the corpus, of the
+  `top_fraction` highest norms, and of the retrieved top-k. TRAK's collapse in the
+  paper comes from high-norm outlier passages dominating unnormalised scores; these
+  figures say whether that mechanism exists in a run."""
+  norms_n = np.asarray(norms_n, np.float64)
+  if len(ids) != len(norms_n):
+    raise ValueError(f"{len(ids)} ids but {len(norms_n)} norms")
+  kinds = np.array([kind_of.get(i, "?") for i in ids])
+  top_n = max(1, int(round(top_fraction * len(ids))))
+  highest = np.argsort(-norms_n, kind="stable")[:top_n]
+  retrieved = [kind_of.get(i, "?") for row in top_ids for i in row]
+  return {
+      "kind": kind,
+      "median_norm_by_kind": {k: float(np.median(norms_n[kinds == k]))
+                              for k in sorted(set(kinds.tolist()))},
+      "share_of_corpus": float(np.mean(kinds == kind)),
+      "top_fraction": top_fraction,
+      "share_of_highest_norms": float(np.mean(kinds[highest] == kind)),
+      "share_of_retrieved": (float(np.mean([k == kind for k in retrieved]))
+                             if retrieved else float("nan")),
+  }

@@ -105,6 +105,28 @@ def _evidence(name: str, claim: dict[str, Any], metrics: dict[str, Any]) -> list
            else "per dimension")
     out.append(f"R_train from {d.get('train_samples')} passages for d = {d.get('value')} "
                f"({_f(d.get('samples_per_dim'), 1)} {per}).")
+  on = ((metrics.get("diagnostics") or {}).get("outlier_norms")) or {}
+  shown = [(table, t) for table, t in (on.get("tables") or {}).items()
+           if "trak" in names and any(m in names for m in t["methods"])]
+  for table, t in shown:
+    med = t["median_norm_by_kind"]
+    out.append(
+        f"Unnormalised {table} gradient norms: median {_f(med.get('outlier'), 1)} for "
+        f"outlier passages vs {_f(med.get('fact'), 1)} for fact passages; outliers are "
+        f"{_f(100 * t['share_of_corpus'], 1)}% of the corpus, "
+        f"{_f(100 * t['share_of_highest_norms'], 1)}% of the top "
+        f"{_f(100 * t['top_fraction'], 0)}% of norms and "
+        f"{_f(100 * t['share_of_retrieved'], 1)}% of {table}'s retrieved top-k.")
+  if shown:
+    table, t = shown[0]
+    med = t["median_norm_by_kind"]
+    ratio = (med.get("outlier") or float("nan")) / (med.get("fact") or float("nan"))
+    over = t["share_of_highest_norms"] / max(t["share_of_corpus"], 1e-12)
+    out.append(f"The model trained for {_f(on.get('train_epochs'), 1)} epochs over the "
+               "corpus. TRAK's collapse in the paper is attributed to outlier passages "
+               f"with high-norm gradients; here ({table}) the outliers' median norm is "
+               f"{_f(ratio, 2)}× the fact passages' and they are {_f(over, 1)}× "
+               "over-represented among the highest norms.")
   if "tailpatch" in name:
     ms_tp = {m: ms[m].get("tailpatch_rel") for m in names}
     out.append("Relative tail-patch: " + ", ".join(

@@ -26,6 +26,7 @@ from tda import config as config_lib
 from tda import corpus as corpus_lib
 from tda import fs
 from tda import methods as methods_lib
+from tda import metrics as metrics_lib
 from tda import paper_comparison
 from tda import protocol
 from tda import report
@@ -131,9 +132,32 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       seed=ev.split_seed,
       extra={"split": protocol.TEST, "protocol": choices,
              "tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
-             "retrieval": ctx.summary("retrieval"), "gradients": grads})
+             "retrieval": ctx.summary("retrieval"), "gradients": grads,
+             "diagnostics": {"outlier_norms": outlier_norms(ctx)}})
   paper_comparison.write(results_dir=results, metrics=metrics)
   return metrics
+
+
+def outlier_norms(ctx) -> dict[str, Any]:
+  """`metrics.norms_by_kind` for each unnormalised gradient table, on the
+  in-memory world (whose passages carry their kind), with the training epochs:
+  why TRAK does or does not collapse here (`tda.paper_comparison`)."""
+  config = ctx.config
+  if corpus_lib.streamed(config) or not all("kind" in p for p in ctx.world.passages):
+    return {}
+  kind_of = {p["id"]: p["kind"] for p in ctx.world.passages}
+  rankings = ctx.rankings
+  out = {"train_epochs": config.train.steps * config.train.batch_size
+                         / max(len(ctx.world.passages), 1), "tables": {}}
+  for table, ms in methods_lib.table_groups(config.eval.methods).items():
+    if methods_lib.get(table).switches.unit or not any(m in rankings for m in ms):
+      continue
+    ids, x = ctx.table(table).read_all()
+    top = next(rankings[m]["top_ids"] for m in ms if m in rankings)
+    out["tables"][table] = {"methods": ms, **metrics_lib.norms_by_kind(
+        ids=ids, norms_n=np.linalg.norm(np.asarray(x, np.float64), axis=1),
+        kind_of=kind_of, top_ids=top)}
+  return out
 
 
 def protocol_record(config, *, grads: dict[str, Any], lr: float, n_dev, n_test: int,
