@@ -62,9 +62,10 @@ def r_mesh(mesh=None):
   return mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices())
 
 
-def r_shapes(*, mesh, d: int, rows: int, dtype=jnp.float32):
+def r_shapes(*, mesh, d: int, rows: int):
   """(padded d, rows per step) for R [d, d] over `rows` φ rows a step on `mesh`."""
-  dp = -(-d // sharding.r_side_multiple(mesh)) * sharding.r_side_multiple(mesh)
+  side = sharding.r_side_multiple(mesh.shape)
+  dp = -(-d // side) * side
   return dp, sharding.pad_to_multiple(max(1, rows), mesh)
 
 
@@ -94,7 +95,7 @@ def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = R_CHUNK,
   mesh = r_mesh(mesh)
   dp, rows = r_shapes(mesh=mesh, d=d, rows=min(chunk, max(n, 1)))
   rs, xs = sharding.r_sharding(mesh), sharding.batch_sharding(mesh, 2)
-  r = jax.jit(lambda: jnp.zeros((dp, dp), jnp.float32), out_shardings=rs)()
+  r = jnp.zeros((dp, dp), jnp.float32, device=rs)
   for s in range(0, n, rows):
     block = np.zeros((rows, dp), x.dtype)
     block[:min(rows, n - s), :d] = x[s:s + rows]
@@ -242,8 +243,7 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
   """
   blocks = list(block_sizes) if block_sizes else [d]
   chips = int(np.prod(list(mesh_shape.values())))
-  n_data, n_model = mesh_shape.get(sharding.DATA, 1), mesh_shape.get(sharding.MODEL, 1)
-  side = int(np.lcm(n_data, n_model))
+  side = sharding.r_side_multiple(mesh_shape)
   dp = -(-d // side) * side
   b = max(blocks)
   s = 8 if b <= EIGH_FLOAT64_MAX else 4

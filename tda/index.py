@@ -365,7 +365,7 @@ def index_params_from_config(index_cfg) -> dict:
   return {k: v for k, v in out.items() if v is not None}
 
 
-# --- Searching a committed table (tda.query, tda.serve) --------------------------------------------------------------------
+# --- Searching a committed table (tda.query, tda.serve) -------------------------
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _top_bottom(q_qd, x_nd, valid_n, *, k: int):

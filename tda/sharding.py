@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import ml_collections
@@ -80,9 +80,10 @@ def r_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA, MODEL))
 
 
-def r_side_multiple(mesh: Mesh) -> int:
-  """What R's side is padded to so that `r_sharding` splits it evenly."""
-  return int(np.lcm(mesh.shape.get(DATA, 1), mesh.shape.get(MODEL, 1)))
+def r_side_multiple(mesh_shape: Mapping[str, int]) -> int:
+  """What R's side is padded to so that `r_sharding` splits it evenly on a mesh of
+  this shape (`mesh.shape`)."""
+  return int(np.lcm(mesh_shape.get(DATA, 1), mesh_shape.get(MODEL, 1)))
 
 
 # --- Parameter sharding rules ---------------------------------------------------
