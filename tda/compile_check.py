@@ -20,14 +20,16 @@ corpus-scale run repeats, one step function each:
     `tda.hessian.r_accumulate` itself (the step the 'gradients' stage accumulates
     R_train with), R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
     16 × 16 chips a 4,096² = 64 MiB tile each), the φ rows arriving as the kernel
-    emits them, P(DATA).
+    emits them, P(DATA); and R's copy to the hosts after the last step
+    (`tda.hessian.rows_replicated`, one DATA shard of rows replicated a step).
   * `scoring` (`check_scoring`): one chunk of exact search, `tda.index._chunk_topk`
     itself, on a 1-D DATA mesh over every chip (as `tda.index` builds it): queries
     replicated, table rows split over chips, local top-k then a merge.
 
 It also reports `eigh_plan` (`tda.hessian.eigh_plan`): R's bytes per chip while it
-is accumulated, and the eigendecomposition's placement (each host, LAPACK) with its
-host memory and FLOPs at the config's d (65,536 for the 8B config); 0 bytes per chip.
+is accumulated, and the eigendecomposition's placement (each host, LAPACK) with the
+host's peak memory phase by phase and FLOPs at the config's d (65,536 for the 8B
+config: 96 GiB per host); 0 bytes per chip.
 
 Per program it reports XLA's per-chip memory (`memory_analysis()`) against the
 chip's HBM and per-chip FLOPs (`cost_analysis()`: the SPMD-partitioned module, so
@@ -174,6 +176,14 @@ def lower_r_step(*, mesh: Mesh, d: int, batch: int, dtype=jnp.float32):
   dp, rows = hessian.r_shapes(mesh=mesh, d=d, rows=batch)
   return hessian.r_accumulate.lower(*hessian.r_arguments(mesh=mesh, d=dp, rows=rows,
                                                          dtype=dtype))
+
+
+def lower_r_to_host(*, mesh: Mesh, d: int):
+  """One step of the run's copy of R to the hosts (`tda.hessian.r_to_host`: one
+  DATA shard of R's rows, replicated), the same jitted function object."""
+  dp, _ = hessian.r_shapes(mesh=mesh, d=d, rows=1)
+  r_abs, _ = hessian.r_arguments(mesh=mesh, d=dp, rows=mesh.shape[sharding.DATA])
+  return hessian.rows_replicated(mesh).lower(r_abs, 0, dp // mesh.shape[sharding.DATA])
 
 
 def lower_scoring(*, devices, d: int, queries: int, chunk_rows: int, k: int):
@@ -354,6 +364,11 @@ def check_r_step(target: _Target, *, d: int, r_batch: int) -> dict[str, Any]:
   rep = compile_report(lower_r_step(mesh=target.mesh, d=d, batch=rb), hbm_bytes=target.hbm)
   rep.update(d=d, d_padded=dp, rows=rb, function="tda.hessian.r_accumulate",
              r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
+  # R's copy to the hosts after the last step: one DATA shard of rows at a time.
+  rep["to_host"] = compile_report(lower_r_to_host(mesh=target.mesh, d=d),
+                                  hbm_bytes=target.hbm)
+  rep["to_host"]["function"] = "tda.hessian.rows_replicated"
+  rep["fits"] = rep["fits"] and rep["to_host"]["fits"]
   return rep
 
 
@@ -455,14 +470,21 @@ def format_report(report: dict[str, Any]) -> str:
         f"{_size(m['alias'])} = {_size(r['total_bytes'])}"
         + (f" ({100 * r['hbm_fraction']:.0f}% of HBM)" if r["hbm_fraction"] else "")
         + f"; {r['flops'] / 1e12:.4g} TFLOP/chip; compiled in {r['compile_s']:.1f} s")
+    if "to_host" in r:
+      t = r["to_host"]
+      lines.append(f"  {'':9s} then to the hosts ({t['function']}, one DATA shard of rows a "
+                   "step): " + (f"{_size(t['total_bytes'])} per chip" if t["fits"] else
+                                f"DOES NOT FIT: {t.get('error', '')}"))
   if "eigh_plan" in report:
     e = report["eigh_plan"]
     lines.append(
         f"  eigh plan: R [{e['d']}, {e['d']}] accumulated on chip ({_size(e['r_bytes_per_chip'])}"
         f"/chip, {_size(e['r_bytes_total'])} in all); eigendecomposition on each host "
-        f"({e['blocks']} block(s) of {e['largest_block']}, {e['dtype']}): 0 B/chip, host peak "
-        f"{_size(e['eigh_host_bytes_peak'])} + {_size(e['host_bytes_inputs'])} of R matrices "
-        f"= {_size(e['host_bytes_total'])}; {e['eigh_flops'] / 1e12:.3g} TFLOP")
+        f"({e['blocks']} block(s) of {e['largest_block']}, {e['dtype']}): 0 B/chip, "
+        f"{_size(e['r_to_host_bytes_per_chip'])}/chip while R moves to the hosts; host peak "
+        f"{_size(e['host_bytes_total'])} (phase {e['host_peak_phase']}: "
+        + ", ".join(f"{k} {_size(v)}" for k, v in e["host_bytes_by_phase"].items())
+        + f"); {e['eigh_flops'] / 1e12:.3g} TFLOP")
   if "batch_search" in report:
     b = report["batch_search"]
     lines.append(f"  largest gradient batch that fits: {b['largest_global_batch']} global "

@@ -6,8 +6,8 @@ processes on one machine, as the tests do), or `TDA_DISTRIBUTED=auto` on a TPU p
 where `jax.distributed.initialize()` discovers everything itself.
 
 Work split: featurisation is per process (each process owns table shards
-s % num_processes == process_index and runs the kernel on its local devices); R
-statistics are summed across processes; the small stages (world, vocab, train,
+s % num_processes == process_index and runs the kernel on its local devices); R_train
+is summed on the global mesh (`tda.hessian.autocorrelation`), small statistics here; the small stages (world, vocab, train,
 model_eval) and the final ones (retrieval, evaluation, viewer) run on process 0
 while the others wait at a barrier.
 """

@@ -273,12 +273,17 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
       every method's dev MRR is recorded. Without it, `hessian.damping`.
   """
   r_train, r_eval = {}, {}
+  # R_train on the global mesh: every process adds its share of the sample and the
+  # mesh's collectives sum them (the step `tda.compile_check` compiles). R_eval on
+  # this process's devices: every process holds all the dev queries.
+  everyone, mine = sharding.make_mesh(config), sharding.process_mesh(config)
   for v in methods_lib.variants(methods):
-    s, cnt = hessian.autocorrelation(vectors_nd=train[v])
-    total = distributed.sum_across_processes(np.append(s.ravel(), cnt))
-    r_train[v] = total[:-1].reshape(s.shape) / max(total[-1], 1)
-    s, cnt = hessian.autocorrelation(vectors_nd=queries[v])
-    r_eval[v] = s / max(cnt, 1)
+    s, cnt = hessian.autocorrelation(vectors_nd=train[v], mesh=everyone)
+    s /= max(cnt, 1)
+    r_train[v] = s
+    s, cnt = hessian.autocorrelation(vectors_nd=queries[v], mesh=mine)
+    s /= max(cnt, 1)
+    r_eval[v] = s
   h = config.hessian
   prep = hessian.prepare(methods=methods, r_train=r_train, r_eval=r_eval,
                          lambda_rule=h.lambda_rule, lam=h.lambda_,

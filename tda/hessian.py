@@ -28,6 +28,7 @@ candidate, so a sweep costs one matrix product per candidate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -76,14 +77,76 @@ def r_arguments(*, mesh, d: int, rows: int, dtype=jnp.float32):
           jax.ShapeDtypeStruct((rows, d), dtype, sharding=sharding.batch_sharding(mesh, 2)))
 
 
+HOST_FLOAT64_MAX = 2048
+"""R matrices on the host are float64 up to this side and float32 above it (a
+65,536² matrix is then 16 GiB, not 32); `eigen` decomposes blocks likewise."""
+
+
+def host_dtype(side: int):
+  return np.float64 if side <= HOST_FLOAT64_MAX else np.float32
+
+
+def _mesh_processes(mesh) -> list[int]:
+  return sorted({dev.process_index for dev in mesh.devices.flat})
+
+
+def _local_rows(xs, shape) -> int:
+  """How many of a [rows, d] array's rows sharded by `xs` this process holds."""
+  spans = {(i[0].start or 0, shape[0] if i[0].stop is None else i[0].stop)
+           for i in xs.addressable_devices_indices_map(shape).values()}
+  return sum(b - a for a, b in spans)
+
+
+def r_to_host(r_dd, d: int) -> np.ndarray:
+  """R [dp, dp] on the mesh -> [d, d] numpy (`host_dtype`) on every process.
+
+  Fully addressable (one process): read directly. Otherwise R is copied to every
+  host one DATA shard of rows at a time (a static row slice replicated over the
+  mesh), so no chip ever holds more than dp / |DATA| rows of it (65,536² on a
+  16 × 16 mesh: 1 GiB a step, 16 steps), and each host assembles R once, float32.
+  """
+  dt = host_dtype(d)
+  if r_dd.is_fully_addressable:
+    return np.asarray(r_dd)[:d, :d].astype(dt)
+  mesh = r_dd.sharding.mesh
+  dp = r_dd.shape[0]
+  step = dp // mesh.shape.get(sharding.DATA, 1)
+  out = np.empty((d, d), dt)
+  for s in range(0, d, step):
+    rows = _r_rows(r_dd, s, step)  # [step, dp], replicated: every host has it.
+    part = np.asarray(rows.addressable_shards[0].data)
+    out[s:s + step] = part[:min(step, d - s), :d]
+  return out
+
+
+def _slice_rows(r_dd, start: int, size: int):
+  return jax.lax.slice_in_dim(r_dd, start, start + size, axis=0)
+
+
+@functools.lru_cache(maxsize=8)
+def rows_replicated(mesh):
+  """A static row slice of R, replicated over `mesh` (`r_to_host`)."""
+  return jax.jit(_slice_rows, static_argnums=(1, 2), out_shardings=sharding.replicated(mesh))
+
+
+def _r_rows(r_dd, start: int, size: int):
+  return rows_replicated(r_dd.sharding.mesh)(r_dd, start, size)
+
+
 def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = R_CHUNK,
                     mesh=None) -> tuple[np.ndarray, int]:
-  """(Σ φφᵀ [d, d], n) over rows: accumulated on device, sharded over `mesh`.
+  """(Σ φφᵀ [d, d], n) over the rows of every process `mesh` spans, accumulated
+  on device, sharded over `mesh`.
 
   R lives on the mesh as one float32 array sharded by `sharding.r_sharding`
-  (padded to a side that divides it); each step `r_accumulate`s a `chunk` of rows
-  (zero-padded: zero rows add nothing) placed over DATA. Sums (not means), so
-  processes reduce by addition; returned as float64 numpy.
+  (padded to a side that divides it); each step `r_accumulate`s a block of rows
+  placed over DATA (zero-padded: zero rows add nothing). On a mesh over several
+  processes (the run's global mesh, `sharding.make_mesh(config)`), every process
+  calls this with its own share of the rows: each step's block is assembled from
+  every process's rows (`jax.make_array_from_process_local_data`) and the mesh's
+  collectives sum R, in an order fixed by the topology; all processes take the
+  same number of steps. R then comes to every host once (`r_to_host`). Returns
+  (the sum over all rows, the total row count), in `host_dtype(d)`.
 
   Numerics: float32 accumulation. Against the float64 sum of the same float32 rows,
   each entry is within `r_error_bound` (first-order γ_m = m u, u = 2^-24,
@@ -93,21 +156,42 @@ def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = R_CHUNK,
   x = np.asarray(vectors_nd)
   n, d = x.shape
   mesh = r_mesh(mesh)
-  dp, rows = r_shapes(mesh=mesh, d=d, rows=min(chunk, max(n, 1)))
+  procs = _mesh_processes(mesh)
+  if len(procs) == 1:
+    if procs[0] != jax.process_index():
+      raise ValueError("autocorrelation: the mesh holds none of this process's devices")
+    counts = np.array([[n, d]])
+  else:
+    if procs != list(range(jax.process_count())):
+      raise ValueError(f"autocorrelation: a mesh over processes {procs} must span all "
+                       f"{jax.process_count()} processes")
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(np.array([n, d], np.int64)))
+    counts = counts.reshape(len(procs), 2)
+    if len(set(counts[:, 1].tolist())) != 1:
+      raise ValueError(f"autocorrelation: processes have rows of different widths "
+                       f"{counts[:, 1].tolist()}")
+  n_max = int(counts[:, 0].max())
+  dp, rows = r_shapes(mesh=mesh, d=d, rows=len(procs) * min(chunk, max(n_max, 1)))
   rs, xs = sharding.r_sharding(mesh), sharding.batch_sharding(mesh, 2)
+  local = _local_rows(xs, (rows, dp))
   r = jnp.zeros((dp, dp), jnp.float32, device=rs)
-  for s in range(0, n, rows):
-    block = np.zeros((rows, dp), x.dtype)
-    block[:min(rows, n - s), :d] = x[s:s + rows]
-    r = r_accumulate(r, jax.device_put(block, xs))
-  return np.asarray(r, np.float64)[:d, :d], n
+  for s in range(0, n_max, local):
+    block = np.zeros((local, dp), x.dtype)
+    block[:max(0, min(local, n - s)), :d] = x[s:s + local]
+    placed = (jax.device_put(block, xs) if len(procs) == 1 else
+              jax.make_array_from_process_local_data(xs, block, (rows, dp)))
+    r = r_accumulate(r, placed)
+  return r_to_host(r, d), int(counts[:, 0].sum())
 
 
-def r_error_bound(*, r_dd: np.ndarray, n: int, chunk: int = R_CHUNK) -> np.ndarray:
+def r_error_bound(*, r_dd: np.ndarray, n: int, chunk: int = R_CHUNK,
+                  steps: int | None = None) -> np.ndarray:
   """[d, d] bound on |`autocorrelation` − the float64 sum| entrywise (its docstring):
-  γ_m sqrt(R_ii R_jj), γ_m = m u / (1 − m u), m = min(chunk, n) + ⌈n / chunk⌉."""
+  γ_m sqrt(R_ii R_jj), γ_m = m u / (1 − m u), m = b + steps, b = min(chunk, n) rows
+  a step, steps = ⌈n / b⌉ unless given (processes with unequal shares take more)."""
   b = max(1, min(chunk, n))
-  m = b + -(-n // b)
+  m = b + (-(-n // b) if steps is None else steps)
   gamma = m * F32_UNIT_ROUNDOFF / (1 - m * F32_UNIT_ROUNDOFF)
   diag = np.maximum(np.diag(np.asarray(r_dd, np.float64)), 0.0)
   return gamma * (1 + gamma) * np.sqrt(np.outer(diag, diag))
@@ -150,8 +234,12 @@ def lambda_top_k(*, r_train: np.ndarray, r_eval: np.ndarray,
   if r_train.shape != (d, d):
     raise ValueError(f"R_train {r_train.shape} and R_eval {r_eval.shape} differ in shape")
   top_k = int(min(max(top_k, 1), d))
-  e, u = scipy.linalg.eigh(0.5 * (r_eval + r_eval.T).astype(np.float64))
-  t = np.einsum("di,de,ei->i", u, r_train.astype(np.float64), u)
+  dt = host_dtype(d)
+  e, u = scipy.linalg.eigh(_symmetric(r_eval, dt), driver="evr", overwrite_a=True,
+                           check_finite=False)
+  # t_i = u_iᵀ R_train u_i: one matrix product (d³ flops through BLAS).
+  t = np.einsum("di,di->i", u, np.asarray(r_train, dt) @ u).astype(np.float64)
+  e = e.astype(np.float64)
   scale = max(float(np.trace(r_train)) / d, 1e-300)
   rho = np.maximum(e, 0.0) / np.maximum(t, 1e-12 * scale)
   rho_k = float(np.sort(rho)[::-1][top_k - 1])
@@ -191,16 +279,33 @@ class Eigen:
     """(R + δI)^{-1/2} per block, δ = damping × the block's mean eigenvalue."""
     if not damping >= 0:
       raise ValueError(f"damping must be >= 0, got {damping}")
-    out = np.zeros((self.d, self.d), np.float64)
+    out = None if len(self.blocks) == 1 else np.zeros((self.d, self.d), host_dtype(self.d))
     for s, w, u in self.blocks:
       b = len(w)
       w = np.maximum(w, 0.0)
       w = w + damping * max(w.sum() / b, 1e-30)
-      out[s:s + b, s:s + b] = (u * np.maximum(w, 1e-300) ** -0.5) @ u.T
+      blk = (u * (np.maximum(w, 1e-300) ** -0.5).astype(u.dtype)) @ u.T
+      if out is None:  # One block: the product is R^{-1/2} (no second d × d copy).
+        return blk.astype(host_dtype(self.d), copy=False)
+      out[s:s + b, s:s + b] = blk
     return out
 
 
+def _symmetric(a: np.ndarray, dtype) -> np.ndarray:
+  """(a + aᵀ) / 2 as a new Fortran-ordered array of `dtype` (LAPACK's order, so
+  `scipy.linalg.eigh(..., overwrite_a=True)` decomposes it in place, no copy)."""
+  a = np.asarray(a)
+  out = np.asfortranarray(a, dtype=dtype) if a.dtype != dtype else np.array(a, order="F")
+  out += a.T
+  out *= 0.5
+  return out
+
+
 def eigen(*, r_dd: np.ndarray, block_sizes: Sequence[int] | None = None) -> Eigen:
+  """Eigendecomposition of the symmetrised R per diagonal block: LAPACK's MRRR
+  (`syevr`, O(b) workspace) on a symmetrised copy it overwrites, float64 for blocks
+  up to `HOST_FLOAT64_MAX`, float32 above (damping keeps the damped matrix well
+  conditioned, so float32 suffices there, and the b³ work and b² memory halve)."""
   d = r_dd.shape[0]
   if block_sizes is None:
     block_sizes = [d]
@@ -208,33 +313,35 @@ def eigen(*, r_dd: np.ndarray, block_sizes: Sequence[int] | None = None) -> Eige
     raise ValueError(f"block sizes sum to {sum(block_sizes)}, not d={d}")
   blocks, s = [], 0
   for b in block_sizes:
-    # float64 while cheap; float32 for large blocks, where the d^3 work dominates
-    # (damping keeps the damped matrix well conditioned, so float32 suffices there).
-    blk = r_dd[s:s + b, s:s + b].astype(np.float64 if b <= 2048 else np.float32)
-    blk = 0.5 * (blk + blk.T)
-    w, u = scipy.linalg.eigh(blk, driver="evd")
-    blocks.append((s, w.astype(np.float64), u.astype(np.float64)))
+    blk = _symmetric(r_dd[s:s + b, s:s + b], host_dtype(b))
+    w, u = scipy.linalg.eigh(blk, driver="evr", overwrite_a=True, check_finite=False)
+    del blk
+    blocks.append((s, w.astype(np.float64), u))
     s += b
   return Eigen(d, blocks)
-
-
-EIGH_FLOAT64_MAX = 2048  # `eigen`: blocks up to this side in float64, larger in float32.
 
 
 def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[str, int],
               variants: int = 2, tables: int = 1) -> dict[str, Any]:
   """Where and in how much memory R and its eigendecomposition live at dimension d.
 
-  R is accumulated on the mesh (`r_accumulate`: a float32 tile of the padded
-  [d, d] per chip); each process then sums its R with the others' and
-  eigendecomposes on its host (`eigen`: LAPACK evd via scipy, float32 above
-  `EIGH_FLOAT64_MAX`, float64 below), so the eigendecomposition uses host memory,
-  not HBM. Per block of side b the host holds, besides the inputs: the block copy
-  and its symmetrised copy (s b² each, s = 4 or 8 bytes), scipy's working copy
-  (s b²), evd's workspace (1 + 6b + 2b² elements: ~2 s b²), the eigenvectors
-  (s b², float64 as kept: 8 b²): peak ≈ (5 s + 8) b². The inputs: R_train and
-  R_eval per variant and each table's mixed R (float64 d²) and R^{-1/2} (float64
-  d², kept as float32 d²).
+  R is accumulated on the run's global mesh (`r_accumulate`: a float32 tile of the
+  padded [d, d] per chip; the mesh's collectives sum every process's rows), then
+  copied to every host once, one DATA shard of rows at a time (`r_to_host`:
+  dp² / |DATA| float32 per chip while it moves). Each host then chooses λ and
+  eigendecomposes (LAPACK syevr via scipy, O(b) workspace) in host memory, not HBM.
+  Host matrices are s = 8 bytes an entry up to `HOST_FLOAT64_MAX`, 4 above
+  (`host_dtype`). The host's peak is the largest of its phases, each counting what
+  is alive then (M = s d², one d × d matrix; B = s_b b², the largest block):
+    inputs: R_train and R_eval per variant (2 · variants · M), plus each table's
+      mixed R (tables · M) once λ is chosen;
+    λ (the paper's rule, `lambda_top_k`): inputs + R_eval's symmetrised copy,
+      its eigenvectors and R_train times them (3 M);
+    eigh: inputs + mixed R + the symmetrised block and its eigenvectors (2 B)
+      + the eigenvectors of the blocks already done (< M);
+    R^{-1/2} (the mixed R freed): inputs + the eigenvectors (~M) + one scaled
+      block (B) + two R^{-1/2} (M each: the damping sweep's previous candidate's
+      and the next), each with a float32 copy when s = 8.
 
   Args:
     d: R's dimension; block_sizes: the diagonal blocks (None: one d × d block);
@@ -246,18 +353,26 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
   side = sharding.r_side_multiple(mesh_shape)
   dp = -(-d // side) * side
   b = max(blocks)
-  s = 8 if b <= EIGH_FLOAT64_MAX else 4
-  eigh_peak = (5 * s + 8) * b * b
-  inputs = 8 * d * d * (2 * variants + tables) + 4 * d * d * tables
+  s = np.dtype(host_dtype(d)).itemsize
+  sb = np.dtype(host_dtype(b)).itemsize
+  m, blk = s * d * d, sb * b * b
+  inputs = 2 * variants * m
+  phases = {"lambda": inputs + 3 * m,
+            "eigh": inputs + tables * m + 2 * blk + sb * (d * d - b * b),
+            "inv_sqrt": inputs + sb * d * d + blk + 2 * (m + (4 * d * d if s == 8 else 0))}
+  peak = max(phases.items(), key=lambda kv: kv[1])
   return {"d": d, "blocks": len(blocks), "largest_block": b,
-          "dtype": "float64" if s == 8 else "float32",
-          "where": "host (scipy.linalg.eigh, LAPACK evd), every process",
-          "r_accumulation": "tda.hessian.r_accumulate on the mesh, float32, P('data', 'model')",
+          "dtype": np.dtype(host_dtype(b)).name,
+          "where": "host (scipy.linalg.eigh, LAPACK syevr), every process",
+          "r_accumulation": "tda.hessian.r_accumulate on the global mesh, float32, "
+                            "P('data', 'model'); summed across processes by the mesh",
           "r_bytes_per_chip": 4 * dp * dp // chips, "r_bytes_total": 4 * dp * dp,
+          "r_to_host_bytes_per_chip": 4 * dp * dp // mesh_shape.get(sharding.DATA, 1),
           "eigh_bytes_per_chip": 0,
-          "eigh_host_bytes_peak": eigh_peak, "host_bytes_inputs": inputs,
-          "host_bytes_total": eigh_peak + inputs,
-          "eigh_flops": float(sum(9 * x ** 3 for x in blocks))}  # evd: ~9 b³ with vectors.
+          "host_bytes_by_phase": phases, "host_peak_phase": peak[0],
+          "eigh_host_bytes_peak": 2 * blk, "host_bytes_inputs": inputs + tables * m,
+          "host_bytes_total": peak[1],
+          "eigh_flops": float(sum(9 * x ** 3 for x in blocks))}  # ~9 b³ with vectors.
 
 
 def inv_sqrt(*, r_dd: np.ndarray, damping: float,
@@ -329,7 +444,7 @@ class Prepared:
         continue
       dmp = float(damping[name] if isinstance(damping, Mapping) else damping)
       if key + (dmp,) not in cache:
-        cache[key + (dmp,)] = self.eigs[key].inv_sqrt(dmp).astype(np.float32)
+        cache[key + (dmp,)] = self.eigs[key].inv_sqrt(dmp).astype(np.float32, copy=False)
       out[name] = cache[key + (dmp,)]
       used[name] = dmp
     return Whiteners(out, self.lam, self.lambda_info, used)

@@ -212,9 +212,43 @@ def test_eigh_plan_at_the_8b_dimension():
                            variants=1, tables=1)
   assert plan["r_bytes_total"] == 4 * 65536 ** 2 == 16 << 30
   assert plan["r_bytes_per_chip"] == 64 << 20  # A 4,096² float32 tile on each of 256 chips.
+  assert plan["r_to_host_bytes_per_chip"] == 1 << 30  # 4,096 rows of R replicated a step.
   assert plan["dtype"] == "float32" and plan["eigh_bytes_per_chip"] == 0
-  assert plan["eigh_host_bytes_peak"] == 28 * 65536 ** 2
+  # Six float32 65,536² matrices at the peak (R_train, R_eval, the eigenvectors, one
+  # scaled copy, two R^{-1/2}): 96 GiB per host.
+  assert plan["host_bytes_total"] == 6 * (16 << 30) and plan["host_peak_phase"] == "inv_sqrt"
   blocks = hessian.eigh_plan(d=65536, block_sizes=[4096] * 16,
                              mesh_shape={"data": 16, "model": 16})
-  assert blocks["eigh_host_bytes_peak"] == 28 * 4096 ** 2
+  assert blocks["eigh_host_bytes_peak"] == 2 * 4 * 4096 ** 2
   assert blocks["eigh_flops"] * 256 == pytest.approx(plan["eigh_flops"])
+
+
+@pytest.mark.parametrize("blocks", [None, [768] * 3])
+def test_eigh_plan_is_the_measured_host_peak(blocks):
+  """What the host really allocates (numpy, traced) for λ, the eigendecomposition and
+  a damping sweep of R^{-1/2}, as `fit_whiteners` runs them, is `eigh_plan`'s peak."""
+  import tracemalloc
+  d = 2304  # Above HOST_FLOAT64_MAX: the float32 host path of the 8B run.
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(d, 2 * d)).astype(np.float32) * np.geomspace(10, 0.1, d)[:, None]
+  r_train = (a @ a.T / (2 * d)).astype(np.float32)
+  b = rng.normal(size=(d, 100)).astype(np.float32)
+  r_eval = (b @ b.T / 100).astype(np.float32)
+  del a, b
+  tracemalloc.start()
+  try:
+    prep = hessian.prepare(methods=["trackstar"], r_train={"corrected": r_train},
+                           r_eval={"corrected": r_eval}, lambda_rule="top_k",
+                           top_k_fraction=0.02, block_sizes=blocks)
+    wh = None
+    for c in (0.1, 1.0, 10.0):  # As the dev sweep: the previous whiteners still alive.
+      wh = prep.whiteners(c)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert wh.matrices["trackstar"].dtype == np.float32
+  plan = hessian.eigh_plan(d=d, block_sizes=blocks, mesh_shape={"data": 1}, variants=1,
+                           tables=1)
+  measured = peak + r_train.nbytes + r_eval.nbytes
+  assert 0.8 * plan["host_bytes_total"] <= measured <= 1.02 * plan["host_bytes_total"], (
+      measured / (4 * d * d), {k: v / (4 * d * d) for k, v in plan["host_bytes_by_phase"].items()})

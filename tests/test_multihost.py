@@ -79,3 +79,39 @@ def test_two_processes_match_one(tmp_path):
     assert r1["top_ids"] == r2["top_ids"] and r1["bottom_ids"] == r2["bottom_ids"]
   s2 = wd.read_json(os.path.join(two, "gradients", "summary.json"))
   assert s2["processes"] == 2
+
+
+@pytest.mark.parametrize("axes", ["data=4,model=1", "data=2,model=2"])
+def test_r_train_is_summed_on_the_global_mesh(tmp_path, axes):
+  """Two processes of two devices each add their own rows into one R sharded over all
+  four devices: every process gets the same R, the sum over both processes' rows
+  within `hessian.r_error_bound`."""
+  from tda import hessian
+  from tests import multihost_r_worker as worker
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = _env(TDA_COORDINATOR=f"localhost:{port}", TDA_NUM_PROCESSES="2",
+               TDA_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=ROOT)
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "tests.multihost_r_worker", str(tmp_path / f"{i}.npz"), axes],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-4000:]
+  got = [np.load(tmp_path / f"{i}.npz") for i in range(2)]
+  assert all(int(g["devices"]) == 4 for g in got)
+  assert np.array_equal(got[0]["r"], got[1]["r"])  # One R, copied to every host.
+  x = np.concatenate([worker.rows(0), worker.rows(1)]).astype(np.float64)
+  ref = x.T @ x
+  assert int(got[0]["n"]) == len(x) == 471
+  # 128 rows a step (64 from each process), ⌈301 / 64⌉ = 5 steps.
+  bound = hessian.r_error_bound(r_dd=ref, n=len(x), chunk=2 * 64, steps=5)
+  err = np.abs(got[0]["r"] - ref)
+  assert (err <= bound).all(), (err / bound).max()
+  # Both processes' rows are in it: leaving either out is far outside the bound.
+  for p in range(2):
+    xp = worker.rows(p).astype(np.float64)
+    assert (np.abs(got[0]["r"] - (ref - xp.T @ xp)) > bound).any()
+
