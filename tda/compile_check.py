@@ -18,8 +18,9 @@ corpus-scale run repeats, one step function each:
     `jax.eval_shape`d: nothing of the model is ever allocated.
   * `r_step` (`check_r_step`): one accumulation step of R = Σ φφᵀ (DESIGN.md §2),
     `tda.hessian.r_accumulate` itself (the step the 'gradients' stage accumulates
-    R_train with), R [d, d] float32 sharded 2-D as P(DATA, MODEL) (65,536² f32 = 16 GiB in all; on
-    16 × 16 chips a 4,096² = 64 MiB tile each), the φ rows arriving as the kernel
+    R_train with), R [d, d] float32 sharded 2-D as P(DATA, MODEL) on R's own mesh
+    (`sharding.r_mesh`: MODEL = one host's chips; 65,536² f32 = 16 GiB in all, a
+    64 MiB tile per chip on v5e-256), the φ rows arriving as the kernel
     emits them, P(DATA); and R's copy to the hosts after the last step
     (`tda.hessian.rows_replicated`, one DATA shard of rows replicated a step).
   * `scoring` (`check_scoring`): one chunk of exact search, `tda.index._chunk_topk`
@@ -359,13 +360,16 @@ def search_gradient_batch(target: _Target, *, first: dict[str, Any]) -> dict[str
 
 def check_r_step(target: _Target, *, d: int, r_batch: int) -> dict[str, Any]:
   """One R accumulation step over `r_batch` φ rows (rounded up to the DATA axis)."""
-  dp, rb = hessian.r_shapes(mesh=target.mesh, d=d, rows=r_batch)
-  target.log(f"r_step: R [{dp}, {dp}] float32 over P(data, model), {rb} rows")
-  rep = compile_report(lower_r_step(mesh=target.mesh, d=d, batch=rb), hbm_bytes=target.hbm)
+  mesh = sharding.r_mesh(target.devices)  # R's own mesh, as the run builds it.
+  dp, rb = hessian.r_shapes(mesh=mesh, d=d, rows=r_batch)
+  target.log(f"r_step: R [{dp}, {dp}] float32 over P(data, model) of the R mesh "
+             f"{dict(mesh.shape)}, {rb} rows")
+  rep = compile_report(lower_r_step(mesh=mesh, d=d, batch=rb), hbm_bytes=target.hbm)
   rep.update(d=d, d_padded=dp, rows=rb, function="tda.hessian.r_accumulate",
-             r_sharding="P('data', 'model')", phi_sharding="P('data', None)")
+             r_sharding="P('data', 'model')", phi_sharding="P('data', None)",
+             r_mesh=dict(mesh.shape))
   # R's copy to the hosts after the last step: one DATA shard of rows at a time.
-  rep["to_host"] = compile_report(lower_r_to_host(mesh=target.mesh, d=d),
+  rep["to_host"] = compile_report(lower_r_to_host(mesh=mesh, d=d),
                                   hbm_bytes=target.hbm)
   rep["to_host"]["function"] = "tda.hessian.rows_replicated"
   rep["fits"] = rep["fits"] and rep["to_host"]["fits"]
@@ -443,7 +447,7 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
     d = model_and_plan(config)[2].dim
   if "r_step" in steps:
     report["steps"]["r_step"] = check_r_step(target, d=d, r_batch=r_batch)
-  report["eigh_plan"] = eigh_plan(config, mesh=mesh, d=d)
+  report["eigh_plan"] = eigh_plan(config, mesh=sharding.r_mesh(devices), d=d)
   if "scoring" in steps:
     report["steps"]["scoring"] = check_scoring(target, d=d, queries=queries)
   return report

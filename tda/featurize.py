@@ -276,7 +276,7 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
   # R_train on the global mesh: every process adds its share of the sample and the
   # mesh's collectives sum them (the step `tda.compile_check` compiles). R_eval on
   # this process's devices: every process holds all the dev queries.
-  everyone, mine = sharding.make_mesh(config), sharding.process_mesh(config)
+  everyone, mine = sharding.r_mesh(), sharding.r_mesh(jax.local_devices())
   for v in methods_lib.variants(methods):
     s, cnt = hessian.autocorrelation(vectors_nd=train[v], mesh=everyone)
     s /= max(cnt, 1)

@@ -27,6 +27,7 @@ candidate, so a sweep costs one matrix product per candidate.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
@@ -59,8 +60,9 @@ r_accumulate = jax.jit(_r_accumulate, donate_argnums=0)
 
 
 def r_mesh(mesh=None):
-  """The mesh R is accumulated on: `mesh`, or this process's devices as a DATA × 1 mesh."""
-  return mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices())
+  """The mesh R is accumulated on: `mesh`, or this process's devices
+  (`sharding.r_mesh`)."""
+  return mesh if mesh is not None else sharding.r_mesh(jax.local_devices())
 
 
 def r_shapes(*, mesh, d: int, rows: int):
@@ -102,8 +104,9 @@ def r_to_host(r_dd, d: int) -> np.ndarray:
 
   Fully addressable (one process): read directly. Otherwise R is copied to every
   host one DATA shard of rows at a time (a static row slice replicated over the
-  mesh), so no chip ever holds more than dp / |DATA| rows of it (65,536² on a
-  16 × 16 mesh: 1 GiB a step, 16 steps), and each host assembles R once, float32.
+  mesh), so no chip ever holds more than dp / |DATA| rows of it (65,536² on
+  v5e-256's 64 × 4 R mesh: 256 MiB a step, 64 steps), and each host assembles R
+  once, float32.
   """
   dt = host_dtype(d)
   if r_dd.is_fully_addressable:
@@ -141,7 +144,7 @@ def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = R_CHUNK,
   R lives on the mesh as one float32 array sharded by `sharding.r_sharding`
   (padded to a side that divides it); each step `r_accumulate`s a block of rows
   placed over DATA (zero-padded: zero rows add nothing). On a mesh over several
-  processes (the run's global mesh, `sharding.make_mesh(config)`), every process
+  processes (the run's global R mesh, `sharding.r_mesh()`), every process
   calls this with its own share of the rows: each step's block is assembled from
   every process's rows (`jax.make_array_from_process_local_data`) and the mesh's
   collectives sum R, in an order fixed by the topology; all processes take the
@@ -171,8 +174,16 @@ def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = R_CHUNK,
     if len(set(counts[:, 1].tolist())) != 1:
       raise ValueError(f"autocorrelation: processes have rows of different widths "
                        f"{counts[:, 1].tolist()}")
+    owners = collections.defaultdict(set)
+    for idx, dev in np.ndenumerate(mesh.devices):
+      owners[idx[list(mesh.axis_names).index(sharding.DATA)]].add(dev.process_index)
+    if any(len(p) > 1 for p in owners.values()):
+      raise ValueError("autocorrelation: a DATA shard of this mesh spans several processes "
+                       "(its MODEL axis crosses processes); use sharding.r_mesh()")
   n_max = int(counts[:, 0].max())
-  dp, rows = r_shapes(mesh=mesh, d=d, rows=len(procs) * min(chunk, max(n_max, 1)))
+  # `chunk` rows a step in all (what `tda.compile_check` compiles), each process
+  # supplying the share its devices hold.
+  dp, rows = r_shapes(mesh=mesh, d=d, rows=min(chunk, len(procs) * max(n_max, 1)))
   rs, xs = sharding.r_sharding(mesh), sharding.batch_sharding(mesh, 2)
   local = _local_rows(xs, (rows, dp))
   r = jnp.zeros((dp, dp), jnp.float32, device=rs)
@@ -325,8 +336,9 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
               variants: int = 2, tables: int = 1) -> dict[str, Any]:
   """Where and in how much memory R and its eigendecomposition live at dimension d.
 
-  R is accumulated on the run's global mesh (`r_accumulate`: a float32 tile of the
-  padded [d, d] per chip; the mesh's collectives sum every process's rows), then
+  R is accumulated on the global R mesh (`sharding.r_mesh`; `r_accumulate`: a
+  float32 tile of the padded [d, d] per chip; the mesh's collectives sum every
+  process's rows), then
   copied to every host once, one DATA shard of rows at a time (`r_to_host`:
   dp² / |DATA| float32 per chip while it moves). Each host then chooses λ and
   eigendecomposes (LAPACK syevr via scipy, O(b) workspace) in host memory, not HBM.

@@ -10,6 +10,7 @@ sharded code runs in tests.
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 from typing import Mapping, Sequence
@@ -76,8 +77,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def r_sharding(mesh: Mesh) -> NamedSharding:
   """The Gauss-Newton R [d, d] (`tda.hessian.r_accumulate`): rows over DATA, columns
-  over MODEL (65,536² float32 = 16 GiB in all; a 4,096² tile per chip on 16 × 16)."""
+  over MODEL (65,536² float32 = 16 GiB in all; on `r_mesh` over v5e-256, 64 × 4, a
+  1,024 × 16,384 tile, 64 MiB, per chip)."""
   return NamedSharding(mesh, P(DATA, MODEL))
+
+
+def r_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh R (`tda.hessian.r_accumulate`) is accumulated on: `devices` (default
+  every device of every process) as DATA × MODEL with MODEL = one process's devices.
+
+  Each process's devices are then whole MODEL rows, so the DATA shards a process
+  holds are its own: every process adds its own φ rows (a MODEL axis spanning
+  processes would make processes sharing a DATA shard supply the same rows). 65,536²
+  on v5e-256 (64 hosts × 4 chips): 64 × 4, a 1,024 × 16,384 float32 tile (64 MiB)
+  per chip.
+  """
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
+  per_process = collections.Counter(d.process_index for d in devices)
+  if len(set(per_process.values())) != 1:
+    raise ValueError(f"processes hold different numbers of devices: {dict(per_process)}")
+  local = next(iter(per_process.values()))
+  return make_mesh(axes=((DATA, -1), (MODEL, local)), devices=devices)
 
 
 def r_side_multiple(mesh_shape: Mapping[str, int]) -> int:

@@ -18,10 +18,20 @@ def main(out: str, axes: str) -> None:
   import jax
   from tda import distributed, hessian, sharding
   distributed.initialize(None)
-  mesh = sharding.make_mesh(axes=tuple((a, int(s)) for a, s in
-                                       (x.split("=") for x in axes.split(","))))
+  mesh = (sharding.r_mesh() if axes == "r_mesh" else
+          sharding.make_mesh(axes=tuple((a, int(s)) for a, s in
+                                        (x.split("=") for x in axes.split(",")))))
   r, n = hessian.autocorrelation(vectors_nd=rows(jax.process_index()), chunk=64, mesh=mesh)
-  np.savez(out, r=r, n=n, devices=len(mesh.devices.flat))
+  # A mesh whose MODEL axis crosses processes would need processes sharing a DATA
+  # shard to supply the same rows: refused with the reason.
+  crossing = sharding.make_mesh(axes=(("data", 1), ("model", 4)))
+  try:
+    hessian.autocorrelation(vectors_nd=rows(jax.process_index()), mesh=crossing)
+    refused = ""
+  except ValueError as e:
+    refused = str(e)
+  np.savez(out, r=r, n=n, devices=len(mesh.devices.flat), mesh=str(dict(mesh.shape)),
+           refused=refused)
 
 
 if __name__ == "__main__":

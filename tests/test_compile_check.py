@@ -79,9 +79,11 @@ def test_cpu_fallback_mesh_shapes_and_argument_bytes():
   r = rep["steps"]["r_step"]
   d = r["d"]
   assert d == 2 * 4 * 8 * 8  # 2 layers x 4 groups, one 8 x 8 block each.
-  assert r["rows"] == 6 + (-6 % (n // model))  # Rounded up to the DATA axis.
+  # R's own mesh (`sharding.r_mesh`): one process's n devices are one MODEL row.
+  assert r["r_mesh"] == {"data": 1, "model": n}
+  assert r["rows"] == 6  # Rounded up to the DATA axis (1).
   # R [d, d] f32 split over data x model, plus φ [B, d] f32 rows split over data.
-  expect = 4 * d * d // n + 4 * r["rows"] * d // (n // model)
+  expect = 4 * d * d // n + 4 * r["rows"] * d
   assert r["memory_bytes"]["argument"] == expect
   assert r["memory_bytes"]["output"] == 4 * d * d // n
   assert r["function"] == "tda.hessian.r_accumulate"
@@ -89,10 +91,10 @@ def test_cpu_fallback_mesh_shapes_and_argument_bytes():
   assert e["d"] == d and e["r_bytes_per_chip"] == 4 * d * d // n
   assert e["eigh_bytes_per_chip"] == 0 and e["eigh_host_bytes_peak"] == 2 * 8 * d * d
   # R's copy to the hosts: the run's own row-slice step, one DATA shard of rows
-  # (d / |DATA| × d float32) replicated on each device.
+  # (here all d rows) replicated on each device.
   t = r["to_host"]
   assert t["function"] == "tda.hessian.rows_replicated" and t["fits"]
-  assert t["memory_bytes"]["output"] == 4 * (d // (n // model)) * d
+  assert t["memory_bytes"]["output"] == 4 * d * d
   # The scoring chunk is split over every device; queries are replicated.
   s = rep["steps"]["scoring"]
   assert s["chunk_rows"] % n == 0

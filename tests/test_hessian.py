@@ -204,7 +204,13 @@ def test_compile_check_compiles_the_runs_r_step_itself(monkeypatch):
   assert lowered.as_text() == run_lowered.as_text()
   rep = cc.check_r_step(cc._Target(config=None, devices=list(mesh.devices.flat), mesh=mesh,
                                    hbm=None, log=lambda s: None), d=70, r_batch=96)
-  assert rep["function"] == "tda.hessian.r_accumulate" and rep["d_padded"] == dp
+  # The check runs it on R's own mesh over those devices, the one the run builds
+  # (`sharding.r_mesh`: here one process, so 1 × 4).
+  from tda import sharding
+  r_mesh = sharding.r_mesh(list(mesh.devices.flat))
+  assert rep["function"] == "tda.hessian.r_accumulate"
+  assert rep["r_mesh"] == dict(r_mesh.shape) == {"data": 1, "model": 4}
+  assert rep["d_padded"] == hessian.r_shapes(mesh=r_mesh, d=70, rows=96)[0]
 
 
 def test_eigh_plan_at_the_8b_dimension():
