@@ -35,14 +35,17 @@ from tda import config as config_lib
 def get_config(arg=None):
   c = config_lib.c4_scale_config(
       name="trackstar_8b", d_model=4096, n_layers=32, n_heads=16, head_dim=256, d_ff=14336,
-      layers_per_block=8, model_axis=16, runlocal=False)
+      layers_per_block=8, model_axis=4, runlocal=False)  # MODEL: one v5e/v4 host's chips.
   c.data.vocab_path = None   # Set to the model's SentencePiece file for a real run.
   c.data.tfds_data_dir = None  # The prepared C4 (e.g. gs://<bucket>/tensorflow_datasets).
   c.data.trex_facts = None     # e.g. gs://<bucket>/trex/trex_facts_sample.jsonl
   c.data.trex_sentences = None  # e.g. gs://<bucket>/trex/trex_sentences.jsonl-*-of-00020
   m, g, ix = c.model, c.gradients, c.index
   m.remat = True
-  g.batch_size, g.length_bucket = 256, 256
+  # Per process (one host's 4 chips, mesh 1 × 4): 1 example a chip compiles to 14.31 GiB
+  # of a v5e chip's 16 (`python -m tda.compile_check --config=configs/trackstar_8b.py
+  # --topology=v5e-256`).
+  g.batch_size, g.length_bucket = 4, 256
   c.hessian.train_samples = 1_000_000
   c.hessian.lambda_ = 0.99
   ix.num_leaves, ix.num_leaves_to_search, ix.reorder = 1000, 100, 100

@@ -3,10 +3,16 @@
     python -m tda.compile_check --config=configs/trackstar_8b.py --topology=v5e-256 \
         [--batch_per_chip=N] [--search_batch] [--json] [--output=R.json]
 
-Lowers and compiles, for the config's mesh on *compile-only* TPU devices
-(`jax.experimental.topologies`, needs the `.[tpu]` extra, libtpu pinned by
-`jax[tpu]==0.10.2`) of a slice in `tda.topology.TOPOLOGIES`, the three programs a
-corpus-scale run repeats, one step function each:
+Lowers and compiles, on *compile-only* TPU devices (`jax.experimental.topologies`,
+needs the `.[tpu]` extra, libtpu pinned by `jax[tpu]==0.10.2`) of a slice in
+`tda.topology.TOPOLOGIES`, the three programs a corpus-scale run repeats, one step
+function each, each on the devices the run gives it: the gradient kernel and the
+search on one process's (host's) chips with the config's mesh, as every process of
+the run featurises and searches its own shards (`sharding.process_mesh`, so the
+config's MODEL axis must fit one host; libtpu compiles v5e programs only for a whole
+slice, so these compile on the one-host slice of the same chips,
+`topology.host_slice`: v5e-4 for v5e-256, v4-8 for v4-128); the R step on R's mesh
+over every chip of the slice:
 
   * `gradients` (`check_gradients`): the factored per-example gradient kernel
     (`tda.gradients.make_factored_kernel`, wrapped by `featurize.sharded_kernel`) at
@@ -24,8 +30,8 @@ corpus-scale run repeats, one step function each:
     emits them, P(DATA); and R's copy to the hosts after the last step
     (`tda.hessian.rows_replicated`, one DATA shard of rows replicated a step).
   * `scoring` (`check_scoring`): one chunk of exact search, `tda.index._chunk_topk`
-    itself, on a 1-D DATA mesh over every chip (as `tda.index` builds it): queries
-    replicated, table rows split over chips, local top-k then a merge.
+    itself, on a 1-D DATA mesh over one process's chips (as `tda.index` builds it):
+    queries replicated, table rows split over chips, local top-k then a merge.
 
 It also reports `eigh_plan` (`tda.hessian.eigh_plan`): R's bytes per chip while it
 is accumulated, and the eigendecomposition's placement (each host, LAPACK) with the
@@ -87,6 +93,14 @@ def libtpu_version() -> str | None:
     except metadata.PackageNotFoundError:
       pass
   return None
+
+
+def process_devices(name: str) -> list[jax.Device]:
+  """The devices of one process (host) of slice `name`: where the run's per-process
+  programs (featurisation, search) execute; compile-only devices of the one-host
+  slice of the same chips (`topology.host_slice`), or the host's CPUs."""
+  return topology_devices(name=name if name == topology_lib.CPU else
+                          topology_lib.host_slice(name))
 
 
 def topology_devices(*, name: str) -> list[jax.Device]:
@@ -303,14 +317,14 @@ class _Target:
     return self.mesh.shape.get(sharding.DATA, 1)
 
 
-def check_gradients(target: _Target, *, global_batch: int) -> dict[str, Any]:
-  """The factored gradient kernel at `global_batch` examples."""
+def check_gradients(target: _Target, *, batch: int) -> dict[str, Any]:
+  """The factored gradient kernel at `batch` examples a step on one process's chips."""
   n = target.chips
-  target.log(f"gradients: global batch {global_batch} on {n} chips")
-  lowered, info = lower_gradients(config=target.config, mesh=target.mesh, batch=global_batch)
+  target.log(f"gradients: batch {batch} on one process's {n} chips")
+  lowered, info = lower_gradients(config=target.config, mesh=target.mesh, batch=batch)
   rep = compile_report(lowered, hbm_bytes=target.hbm)
-  rep.update(info, global_batch=global_batch, batch_per_chip=global_batch / n,
-             batch_per_data_shard=global_batch // target.n_data)
+  rep.update(info, batch=batch, batch_per_chip=batch / n,
+             batch_per_data_shard=batch // target.n_data)
   target.log("gradients: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
                               else "does not fit") + f" ({rep['compile_s']:.0f} s)")
   return rep
@@ -319,7 +333,7 @@ def check_gradients(target: _Target, *, global_batch: int) -> dict[str, Any]:
 def search_gradient_batch(target: _Target, *, first: dict[str, Any]) -> dict[str, Any]:
   """The largest gradient batch that compiles in HBM, from `check_gradients`'s report."""
   n_data, hbm = target.n_data, target.hbm
-  start = first["global_batch"] // n_data
+  start = first["batch"] // n_data
   used = {}  # shards -> per-chip bytes of the probes that fit.
   limit_bytes = [hbm or 0.0]  # What XLA says it can use, once an OOM tells us.
   if first["fits"]:
@@ -352,15 +366,17 @@ def search_gradient_batch(target: _Target, *, first: dict[str, Any]) -> dict[str
     return pred + 1 if pred == lo else pred
 
   best, trials = search_largest(fits=fits, start=max(1, start), guess=guess)
-  return {"unit": "examples per DATA shard", "largest_global_batch": best * n_data,
+  return {"unit": "examples per DATA shard", "largest_batch": best * n_data,
           "largest_batch_per_chip": best * n_data / target.chips,
           "largest_batch_per_data_shard": best,
-          "trials_global_batch": [(t * n_data, ok) for t, ok in trials]}
+          "trials_batch": [(t * n_data, ok) for t, ok in trials]}
 
 
-def check_r_step(target: _Target, *, d: int, r_batch: int) -> dict[str, Any]:
-  """One R accumulation step over `r_batch` φ rows (rounded up to the DATA axis)."""
-  mesh = sharding.r_mesh(target.devices)  # R's own mesh, as the run builds it.
+def check_r_step(target: _Target, *, d: int, r_batch: int,
+                 devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """One R accumulation step over `r_batch` φ rows (rounded up to the DATA axis), on
+  R's own mesh over `devices` (default the target's), as the run builds it."""
+  mesh = sharding.r_mesh(devices or target.devices)
   dp, rb = hessian.r_shapes(mesh=mesh, d=d, rows=r_batch)
   target.log(f"r_step: R [{dp}, {dp}] float32 over P(data, model) of the R mesh "
              f"{dict(mesh.shape)}, {rb} rows")
@@ -384,7 +400,7 @@ def check_scoring(target: _Target, *, d: int, queries: int) -> dict[str, Any]:
   target.log(f"scoring: {queries} queries x {chunk} rows, top-{index_cfg.k}")
   rep = compile_report(lowered, hbm_bytes=target.hbm)
   rep.update(d=d, queries=queries, chunk_rows=chunk, k=index_cfg.k,
-             rows_sharding="P('data', None) over a 1-D mesh of every chip")
+             rows_sharding="P('data', None) over a 1-D mesh of one process's chips")
   return rep
 
 
@@ -412,8 +428,9 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
     config: the experiment config (mesh, model, gradients, index sections).
     topology_name: a key of `tda.topology.TOPOLOGIES`, or 'cpu' (host devices,
       tests only).
-    batch_per_chip: gradient examples per chip and step; the global batch is
-      rounded up to a multiple of the DATA axis (the Featurizer's rule).
+    batch_per_chip: gradient examples per chip and step; one process's batch
+      (its chips × this) is rounded up to a multiple of the DATA axis (the
+      Featurizer's rule).
     search_batch: also find the largest gradient batch that compiles in HBM.
     steps: which programs to compile (of STEPS).
     r_batch: φ rows per R step (rounded up to a multiple of the DATA axis).
@@ -427,26 +444,36 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
     raise ValueError(f"batch_per_chip must be > 0, got {batch_per_chip}")
   topo = None if topology_name == topology_lib.CPU else topology_lib.get(topology_name)
   devices = topology_devices(name=topology_name)
-  mesh = sharding.make_mesh(config, devices=devices)
-  target = _Target(config=config, devices=devices, mesh=mesh,
+  # The run featurises and searches per process, each on its own host's chips with
+  # the config's mesh (`sharding.process_mesh`); only R spans every chip.
+  host = process_devices(topology_name)
+  if topology_name != topology_lib.CPU:
+    per_host = collections.Counter(d.process_index for d in devices)
+    if set(per_host.values()) != {len(host)}:
+      raise ValueError(f"{topology_name}'s hosts hold {sorted(set(per_host.values()))} chips, "
+                       f"its one-host slice {topology_lib.host_slice(topology_name)} "
+                       f"{len(host)}")
+  mesh = sharding.make_mesh(config, devices=host)
+  target = _Target(config=config, devices=host, mesh=mesh,
                    hbm=None if topo is None else topo.hbm_gib * GIB, log=log)
   report: dict[str, Any] = {
       "config": config.name, "topology": topology_name,
-      "device_kind": devices[0].device_kind, "chips": target.chips,
+      "device_kind": devices[0].device_kind, "chips": len(devices),
+      "processes": len(devices) // len(host), "process_chips": len(host),
       "mesh": dict(mesh.shape), "hbm_gib": None if topo is None else topo.hbm_gib,
       "peak_bf16_tflops": None if topo is None else topo.peak_bf16_tflops,
       "libtpu": libtpu_version(), "jax": jax.__version__, "steps": {}}
   d = None
   if "gradients" in steps:
-    global_batch = sharding.pad_to_multiple(max(1, round(batch_per_chip * target.chips)), mesh)
-    grad = report["steps"]["gradients"] = check_gradients(target, global_batch=global_batch)
+    batch = sharding.pad_to_multiple(max(1, round(batch_per_chip * target.chips)), mesh)
+    grad = report["steps"]["gradients"] = check_gradients(target, batch=batch)
     d = grad["d"]
     if search_batch:
       report["batch_search"] = search_gradient_batch(target, first=grad)
   if d is None:
     d = model_and_plan(config)[2].dim
   if "r_step" in steps:
-    report["steps"]["r_step"] = check_r_step(target, d=d, r_batch=r_batch)
+    report["steps"]["r_step"] = check_r_step(target, d=d, r_batch=r_batch, devices=devices)
   report["eigh_plan"] = eigh_plan(config, mesh=sharding.r_mesh(devices), d=d)
   if "scoring" in steps:
     report["steps"]["scoring"] = check_scoring(target, d=d, queries=queries)
@@ -459,7 +486,9 @@ def _size(n: float) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
   lines = [f"{report['config']} on {report['topology']} ({report['chips']} x "
-           f"{report['device_kind']}, mesh {report['mesh']}, HBM/chip "
+           f"{report['device_kind']}; {report.get('processes', 1)} process(es) of "
+           f"{report.get('process_chips', report['chips'])} chips, each featurising and "
+           f"searching on its own with mesh {report['mesh']}; HBM/chip "
            f"{report['hbm_gib']} GiB; jax {report['jax']}, libtpu {report['libtpu']})"]
   for name, r in report["steps"].items():
     if not r["fits"]:
@@ -491,10 +520,10 @@ def format_report(report: dict[str, Any]) -> str:
         + f"); {e['eigh_flops'] / 1e12:.3g} TFLOP")
   if "batch_search" in report:
     b = report["batch_search"]
-    lines.append(f"  largest gradient batch that fits: {b['largest_global_batch']} global "
+    lines.append(f"  largest gradient batch that fits: {b['largest_batch']} a process "
                  f"= {b['largest_batch_per_chip']:g}/chip "
                  f"({b['largest_batch_per_data_shard']}/data shard); trials "
-                 f"{b['trials_global_batch']}")
+                 f"{b['trials_batch']}")
   return "\n".join(lines)
 
 

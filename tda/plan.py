@@ -160,14 +160,14 @@ def _from_compile_report(cr: dict[str, Any], analytic_full: float) -> dict[str, 
                                                "hbm_fraction", "flops", "error")}
   grad = cr.get("steps", {}).get("gradients")
   if grad and grad.get("fits") and grad.get("flops"):
-    per_ex = grad["flops"] * cr["chips"] / grad["global_batch"]
+    per_ex = grad["flops"] * cr.get("process_chips", cr["chips"]) / grad["batch"]
     out["flops_per_example_compiled"] = per_ex
     out["compiled_over_analytic"] = per_ex / analytic_full
   if "eigh_plan" in cr:
     out["eigh_plan"] = cr["eigh_plan"]
   if "batch_search" in cr:
     out["largest_batch_per_chip"] = cr["batch_search"]["largest_batch_per_chip"]
-    out["largest_global_batch"] = cr["batch_search"]["largest_global_batch"]
+    out["largest_batch"] = cr["batch_search"]["largest_batch"]
   return out
 
 
@@ -216,7 +216,7 @@ def format_plan(rep: dict[str, Any]) -> str:
                    f"{e['dtype']}): {e['host_bytes_total'] / g:.0f} GiB host memory, "
                    f"{e['eigh_flops'] / 1e12:,.0f} TFLOP")
     if "largest_batch_per_chip" in c:
-      lines.append(f"    largest gradient batch: {c['largest_global_batch']} global "
+      lines.append(f"    largest gradient batch: {c['largest_batch']} a process "
                    f"({c['largest_batch_per_chip']:g}/chip)")
   return "\n".join(lines)
 

@@ -46,6 +46,19 @@ TOPOLOGIES: dict[str, Topology] = {
 }
 CPU = "cpu"  # Host devices: mesh-shape checks only.
 
+# The slices that are one host (one TPU VM): v5e-4/8 are single hosts; the larger
+# v5e slices and every v4/v5p slice are built of 4-chip hosts.
+_ONE_HOST = {"v5e": ("v5e-4", "v5e-8"), "v4": ("v4-8",), "v5p": ("v5p-8",)}
+
+
+def host_slice(name: str) -> str:
+  """The one-host slice with the chips of one host of slice `name`: where a
+  per-process program (featurisation, search) is compiled, since libtpu compiles a
+  v5e program only for a whole slice's devices."""
+  get(name)
+  one = _ONE_HOST[name.split("-")[0]]
+  return name if name in one else one[0]
+
 
 def get(name: str) -> Topology:
   """The slice called `name` (a key of TOPOLOGIES)."""

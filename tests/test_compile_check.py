@@ -48,6 +48,13 @@ def test_topology_catalogue_counts_chips_and_names_cloud_slices():
              if not name.startswith("v5e"))
 
 
+def test_per_process_programs_compile_on_a_one_host_slice():
+  assert topology.host_slice("v5e-256") == "v5e-4"
+  assert topology.host_slice("v5e-8") == "v5e-8"  # One 8-chip host.
+  assert topology.host_slice("v4-128") == "v4-8"
+  assert topology.host_slice("v5p-512") == "v5p-8"
+
+
 def test_unknown_topology_lists_known_ones():
   with pytest.raises(ValueError, match=r"unknown topology 'v9-1'.*v5e-256.*v4-8.*v5p-8"):
     cc.check(config=_small_config(), topology_name="v9-1", steps=("r_step",))
@@ -164,9 +171,13 @@ def test_hbm_limit_parsed_from_both_oom_message_forms():
 
 
 @needs_libtpu
-def test_8b_mesh_on_too_small_slice_is_a_clear_error():
+def test_model_axis_wider_than_a_host_is_a_clear_error():
+  # Every process featurises on its own host's chips: a MODEL axis of 16 cannot be
+  # laid over a v5e host's 4 chips, on any slice.
+  c = trackstar_8b.get_config()
+  c.mesh.axes = (("data", -1), ("model", 16))
   with pytest.raises(ValueError, match="does not divide the 4 available devices"):
-    cc.check(config=trackstar_8b.get_config(), topology_name="v5e-4", steps=("r_step",))
+    cc.check(config=c, topology_name="v5e-256", steps=("r_step",))
 
 
 @pytest.mark.slow  # A subprocess that compiles.

@@ -142,9 +142,9 @@ def test_compile_report_flops_are_cross_checked_per_example():
       "flops_per_example_full_length"]["total"]
   # 4 chips each doing 2x one example's FLOPs for a global batch of 8: 1 example's worth.
   cr = {"topology": "v5e-4", "libtpu": "0.0.42.1", "mesh": {"data": 4, "model": 1},
-        "chips": 4, "batch_search": {"largest_batch_per_chip": 3, "largest_global_batch": 12},
+        "chips": 4, "batch_search": {"largest_batch_per_chip": 3, "largest_batch": 12},
         "steps": {"gradients": {"fits": True, "total_bytes": 2 << 30, "flops": full * 2,
-                                "global_batch": 8, "hbm_fraction": 0.125,
+                                "batch": 8, "hbm_fraction": 0.125,
                                 "memory_bytes": {}},
                   "r_step": {"fits": False, "error": "Ran out of memory on HBM"}},
         "eigh_plan": hessian.eigh_plan(d=4096, block_sizes=None,
@@ -153,7 +153,7 @@ def test_compile_report_flops_are_cross_checked_per_example():
   comp = rep["compiled"]
   assert comp["flops_per_example_compiled"] == pytest.approx(full)
   assert comp["compiled_over_analytic"] == pytest.approx(1.0)
-  assert comp["largest_global_batch"] == 12
+  assert comp["largest_batch"] == 12
   assert comp["steps"]["r_step"]["fits"] is False
   text = plan_lib.format_plan(rep)
   assert "DOES NOT FIT" in text and "1.00x analytic" in text
