@@ -246,7 +246,7 @@ def lambda_top_k(*, r_train: np.ndarray, r_eval: np.ndarray,
     raise ValueError(f"R_train {r_train.shape} and R_eval {r_eval.shape} differ in shape")
   top_k = int(min(max(top_k, 1), d))
   dt = host_dtype(d)
-  e, u = scipy.linalg.eigh(_symmetric(r_eval, dt), driver="evr", overwrite_a=True,
+  e, u = scipy.linalg.eigh(_symmetric(r_eval, dt), driver="evd", overwrite_a=True,
                            check_finite=False)
   # t_i = u_iᵀ R_train u_i: one matrix product (d³ flops through BLAS).
   t = np.einsum("di,di->i", u, np.asarray(r_train, dt) @ u).astype(np.float64)
@@ -313,10 +313,11 @@ def _symmetric(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def eigen(*, r_dd: np.ndarray, block_sizes: Sequence[int] | None = None) -> Eigen:
-  """Eigendecomposition of the symmetrised R per diagonal block: LAPACK's MRRR
-  (`syevr`, O(b) workspace) on a symmetrised copy it overwrites, float64 for blocks
-  up to `HOST_FLOAT64_MAX`, float32 above (damping keeps the damped matrix well
-  conditioned, so float32 suffices there, and the b³ work and b² memory halve)."""
+  """Eigendecomposition of the symmetrised R per diagonal block: LAPACK's divide
+  and conquer (`syevd`: the eigenvectors overwrite the symmetrised copy; its
+  workspace is ~2 b² elements) in float64 for blocks up to `HOST_FLOAT64_MAX`,
+  float32 above (damping keeps the damped matrix well conditioned, so float32
+  suffices there, and the b³ work and b² memory halve)."""
   d = r_dd.shape[0]
   if block_sizes is None:
     block_sizes = [d]
@@ -325,7 +326,7 @@ def eigen(*, r_dd: np.ndarray, block_sizes: Sequence[int] | None = None) -> Eige
   blocks, s = [], 0
   for b in block_sizes:
     blk = _symmetric(r_dd[s:s + b, s:s + b], host_dtype(b))
-    w, u = scipy.linalg.eigh(blk, driver="evr", overwrite_a=True, check_finite=False)
+    w, u = scipy.linalg.eigh(blk, driver="evd", overwrite_a=True, check_finite=False)
     del blk
     blocks.append((s, w.astype(np.float64), u))
     s += b
@@ -341,7 +342,7 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
   process's rows), then
   copied to every host once, one DATA shard of rows at a time (`r_to_host`:
   dp² / |DATA| float32 per chip while it moves). Each host then chooses λ and
-  eigendecomposes (LAPACK syevr via scipy, O(b) workspace) in host memory, not HBM.
+  eigendecomposes (LAPACK syevd via scipy) in host memory, not HBM.
   Host matrices are s = 8 bytes an entry up to `HOST_FLOAT64_MAX`, 4 above
   (`host_dtype`). The host's peak is the largest of its phases, each counting what
   is alive then (M = s d², one d × d matrix; B = s_b b², the largest block):
@@ -349,7 +350,8 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
       mixed R (tables · M) once λ is chosen;
     λ (the paper's rule, `lambda_top_k`): inputs + R_eval's symmetrised copy,
       its eigenvectors and R_train times them (3 M);
-    eigh: inputs + mixed R + the symmetrised block and its eigenvectors (2 B)
+    eigh: inputs + mixed R + the symmetrised block, which syevd overwrites with
+      the eigenvectors, and syevd's workspace (~2 B): 3 B
       + the eigenvectors of the blocks already done (< M);
     R^{-1/2} (the mixed R freed): inputs + the eigenvectors (~M) + one scaled
       block (B) + two R^{-1/2} (M each: the damping sweep's previous candidate's
@@ -370,19 +372,19 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
   m, blk = s * d * d, sb * b * b
   inputs = 2 * variants * m
   phases = {"lambda": inputs + 3 * m,
-            "eigh": inputs + tables * m + 2 * blk + sb * (d * d - b * b),
+            "eigh": inputs + tables * m + 3 * blk + sb * (d * d - b * b),
             "inv_sqrt": inputs + sb * d * d + blk + 2 * (m + (4 * d * d if s == 8 else 0))}
   peak = max(phases.items(), key=lambda kv: kv[1])
   return {"d": d, "blocks": len(blocks), "largest_block": b,
           "dtype": np.dtype(host_dtype(b)).name,
-          "where": "host (scipy.linalg.eigh, LAPACK syevr), every process",
+          "where": "host (scipy.linalg.eigh, LAPACK syevd), every process",
           "r_accumulation": "tda.hessian.r_accumulate on the global mesh, float32, "
                             "P('data', 'model'); summed across processes by the mesh",
           "r_bytes_per_chip": 4 * dp * dp // chips, "r_bytes_total": 4 * dp * dp,
           "r_to_host_bytes_per_chip": 4 * dp * dp // mesh_shape.get(sharding.DATA, 1),
           "eigh_bytes_per_chip": 0,
           "host_bytes_by_phase": phases, "host_peak_phase": peak[0],
-          "eigh_host_bytes_peak": 2 * blk, "host_bytes_inputs": inputs + tables * m,
+          "eigh_host_bytes_peak": 3 * blk, "host_bytes_inputs": inputs + tables * m,
           "host_bytes_total": peak[1],
           "eigh_flops": float(sum(9 * x ** 3 for x in blocks))}  # ~9 b³ with vectors.
 

@@ -96,7 +96,7 @@ def test_cpu_fallback_mesh_shapes_and_argument_bytes():
   assert r["function"] == "tda.hessian.r_accumulate"
   e = rep["eigh_plan"]  # The eigendecomposition's plan: R's tile per chip, host eigh.
   assert e["d"] == d and e["r_bytes_per_chip"] == 4 * d * d // n
-  assert e["eigh_bytes_per_chip"] == 0 and e["eigh_host_bytes_peak"] == 2 * 8 * d * d
+  assert e["eigh_bytes_per_chip"] == 0 and e["eigh_host_bytes_peak"] == 3 * 8 * d * d
   # R's copy to the hosts: the run's own row-slice step, one DATA shard of rows
   # (here all d rows) replicated on each device.
   t = r["to_host"]

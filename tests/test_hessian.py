@@ -220,12 +220,14 @@ def test_eigh_plan_at_the_8b_dimension():
   assert plan["r_bytes_per_chip"] == 64 << 20  # A 4,096² float32 tile on each of 256 chips.
   assert plan["r_to_host_bytes_per_chip"] == 1 << 30  # 4,096 rows of R replicated a step.
   assert plan["dtype"] == "float32" and plan["eigh_bytes_per_chip"] == 0
-  # Six float32 65,536² matrices at the peak (R_train, R_eval, the eigenvectors, one
-  # scaled copy, two R^{-1/2}): 96 GiB per host.
-  assert plan["host_bytes_total"] == 6 * (16 << 30) and plan["host_peak_phase"] == "inv_sqrt"
+  # Six float32 65,536² matrices at the peak: R_train, R_eval and the mixed R with the
+  # eigendecomposition's three, or R_train, R_eval, the eigenvectors, one scaled copy
+  # and two R^{-1/2} in the damping sweep: 96 GiB per host.
+  assert plan["host_bytes_total"] == 6 * (16 << 30)
+  assert plan["host_bytes_by_phase"]["eigh"] == plan["host_bytes_by_phase"]["inv_sqrt"]
   blocks = hessian.eigh_plan(d=65536, block_sizes=[4096] * 16,
                              mesh_shape={"data": 16, "model": 16})
-  assert blocks["eigh_host_bytes_peak"] == 2 * 4 * 4096 ** 2
+  assert blocks["eigh_host_bytes_peak"] == 3 * 4 * 4096 ** 2
   assert blocks["eigh_flops"] * 256 == pytest.approx(plan["eigh_flops"])
 
 
