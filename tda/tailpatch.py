@@ -9,14 +9,17 @@ Learning rate: `eval.tailpatch_lr`; None (the default) takes the training
 schedule's final value, i.e. the step size the model's last updates had, so one
 tail-patch step is one more step of the same training run.
 
-Pairs are vectorised: `jax.vmap` over (passage, query) pairs in fixed-size
-chunks, grouped by passage length bucket (one compiled shape per bucket width),
-and each distinct pair is computed once even when several methods retrieve it.
+Pairs are vectorised (`jax.vmap`, fixed-size chunks, passages grouped by length
+bucket: one compiled shape per bucket width), and nothing is computed twice: each
+distinct pair once even when several methods retrieve it; the step on a passage
+once however many queries it is paired with (it does not depend on the query), and
+the probability before it once per query.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,41 +42,102 @@ def default_lr(config) -> float:
   return float(train_lib.lr_schedule(config)(config.train.steps))
 
 
-def make_pair_fn(model: model_lib.Transformer, tx):
-  """(params, opt_state, passage_t, query_t, qmask_t) -> (p_before, p_after)."""
-  step = train_lib.make_train_step(model, tx)
+def target_prob_fn(model: model_lib.Transformer):
+  """(params, query_t, qmask_t) -> the probability of the query's target (masked tokens)."""
 
   def target_prob(params, query_t, qmask_t):
     nll = model_lib.example_losses(model, {"params": params}, query_t[None], qmask_t[None])[0]
     return jnp.exp(-nll)
 
-  def pair(params, opt_state, passage_t, query_t, qmask_t):
-    new_params, _, _ = step(params, opt_state, passage_t[None])
-    return target_prob(params, query_t, qmask_t), target_prob(new_params, query_t, qmask_t)
-
-  return pair
+  return target_prob
 
 
-def make_batched(model, tx):
-  """jit(vmap(pair)) over a chunk of pairs."""
-  return jax.jit(jax.vmap(make_pair_fn(model, tx), in_axes=(None, None, 0, 0, 0)))
+@dataclasses.dataclass(frozen=True)
+class Fns:
+  """The three jitted pieces of tail-patching (`make_batched`).
+
+  update: (params, opt_state, passages_pt) -> params after one step on each passage
+    (a leading axis of len(passages_pt) on every leaf).
+  before: (params, queries_pl, qmasks_pl) -> [P] target probabilities.
+  after: (updated params [P', ...], idx_p, queries_pl, qmasks_pl) -> [P] target
+    probabilities under the updated params `idx_p` picks for each query.
+  """
+  update: Callable
+  before: Callable
+  after: Callable
 
 
-def tailpatch_pairs(*, fn, params, opt_state, passages_pt: np.ndarray,
+def make_batched(model, tx) -> Fns:
+  """jit(vmap(...)) of the step, and of the target probability before and after it."""
+  step = train_lib.make_train_step(model, tx)
+  prob = target_prob_fn(model)
+
+  def update(params, opt_state, passage_t):
+    return step(params, opt_state, passage_t[None])[0]
+
+  def after(new_params, idx_p, queries_pl, qmasks_pl):
+    picked = jax.tree.map(lambda x: x[idx_p], new_params)
+    return jax.vmap(prob)(picked, queries_pl, qmasks_pl)
+
+  return Fns(update=jax.jit(jax.vmap(update, in_axes=(None, None, 0))),
+             before=jax.jit(jax.vmap(prob, in_axes=(None, 0, 0))),
+             after=jax.jit(after))
+
+
+def tailpatch_pairs(*, fn: Fns, params, opt_state, passages_pt: np.ndarray,
                     queries_pl: np.ndarray, qmasks_pl: np.ndarray,
+                    passage_of: np.ndarray | None = None, query_of: np.ndarray | None = None,
                     chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
-  """Before/after target probabilities for each (passage, query) row pair."""
-  n = len(passages_pt)
-  before, after = np.zeros(n, np.float64), np.zeros(n, np.float64)
-  bar = progress.start(total=n, desc="tail-patch", unit="pair")
-  for sl, pad in model_lib.fixed_batches(n, chunk):
-    b, a = fn(params, opt_state, model_lib.pad_rows(passages_pt[sl], pad),
-              model_lib.pad_rows(queries_pl[sl], pad), model_lib.pad_rows(qmasks_pl[sl], pad))
-    before[sl] = np.asarray(b)[:sl.stop - sl.start]
-    after[sl] = np.asarray(a)[:sl.stop - sl.start]
-    bar.update(sl.stop - sl.start)
+  """Before/after target probabilities for each (passage, query) pair.
+
+  Pair i is (passages_pt[passage_of[i]], queries_pl[query_of[i]]) (default: row i
+  of both). The step on a passage does not depend on the query, nor the
+  probability before it on the passage, so each distinct passage row is stepped
+  once and each distinct query row scored once before; only the probability
+  after is computed per pair. Passages run at their length rounded up to 32
+  (trailing padding changes nothing in a causal LM), `chunk` rows per call.
+
+  Returns:
+    (before [pairs], after [pairs]) float64.
+  """
+  n_pairs = len(queries_pl) if query_of is None else len(query_of)
+  passage_of = np.arange(n_pairs) if passage_of is None else np.asarray(passage_of, np.int64)
+  query_of = np.arange(n_pairs) if query_of is None else np.asarray(query_of, np.int64)
+  if len(passage_of) != n_pairs:
+    raise ValueError(f"passage_of has {len(passage_of)} pairs, query_of {n_pairs}")
+  before_q = np.zeros(len(queries_pl), np.float64)
+  used_q = np.unique(query_of)
+  for sl, pad in model_lib.fixed_batches(len(used_q), chunk):
+    rows = used_q[sl]
+    b = fn.before(params, model_lib.pad_rows(queries_pl[rows], pad),
+                  model_lib.pad_rows(qmasks_pl[rows], pad))
+    before_q[rows] = np.asarray(b)[:len(rows)]
+  after = np.zeros(n_pairs, np.float64)
+  used_p = np.unique(passage_of)
+  # Passages grouped by their length bucket: each group runs at its own width (one
+  # compiled shape per width), not all at the longest passage's.
+  widths = model_lib.bucket_lengths((passages_pt[used_p] != 0).sum(1), multiple=32,
+                                    max_len=passages_pt.shape[1])
+  order = np.argsort(passage_of, kind="stable")
+  starts = np.searchsorted(passage_of[order], used_p)
+  pairs_of = dict(zip(used_p.tolist(), np.split(order, starts[1:])))
+  bar = progress.start(total=n_pairs, desc="tail-patch", unit="pair")
+  for w in np.unique(widths):
+    group = used_p[widths == w]
+    for sl, pad in model_lib.fixed_batches(len(group), chunk):
+      rows = group[sl]
+      new_params = fn.update(params, opt_state,
+                             model_lib.pad_rows(passages_pt[rows, :int(w)], pad))
+      pairs = np.concatenate([pairs_of[int(p)] for p in rows])
+      slot = np.concatenate([np.full(len(pairs_of[int(p)]), j) for j, p in enumerate(rows)])
+      for psl, ppad in model_lib.fixed_batches(len(pairs), chunk):
+        sel, q = pairs[psl], query_of[pairs[psl]]
+        a = fn.after(new_params, model_lib.pad_rows(slot[psl], ppad),
+                     model_lib.pad_rows(queries_pl[q], ppad), model_lib.pad_rows(qmasks_pl[q], ppad))
+        after[sel] = np.asarray(a)[:len(sel)]
+        bar.update(len(sel))
   bar.close()
-  return before, after
+  return before_q[query_of], after
 
 
 def tailpatch_methods(*, fn, params, opt_state, corpus_tokens_nt: np.ndarray,
@@ -99,18 +163,14 @@ def tailpatch_methods(*, fn, params, opt_state, corpus_tokens_nt: np.ndarray,
   keys = list(pairs)
   before, after = np.zeros(len(keys)), np.zeros(len(keys))
   if keys:
-    passages = corpus_tokens_nt[[row_of[pid] for _, pid in keys]]
-    # Pairs grouped by their passage's length bucket: each group runs at its own
-    # width (one compiled shape per width), not all at the longest passage's.
-    widths = model_lib.bucket_lengths((passages != 0).sum(1), multiple=32,
-                                      max_len=passages.shape[1])
-    q_rows = np.array([q for q, _ in keys])
-    for w in np.unique(widths):
-      sel = np.flatnonzero(widths == w)
-      before[sel], after[sel] = tailpatch_pairs(
-          fn=fn, params=params, opt_state=opt_state, passages_pt=passages[sel, :int(w)],
-          queries_pl=query_tokens_nl[q_rows[sel]], qmasks_pl=query_mask_nl[q_rows[sel]],
-          chunk=chunk)
+    pids = sorted({pid for _, pid in keys})
+    slot = {pid: j for j, pid in enumerate(pids)}
+    before, after = tailpatch_pairs(
+        fn=fn, params=params, opt_state=opt_state,
+        passages_pt=corpus_tokens_nt[[row_of[pid] for pid in pids]],
+        queries_pl=query_tokens_nl, qmasks_pl=query_mask_nl,
+        passage_of=np.array([slot[pid] for _, pid in keys]),
+        query_of=np.array([q for q, _ in keys]), chunk=chunk)
   out = {}
   n_q = len(query_tokens_nl)
   for method, ranked in rankings.items():

@@ -452,7 +452,9 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
           "batch_size": t.batch_size, "seed": config.seed}
   step_fn = jax.jit(make_train_step(model, tx), donate_argnums=(0, 1))
   batch_sharding = sharding.batch_sharding(mesh, 2)
-  params, opt_state = state.params, state.opt_state
+  # Placed as the step returns them (replicated over the mesh): a fresh or restored
+  # state in another placement would compile the first batch length twice.
+  params, opt_state = jax.device_put((state.params, state.opt_state), sharding.replicated(mesh))
   t0, start_step, loss = time.time(), state.step, float("nan")
   tokens_seen = 0
   bar = progress.start(total=t.steps - state.step, desc="train", unit="step")

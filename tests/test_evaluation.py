@@ -16,19 +16,23 @@ def test_tailpatch_vmapped_equals_loop_of_single_steps():
   c = helpers.tiny_config()
   model, params, opt_state = helpers.trained_state(c, steps=3)
   tx = tailpatch.tailpatch_optimizer(c, 1e-2)
-  passages = helpers.random_tokens(5, 32, 512, seed=11, min_len=12)
-  queries = helpers.random_tokens(5, 16, 512, seed=12)
-  qmask = np.zeros((5, 16), np.float32)
+  passages = helpers.random_tokens(3, 64, 512, seed=11, min_len=12)
+  passages[2, 40:] = 0  # Two length buckets (32 and 64).
+  queries = helpers.random_tokens(3, 16, 512, seed=12)
+  qmask = np.zeros((3, 16), np.float32)
   qmask[:, 10:13] = 1.0
+  # Pairs share passages and queries: one step per passage, one "before" per query.
+  passage_of, query_of = np.array([0, 2, 0, 1, 2]), np.array([0, 1, 1, 2, 0])
   before, after = tailpatch.tailpatch_pairs(fn=tailpatch.make_batched(model, tx), params=params,
                                             opt_state=opt_state, passages_pt=passages,
-                                            queries_pl=queries, qmasks_pl=qmask, chunk=4)
+                                            queries_pl=queries, qmasks_pl=qmask,
+                                            passage_of=passage_of, query_of=query_of, chunk=2)
   step = jax.jit(train_lib.make_train_step(model, tx))
   # One compiled loss (op-by-op dispatch of the model costs more than compiling it).
   nll_fn = jax.jit(lambda p, q, m: model_lib.example_losses(model, {"params": p}, q, m)[0])
-  for i in range(5):
-    new_params, _, _ = step(params, opt_state, passages[i:i + 1])
-    nll = lambda p: float(nll_fn(p, queries[i:i + 1], qmask[i:i + 1]))
+  for i, (p, q) in enumerate(zip(passage_of, query_of)):
+    new_params, _, _ = step(params, opt_state, passages[p:p + 1])
+    nll = lambda w: float(nll_fn(w, queries[q:q + 1], qmask[q:q + 1]))
     np.testing.assert_allclose(before[i], np.exp(-nll(params)), rtol=1e-5)
     np.testing.assert_allclose(after[i], np.exp(-nll(new_params)), rtol=1e-4)
   assert np.all(after != before)  # The step really changed the model.
