@@ -11,7 +11,7 @@ that is not timed. Prints pairs, distinct passages and queries, the CPU and wall
 seconds of each, their ratio, and the largest differences of p_before and p_after
 between the two.
 
-    python scripts/bench_tailpatch.py --workdir=W --queries=20
+    python scripts/bench_tailpatch.py --workdir=W --queries=20 [--json]
 
 The saving grows with how often passages recur among the pairs: on the default
 run, 20 test queries give 1,034 pairs over 654 passages (CPU 26.4 s vs 20.5 s);
@@ -21,6 +21,7 @@ before sharing, 114 s after).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A finished default run (read on
 _CONFIG = flags.DEFINE_string("config", "configs/trackstar_tiny.py", "The run's config file.")
 _QUERIES = flags.DEFINE_integer("queries", 20, "Test queries whose pairs are tail-patched "
                                  "(0: all, as the stage does).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.")
 
 
 def main(_):
@@ -77,14 +79,24 @@ def main(_):
       passages_pt=corpus.tokens_nt[[row_of[p] for _, p in pairs]],
       queries_pl=queries.tokens_nl[q_of], qmasks_pl=queries.loss_mask_nl[q_of])
   (b_sh, a_sh), cpu_sh, wall_sh = timed(**shared)
+  out = {"pairs": len(pairs), "distinct_passages": len(pids), "queries": len(test),
+         "cpu_s_one_step_a_pair": cpu_per, "wall_s_one_step_a_pair": wall_per,
+         "cpu_s_shared": cpu_sh, "wall_s_shared": wall_sh,
+         "cpu_ratio": cpu_per / max(cpu_sh, 1e-9),
+         "max_abs_diff_p_before": float(np.abs(b_per - b_sh).max()),
+         "max_abs_diff_p_after": float(np.abs(a_per - a_sh).max()),
+         "pairs_bit_identical": int(((b_per == b_sh) & (a_per == a_sh)).sum())}
+  if _JSON.value:
+    print(json.dumps(out))
+    return
   print(f"pairs {len(pairs)}, distinct passages {len(pids)}, queries {len(test)}")
   print("                  cpu_s   wall_s")
   print(f"one step a pair  {cpu_per:7.1f}  {wall_per:7.1f}")
   print(f"shared           {cpu_sh:7.1f}  {wall_sh:7.1f}")
-  print(f"ratio (cpu)      {cpu_per / max(cpu_sh, 1e-9):7.2f}")
-  print(f"max |d p_before| {np.abs(b_per - b_sh).max():.3g}, max |d p_after| "
-        f"{np.abs(a_per - a_sh).max():.3g}, pairs bit-identical "
-        f"{int(((b_per == b_sh) & (a_per == a_sh)).sum())} of {len(pairs)}")
+  print(f"ratio (cpu)      {out['cpu_ratio']:7.2f}")
+  print(f"max |d p_before| {out['max_abs_diff_p_before']:.3g}, max |d p_after| "
+        f"{out['max_abs_diff_p_after']:.3g}, pairs bit-identical "
+        f"{out['pairs_bit_identical']} of {len(pairs)}")
 
 
 if __name__ == "__main__":
