@@ -190,7 +190,8 @@ def lower_r_step(*, mesh: Mesh, d: int, batch: int, dtype=jnp.float32):
   """The run's R step itself (`tda.hessian.r_accumulate`), on `hessian.r_arguments`."""
   dp, rows = hessian.r_shapes(mesh=mesh, d=d, rows=batch)
   return hessian.r_accumulate.lower(*hessian.r_arguments(mesh=mesh, d=dp, rows=rows,
-                                                         dtype=dtype))
+                                                         dtype=dtype),
+                                    **hessian.r_step_options(mesh))
 
 
 def lower_r_to_host(*, mesh: Mesh, d: int):

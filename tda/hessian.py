@@ -46,17 +46,29 @@ R_CHUNK = 4096          # φ rows per accumulation step.
 F32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
-def _r_accumulate(r_dd, x_nd):
-  """R += xᵀx over a batch of rows, accumulated in float32."""
-  x = x_nd.astype(jnp.float32)
+def _r_accumulate(r_dd, x_nd, *, gathered):
+  """R += xᵀx over a batch of rows, accumulated in float32.
+
+  The rows arrive split over DATA; `gathered` (the mesh, replicated) first
+  all-gathers them, so each device forms its own R tile from all rows with no
+  further communication. Left to itself XLA instead forms a [d, d / |MODEL|]
+  partial product per device and all-reduces it: on v5e-256 at d = 65,536, 4 GiB
+  of temporaries and of traffic a step, against 0.5 GiB gathered."""
+  x = jax.lax.with_sharding_constraint(x_nd.astype(jnp.float32), gathered)
   return r_dd + jnp.dot(x.T, x, preferred_element_type=jnp.float32)
 
 
 # The one R accumulation step: the run calls it (`autocorrelation`) and
 # `tda.compile_check` compiles it, on arguments placed by `r_arguments`: R by
 # `sharding.r_sharding` (P(DATA, MODEL)), the rows by `sharding.batch_sharding`
-# (P(DATA)). R is donated, so each step updates the sharded array in place.
-r_accumulate = jax.jit(_r_accumulate, donate_argnums=0)
+# (P(DATA)), and `r_step_options`. R is donated, so each step updates the sharded
+# array in place.
+r_accumulate = jax.jit(_r_accumulate, donate_argnums=0, static_argnames=("gathered",))
+
+
+def r_step_options(mesh) -> dict[str, Any]:
+  """`r_accumulate`'s static options on `mesh`."""
+  return {"gathered": sharding.replicated(mesh)}
 
 
 def r_mesh(mesh=None):
@@ -192,7 +204,7 @@ def autocorrelation(*, vectors_nd: np.ndarray, chunk: int = R_CHUNK,
     block[:max(0, min(local, n - s)), :d] = x[s:s + local]
     placed = (jax.device_put(block, xs) if len(procs) == 1 else
               jax.make_array_from_process_local_data(xs, block, (rows, dp)))
-    r = r_accumulate(r, placed)
+    r = r_accumulate(r, placed, **r_step_options(mesh))
   return r_to_host(r, d), int(counts[:, 0].sum())
 
 

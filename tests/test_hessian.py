@@ -154,7 +154,8 @@ def test_r_is_accumulated_sharded_on_the_mesh_within_its_float32_bound():
   out = hessian.r_accumulate(jax.device_put(np.zeros(r_abs.shape, np.float32), r_abs.sharding),
                              jax.device_put(x[:rows, :dp] if dp == 70 else
                                             np.pad(x[:rows], ((0, 0), (0, dp - 70))),
-                                            x_abs.sharding))
+                                            x_abs.sharding),
+                             **hessian.r_step_options(mesh))
   assert out.sharding.spec == P(sharding.DATA, sharding.MODEL)
   assert {s.data.shape for s in out.addressable_shards} == {(dp // 2, dp // 2)}
   assert len(out.addressable_shards) == 4
@@ -185,9 +186,9 @@ def test_compile_check_compiles_the_runs_r_step_itself(monkeypatch):
   real = hessian.r_accumulate
 
   class Spy:
-    def lower(self, *args):
+    def lower(self, *args, **kwargs):
       lowered_by.append(args)
-      return real.lower(*args)
+      return real.lower(*args, **kwargs)
 
   monkeypatch.setattr(hessian, "r_accumulate", Spy())
   cc.lower_r_step(mesh=mesh, d=70, batch=96)
@@ -200,7 +201,8 @@ def test_compile_check_compiles_the_runs_r_step_itself(monkeypatch):
   r_abs, x_abs = hessian.r_arguments(mesh=mesh, d=dp, rows=rows)
   run_lowered = hessian.r_accumulate.lower(
       jax.device_put(np.zeros(r_abs.shape, np.float32), r_abs.sharding),
-      jax.device_put(np.zeros(x_abs.shape, np.float32), x_abs.sharding))
+      jax.device_put(np.zeros(x_abs.shape, np.float32), x_abs.sharding),
+      **hessian.r_step_options(mesh))
   assert lowered.as_text() == run_lowered.as_text()
   rep = cc.check_r_step(cc._Target(config=None, devices=list(mesh.devices.flat), mesh=mesh,
                                    hbm=None, log=lambda s: None), d=70, r_batch=96)
