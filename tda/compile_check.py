@@ -414,9 +414,11 @@ def eigh_plan(config: ml_collections.ConfigDict, *, mesh: Mesh, d: int) -> dict[
             if config.hessian.block_diagonal else None)
   uses_r = [t for t in methods_lib.table_groups(methods)
             if hessian.r_key(t)[1] != methods_lib.R_NONE]
+  processes = len({dev.process_index for dev in mesh.devices.flat})
   return hessian.eigh_plan(d=d, block_sizes=blocks, mesh_shape=dict(mesh.shape),
                            variants=len(methods_lib.variants(methods)),
-                           tables=max(1, len(uses_r)))
+                           tables=max(1, len(uses_r)),
+                           sweep_rows=-(-config.hessian.train_samples // processes))
 
 
 def check(*, config: ml_collections.ConfigDict, topology_name: str,
@@ -518,7 +520,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{_size(e['r_to_host_bytes_per_chip'])}/chip while R moves to the hosts; host peak "
         f"{_size(e['host_bytes_total'])} (phase {e['host_peak_phase']}: "
         + ", ".join(f"{k} {_size(v)}" for k, v in e["host_bytes_by_phase"].items())
-        + f"); {e['eigh_flops'] / 1e12:.3g} TFLOP")
+        + f"); {e['eigh_flops'] / 1e12:.3g} TFLOP the eigendecomposition, "
+        f"{e['host_flops_total'] / 1e12:.3g} TFLOP on the host in all")
   if "batch_search" in report:
     b = report["batch_search"]
     lines.append(f"  largest gradient batch that fits: {b['largest_batch']} a process "

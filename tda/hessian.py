@@ -298,16 +298,36 @@ class Eigen:
   d: int
   blocks: list[tuple[int, np.ndarray, np.ndarray]]
 
-  def inv_sqrt(self, damping: float) -> np.ndarray:
-    """(R + δI)^{-1/2} per block, δ = damping × the block's mean eigenvalue."""
+  def scales(self, damping: float) -> np.ndarray:
+    """[d] (μ + δ)^{-1/2} per eigenvalue μ, block by block, δ = damping × the
+    block's mean eigenvalue: R^{-1/2} = U diag(scales) Uᵀ."""
     if not damping >= 0:
       raise ValueError(f"damping must be >= 0, got {damping}")
-    out = None if len(self.blocks) == 1 else np.zeros((self.d, self.d), host_dtype(self.d))
-    for s, w, u in self.blocks:
-      b = len(w)
+    out = []
+    for _, w, _ in self.blocks:
       w = np.maximum(w, 0.0)
-      w = w + damping * max(w.sum() / b, 1e-30)
-      blk = (u * (np.maximum(w, 1e-300) ** -0.5).astype(u.dtype)) @ u.T
+      w = w + damping * max(w.sum() / len(w), 1e-30)
+      out.append(np.maximum(w, 1e-300) ** -0.5)
+    return np.concatenate(out)
+
+  def rotate(self, x_nd: np.ndarray) -> np.ndarray:
+    """[n, d] Uᵀx per block (in the eigenvectors' dtype). Since U is orthogonal,
+    R^{-1/2}x and scales ⊙ Uᵀx have the same norms and inner products, so a damping
+    sweep rotates its vectors once and rescales them per candidate (O(n d)) instead
+    of forming R^{-1/2} per candidate (2 d³)."""
+    x = np.asarray(x_nd)
+    out = np.empty(x.shape, np.result_type(*(u.dtype for _, _, u in self.blocks)))
+    for s, _, u in self.blocks:
+      out[:, s:s + len(u)] = x[:, s:s + len(u)].astype(u.dtype) @ u
+    return out
+
+  def inv_sqrt(self, damping: float) -> np.ndarray:
+    """(R + δI)^{-1/2} per block, δ = damping × the block's mean eigenvalue."""
+    scales = self.scales(damping)
+    out = None if len(self.blocks) == 1 else np.zeros((self.d, self.d), host_dtype(self.d))
+    for s, _, u in self.blocks:
+      b = len(u)
+      blk = (u * scales[s:s + b].astype(u.dtype)) @ u.T
       if out is None:  # One block: the product is R^{-1/2} (no second d × d copy).
         return blk.astype(host_dtype(self.d), copy=False)
       out[s:s + b, s:s + b] = blk
@@ -346,15 +366,16 @@ def eigen(*, r_dd: np.ndarray, block_sizes: Sequence[int] | None = None) -> Eige
 
 
 def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[str, int],
-              variants: int = 2, tables: int = 1) -> dict[str, Any]:
-  """Where and in how much memory R and its eigendecomposition live at dimension d.
+              variants: int = 2, tables: int = 1, sweep_rows: int = 0) -> dict[str, Any]:
+  """Where and in how much memory and work R and its eigendecomposition live at
+  dimension d.
 
   R is accumulated on the global R mesh (`sharding.r_mesh`; `r_accumulate`: a
   float32 tile of the padded [d, d] per chip; the mesh's collectives sum every
-  process's rows), then
-  copied to every host once, one DATA shard of rows at a time (`r_to_host`:
-  dp² / |DATA| float32 per chip while it moves). Each host then chooses λ and
-  eigendecomposes (LAPACK syevd via scipy) in host memory, not HBM.
+  process's rows), then copied to every host once, one DATA shard of rows at a time
+  (`r_to_host`: dp² / |DATA| float32 per chip while it moves). Each host then
+  chooses λ, eigendecomposes (LAPACK syevd via scipy), sweeps the damping on the dev
+  pool in R's eigenbasis and forms R^{-1/2} once, in host memory, not HBM.
   Host matrices are s = 8 bytes an entry up to `HOST_FLOAT64_MAX`, 4 above
   (`host_dtype`). The host's peak is the largest of its phases, each counting what
   is alive then (M = s d², one d × d matrix; B = s_b b², the largest block):
@@ -365,14 +386,16 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
     eigh: inputs + mixed R + the symmetrised block, which syevd overwrites with
       the eigenvectors, and syevd's workspace (~2 B): 3 B
       + the eigenvectors of the blocks already done (< M);
-    R^{-1/2} (the mixed R freed): inputs + the eigenvectors (~M) + one scaled
-      block (B) + two R^{-1/2} (M each: the damping sweep's previous candidate's
-      and the next), each with a float32 copy when s = 8.
+    sweep (the mixed R freed): inputs + the eigenvectors (~M) + the rotated dev
+      vectors and one rescaled copy (2 · sweep_rows · d · s_b);
+    R^{-1/2}: inputs + the eigenvectors (~M) + one scaled block (B) + R^{-1/2}
+      (M, and a float32 copy when s = 8).
 
   Args:
     d: R's dimension; block_sizes: the diagonal blocks (None: one d × d block);
     mesh_shape: axis -> size of the mesh R is accumulated on;
-    variants: gradient variants estimated (raw, corrected); tables: R-using tables.
+    variants: gradient variants estimated (raw, corrected); tables: R-using tables;
+    sweep_rows: dev queries + dev pool rows this process holds in the sweep.
   """
   blocks = list(block_sizes) if block_sizes else [d]
   chips = int(np.prod(list(mesh_shape.values())))
@@ -385,20 +408,28 @@ def eigh_plan(*, d: int, block_sizes: Sequence[int] | None, mesh_shape: Mapping[
   inputs = 2 * variants * m
   phases = {"lambda": inputs + 3 * m,
             "eigh": inputs + tables * m + 3 * blk + sb * (d * d - b * b),
-            "inv_sqrt": inputs + sb * d * d + blk + 2 * (m + (4 * d * d if s == 8 else 0))}
+            "sweep": inputs + sb * d * d + 2 * sweep_rows * d * sb,
+            "inv_sqrt": inputs + sb * d * d + blk + m + (4 * d * d if s == 8 else 0)}
   peak = max(phases.items(), key=lambda kv: kv[1])
+  eigh_flops = float(sum(9 * x ** 3 for x in blocks))  # syevd with vectors: ~9 b³.
   return {"d": d, "blocks": len(blocks), "largest_block": b,
           "dtype": np.dtype(host_dtype(b)).name,
           "where": "host (scipy.linalg.eigh, LAPACK syevd), every process",
-          "r_accumulation": "tda.hessian.r_accumulate on the global mesh, float32, "
-                            "P('data', 'model'); summed across processes by the mesh",
+          "r_accumulation": "tda.hessian.r_accumulate on the global R mesh "
+                            "(sharding.r_mesh), float32, P('data', 'model'); summed "
+                            "across processes by the mesh",
           "r_bytes_per_chip": 4 * dp * dp // chips, "r_bytes_total": 4 * dp * dp,
           "r_to_host_bytes_per_chip": 4 * dp * dp // mesh_shape.get(sharding.DATA, 1),
           "eigh_bytes_per_chip": 0,
           "host_bytes_by_phase": phases, "host_peak_phase": peak[0],
           "eigh_host_bytes_peak": 3 * blk, "host_bytes_inputs": inputs + tables * m,
           "host_bytes_total": peak[1],
-          "eigh_flops": float(sum(9 * x ** 3 for x in blocks))}  # ~9 b³ with vectors.
+          # λ's eigendecomposition (d³ ~9) and R_train times its vectors (2 d³), each
+          # table's (9 b³ per block), the sweep's rotation (2 rows d b) and R^{-1/2}
+          # (2 b³ per block).
+          "eigh_flops": eigh_flops,
+          "host_flops_total": float(11 * d ** 3 + tables * (eigh_flops + sum(
+              2 * x ** 3 + 2 * sweep_rows * x * x for x in blocks)))}
 
 
 def inv_sqrt(*, r_dd: np.ndarray, damping: float,

@@ -223,10 +223,10 @@ def test_eigh_plan_at_the_8b_dimension():
   assert plan["r_to_host_bytes_per_chip"] == 1 << 30  # 4,096 rows of R replicated a step.
   assert plan["dtype"] == "float32" and plan["eigh_bytes_per_chip"] == 0
   # Six float32 65,536² matrices at the peak: R_train, R_eval and the mixed R with the
-  # eigendecomposition's three, or R_train, R_eval, the eigenvectors, one scaled copy
-  # and two R^{-1/2} in the damping sweep: 96 GiB per host.
-  assert plan["host_bytes_total"] == 6 * (16 << 30)
-  assert plan["host_bytes_by_phase"]["eigh"] == plan["host_bytes_by_phase"]["inv_sqrt"]
+  # eigendecomposition's three: 96 GiB per host. Forming R^{-1/2} (once: the sweep
+  # runs in the eigenbasis) holds five.
+  assert plan["host_bytes_total"] == 6 * (16 << 30) and plan["host_peak_phase"] == "eigh"
+  assert plan["host_bytes_by_phase"]["inv_sqrt"] == 5 * (16 << 30)
   blocks = hessian.eigh_plan(d=65536, block_sizes=[4096] * 16,
                              mesh_shape={"data": 16, "model": 16})
   assert blocks["eigh_host_bytes_peak"] == 3 * 4 * 4096 ** 2
@@ -235,30 +235,35 @@ def test_eigh_plan_at_the_8b_dimension():
 
 @pytest.mark.parametrize("blocks", [None, [768] * 3])
 def test_eigh_plan_is_the_measured_host_peak(blocks):
-  """What the host really allocates (numpy, traced) for λ, the eigendecomposition and
-  a damping sweep of R^{-1/2}, as `fit_whiteners` runs them, is `eigh_plan`'s peak."""
+  """What the host really allocates (numpy, traced) in `featurize.fit_whiteners` (R
+  to the host, λ, the eigendecomposition, the dev sweep in R's eigenbasis and the
+  chosen R^{-1/2}) is `eigh_plan`'s peak."""
   import tracemalloc
+  from tda import featurize
+  from tests.helpers import tiny_config
   d = 2304  # Above HOST_FLOAT64_MAX: the float32 host path of the 8B run.
+  c = tiny_config()
+  c.hessian.block_diagonal = blocks is not None
+  c.hessian.lambda_rule, c.hessian.lambda_top_k_fraction = "top_k", 0.02
+  c.hessian.damping_candidates = (0.1, 1.0, 10.0)
   rng = np.random.default_rng(0)
-  a = rng.normal(size=(d, 2 * d)).astype(np.float32) * np.geomspace(10, 0.1, d)[:, None]
-  r_train = (a @ a.T / (2 * d)).astype(np.float32)
-  b = rng.normal(size=(d, 100)).astype(np.float32)
-  r_eval = (b @ b.T / 100).astype(np.float32)
-  del a, b
+  train = {"corrected": (rng.normal(size=(3 * d, d)) * np.geomspace(10, 0.1, d)
+                         ).astype(np.float32)}
+  queries = {"corrected": rng.normal(size=(100, d)).astype(np.float32)}
+  pool = rng.normal(size=(300, d)).astype(np.float32)
+  dev = featurize.DevPool(queries=queries, pool={"corrected": pool},
+                          relevant_qp=np.eye(100, 300, dtype=bool))
   tracemalloc.start()
   try:
-    prep = hessian.prepare(methods=["trackstar"], r_train={"corrected": r_train},
-                           r_eval={"corrected": r_eval}, lambda_rule="top_k",
-                           top_k_fraction=0.02, block_sizes=blocks)
-    wh = None
-    for c in (0.1, 1.0, 10.0):  # As the dev sweep: the previous whiteners still alive.
-      wh = prep.whiteners(c)
+    fit = featurize.fit_whiteners(c, methods=["trackstar"], queries=queries, train=train,
+                                  block_sizes=blocks or [d], dev=dev)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
-  assert wh.matrices["trackstar"].dtype == np.float32
+  assert fit.whiteners.matrices["trackstar"].dtype == np.float32
+  assert len(fit.sweep["trackstar"]["dev_mrr"]) == 3
   plan = hessian.eigh_plan(d=d, block_sizes=blocks, mesh_shape={"data": 1}, variants=1,
-                           tables=1)
-  measured = peak + r_train.nbytes + r_eval.nbytes
-  assert 0.8 * plan["host_bytes_total"] <= measured <= 1.02 * plan["host_bytes_total"], (
-      measured / (4 * d * d), {k: v / (4 * d * d) for k, v in plan["host_bytes_by_phase"].items()})
+                           tables=1, sweep_rows=400)
+  m = 4 * d * d
+  assert 0.9 * plan["host_bytes_total"] <= peak <= 1.05 * plan["host_bytes_total"], (
+      peak / m, {k: v / m for k, v in plan["host_bytes_by_phase"].items()})
