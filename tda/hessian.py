@@ -22,7 +22,9 @@ R^{-1/2} = U diag((μ + δ)^-1/2) Uᵀ by eigendecomposition, δ = damping × me
 eigenvalue; full d × d or block-diagonal over projection blocks. The damping of
 every R-using method is chosen on dev queries from `hessian.damping_candidates`
 (`tda.featurize.fit_whiteners`); the eigendecomposition is shared by every
-candidate, so a sweep costs one matrix product per candidate.
+candidate, and the sweep works in its eigenbasis (`Eigen.rotate`, `Eigen.scales`):
+the dev vectors are rotated once and rescaled per candidate, and R^{-1/2} is formed
+once, for the chosen damping.
 """
 
 from __future__ import annotations
