@@ -19,6 +19,7 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 import jax
 import numpy as np
 
@@ -31,15 +32,12 @@ from tda import methods as methods_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished default run (read only).",
                                required=True)
-_CONFIG = flags.DEFINE_string("config", "configs/trackstar_tiny.py", "The run's config file.")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/trackstar_tiny.py",
+                                          "The run's config file.", lock_config=True)
 
 
 def main(_):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("cfg", _CONFIG.value)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = _CONFIG.value
   ctx = context_lib.Context(config=config, workdir=_WORKDIR.value)
   model, state, _ = ctx.trained
   eng = featurize.make_engine(config, model=model, state=state)

@@ -28,6 +28,7 @@ import time
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,18 +39,15 @@ from tda import tailpatch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished default run (read only).",
                                required=True)
-_CONFIG = flags.DEFINE_string("config", "configs/trackstar_tiny.py", "The run's config file.")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/trackstar_tiny.py",
+                                          "The run's config file.", lock_config=True)
 _QUERIES = flags.DEFINE_integer("queries", 20, "Test queries whose pairs are tail-patched "
                                  "(0: all, as the stage does).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.")
 
 
 def main(_):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("cfg", _CONFIG.value)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = _CONFIG.value
   ctx = context_lib.Context(config=config, workdir=_WORKDIR.value)
   corpus, queries = ctx.arrays
   split = ctx.gradients.split()
