@@ -28,6 +28,7 @@ every ablation (correction on/off) shares one forward/backward.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable
 
 import flax
@@ -47,9 +48,44 @@ def _perturbation_shapes(model, batch: int, length: int):
   return shapes["perturbations"]
 
 
-def _member_contrib(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
-                    corr: corr_lib.Correction | None) -> Array:
-  """One member's projected per-example gradient [B, k_in, k_out].
+class _Projections:
+  """Deferred right-multiplications `x @ Pᵀ`, run grouped by the tensor x.
+
+  Members that read the same layer input (q, k, v; gate, up) and both variants
+  of one member (raw P, corrected P ⊙ s) project the same tensor: their matrices
+  are stacked and x is read once, by one wider matmul (a [B, T, n] × [n, Σk]
+  product instead of several thin ones, each a full pass over x).
+  """
+
+  def __init__(self):
+    self._groups: dict[int, tuple[Array, list[Array]]] = {}
+
+  def add(self, x: Array, p: Array) -> tuple[int, int]:
+    """Asks for `x @ p.T` (p [k, n]); returns a handle for `result`."""
+    key = id(x)
+    if key not in self._groups:
+      self._groups[key] = (x, [])
+    mats = self._groups[key][1]
+    mats.append(p)
+    return key, len(mats) - 1
+
+  def run(self) -> None:
+    self._out = {}
+    for key, (x, mats) in self._groups.items():
+      sizes = [p.shape[0] for p in mats]
+      y = x.astype(jnp.float32) @ jnp.concatenate(mats, axis=0).T
+      self._out[key] = jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
+
+  def result(self, handle: tuple[int, int]) -> Array:
+    key, i = handle
+    return self._out[key][i]
+
+
+def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
+                  corr: corr_lib.Correction | None, projections: _Projections):
+  """One member's projected per-example gradient, as a direct [B, k_in, k_out] term
+  and/or factor pairs (left [B, T, k_in], right [B, T, k_out]) whose Σ_t L_t R_tᵀ
+  it is (pairs are handles into `projections`, resolved once all are asked for).
 
   Args:
     m: the member.
@@ -58,50 +94,51 @@ def _member_contrib(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
     inputs_bt: the input token ids (the embedding lookup's one-hot input).
     p_in: the member's input-side projection [k_in, n_in].
     p_out: the member's output-side projection [k_out, n_out].
-    corr: None (uncorrected); a `FactoredCorrection` (x and δ rescaled by s_in
-      and s_out); a `FullCorrection` (the layer's gradient materialised and
-      multiplied by 1/sqrt(V); vectors: Σ_t x_t ⊙ δ_t multiplied).
+    corr: None (uncorrected); a `FactoredCorrection`: (s_in ⊙ x)ᵀ P_inᵀ =
+      xᵀ (P_in ⊙ s_in)ᵀ, so the scales are folded into the [k, n] matrices instead
+      of rescaling the [B, T, n] activations; a `FullCorrection` (the layer's
+      gradient materialised and multiplied by 1/sqrt(V); vectors: Σ_t x_t ⊙ δ_t
+      multiplied).
+
+  Returns:
+    (direct [B, k_in, k_out] or None, [(left, right), ...]); a left or right is a
+    handle into `projections` or an array.
   """
   f32 = jnp.float32
   factored = isinstance(corr, corr_lib.FactoredCorrection)
+  if factored:
+    p_in, p_out = p_in * corr.s_in[None, :], p_out * corr.s_out[None, :]
   if m.kind == proj.EMBED:
     mod = model_lib.param_at(deltas, m.path[:-1])
     tied = "logits_out" in mod                          # Untied: the lookup term only.
-    g_lookup = mod["lookup_out"].astype(f32)          # [B, T, D].
+    g_lookup = mod["lookup_out"]                        # [B, T, D].
     if tied:
-      d_logits = mod["logits_out"].astype(f32)        # [B, T, V]: vocab side.
-      h = model_lib.param_at(inter, m.path[:-1])["logits_in"][0].astype(f32)  # [B, T, D].
+      d_logits = mod["logits_out"]                      # [B, T, V]: vocab side.
+      h = model_lib.param_at(inter, m.path[:-1])["logits_in"][0]  # [B, T, D].
     if isinstance(corr, corr_lib.FullCorrection):
       onehot = jax.nn.one_hot(inputs_bt, m.shape[0], dtype=f32)
-      grad = jnp.einsum("btv,btd->bvd", onehot, g_lookup)
+      grad = jnp.einsum("btv,btd->bvd", onehot, g_lookup.astype(f32))
       if tied:
-        grad = grad + jnp.einsum("btv,btd->bvd", d_logits, h)
+        grad = grad + jnp.einsum("btv,btd->bvd", d_logits.astype(f32), h.astype(f32))
       return proj.project_full(grads_bmn=grad * corr.inv_sqrt_v, member=m, p_in=p_in,
-                               p_out=p_out)
-    if factored:
-      g_lookup = g_lookup * corr.s_out
-    p_cols = (p_in * corr.s_in[None, :]).T if factored else p_in.T
-    left_lookup = jnp.take(p_cols, inputs_bt, axis=0)  # [B, T, k_in]
-    out = jnp.einsum("btk,btl->bkl", left_lookup, g_lookup @ p_out.T)
+                               p_out=p_out), []
+    # The lookup's input is one-hot: its projection is a gather of P_in's columns.
+    pairs = [(jnp.take(p_in.T, inputs_bt, axis=0), projections.add(g_lookup, p_out))]
     if tied:
-      if factored:
-        d_logits, h = d_logits * corr.s_in, h * corr.s_out
-      out = jnp.einsum("btk,btl->bkl", d_logits @ p_in.T, h @ p_out.T) + out
-    return out
+      pairs.append((projections.add(d_logits, p_in), projections.add(h, p_out)))
+    return None, pairs
   mod_path = m.path[:-1]
-  x = model_lib.param_at(inter, mod_path)["in"][0].astype(f32)
-  d = model_lib.param_at(deltas, mod_path)["out"].astype(f32)
+  x = model_lib.param_at(inter, mod_path)["in"][0]
+  d = model_lib.param_at(deltas, mod_path)["out"]
   if m.kind == proj.VECTOR:
-    g = jnp.sum(x * d, axis=1)                          # [B, n]
+    g = jnp.sum(x.astype(f32) * d.astype(f32), axis=1)  # [B, n]
     if corr is not None:
       g = g * corr.inv_sqrt_v                           # Vectors: always full.
-    return p_in[:, 0][None, :, None] * (g @ p_out.T)[:, None, :]
+    return p_in[:, 0][None, :, None] * (g @ p_out.T)[:, None, :], []
   if isinstance(corr, corr_lib.FullCorrection):
-    grad = jnp.einsum("btn,btm->bnm", x, d) * corr.inv_sqrt_v
-    return proj.project_full(grads_bmn=grad, member=m, p_in=p_in, p_out=p_out)
-  if factored:
-    x, d = x * corr.s_in, d * corr.s_out
-  return jnp.einsum("btk,btl->bkl", x @ p_in.T, d @ p_out.T)
+    grad = jnp.einsum("btn,btm->bnm", x.astype(f32), d.astype(f32)) * corr.inv_sqrt_v
+    return proj.project_full(grads_bmn=grad, member=m, p_in=p_in, p_out=p_out), []
+  return None, [(projections.add(x, p_in), projections.add(d, p_out))]
 
 
 def _assemble(plan: proj.Plan, member_fn: Callable[[proj.Member], Array]) -> Array:
@@ -168,15 +205,39 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
     deltas, (nll_b, inter) = jax.grad(total_loss, has_aux=True)(perts)
     deltas, inter = flax.core.unfreeze(deltas), flax.core.unfreeze(inter)
 
-    def member(m: proj.Member, corrected: bool) -> Array:
-      p_in, p_out = mats[m.name]
-      return _member_contrib(m, inter=inter, deltas=deltas, inputs_bt=inputs_bt,
-                             p_in=p_in, p_out=p_out,
-                             corr=corrs[m.name] if corrected else None)
+    # Every variant's terms first (projections asked for, not yet run), then each
+    # input tensor projected once by all the matrices that read it, then per block
+    # one contraction over time of all its factor pairs (concatenated along T).
+    projections = _Projections()
+    terms = {}
+    for name in variants:
+      for m in plan.members:
+        p_in, p_out = mats[m.name]
+        terms[name, m.name] = _member_terms(
+            m, inter=inter, deltas=deltas, inputs_bt=inputs_bt, p_in=p_in, p_out=p_out,
+            corr=corrs[m.name] if name == "corrected" else None, projections=projections)
+    projections.run()
+    get = lambda a: projections.result(a) if isinstance(a, tuple) else a
+
+    def block_out(block: proj.Block, name: str) -> Array:
+      direct, lefts, rights = [], [], []
+      for m in block.members:
+        dterm, pairs = terms[name, m.name]
+        if dterm is not None:
+          direct.append(dterm)
+        lefts += [get(l) for l, _ in pairs]
+        rights += [get(r) for _, r in pairs]
+      acc = 0.0
+      if lefts:
+        acc = jnp.einsum("btk,btl->bkl", jnp.concatenate(lefts, axis=1),
+                         jnp.concatenate(rights, axis=1))
+      for dterm in direct:
+        acc = acc + dterm
+      return acc.reshape(acc.shape[0], -1)
 
     out = {"loss": nll_b}
     for name in variants:
-      out[name] = _assemble(plan, functools.partial(member, corrected=name == "corrected"))
+      out[name] = jnp.concatenate([block_out(b, name) for b in plan.blocks], axis=-1)
     return out
 
   return kernel

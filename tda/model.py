@@ -237,9 +237,18 @@ class Transformer(nn.Module):
 
 
 def token_nll(logits_btv: Array, targets_bt: Array, mask_bt: Array) -> Array:
-  """Per-example summed next-token NLL: logits at t predict targets at t. Returns [B]."""
-  logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  nll_bt = -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
+  """Per-example summed next-token NLL: logits at t predict targets at t. Returns [B].
+
+  Written as logsumexp minus the target's logit, picked by an iota comparison:
+  the same values as `-take_along_axis(log_softmax(...))`, but its gradient is the
+  softmax minus a one-hot formed inside the fusion, where a gather's gradient
+  would materialise a [B, T, V] zero tensor and scatter into it (about a sixth of
+  the LM head's backward on CPU; scripts/bench_gradients.py --profile).
+  """
+  logits = logits_btv.astype(jnp.float32)
+  hit = jnp.arange(logits.shape[-1], dtype=targets_bt.dtype) == targets_bt[..., None]
+  target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+  nll_bt = jax.nn.logsumexp(logits, axis=-1) - target_logit
   return jnp.sum(nll_bt * mask_bt, axis=-1)
 
 
