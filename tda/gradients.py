@@ -16,6 +16,13 @@ arrays and correction records (`tda.correction.FactoredCorrection` /
   m × n per-example gradient is ever formed. Members whose V is full (Adam,
   unfactored Adafactor parameters) go through the materialise-per-layer path:
   `Σ_t x_t δ_tᵀ` for that layer only, ⊘ sqrt(V), then projected.
+  The LM head is fused (`fused_head`): the forward stops at the final hidden
+  states h, and the head's logits, loss and logit gradient are formed a chunk of
+  rows at a time, so the [B, T, V] logits and their gradient never reach memory;
+  the body's backward starts from the returned dh, and a head member (the tied
+  embedding's logit term, `lm_head`) takes its vocab-side projection from the same
+  chunks. (A head member with a full V needs the whole logit gradient: then the
+  kernel runs the model with its logit taps instead.)
 
 Both assemble the output the same way: per block, the members' [B, k_in, k_out]
 projections summed in member order and flattened; blocks concatenated in plan
@@ -42,10 +49,79 @@ from tda import projection as proj
 Array = jax.Array
 
 
-def _perturbation_shapes(model, batch: int, length: int):
+def _perturbation_shapes(model, batch: int, length: int, hidden_only: bool = False):
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((batch, length), jnp.int32)))
+      lambda: model.init(jax.random.key(0), jnp.zeros((batch, length), jnp.int32),
+                         hidden_only=hidden_only))
   return shapes["perturbations"]
+
+
+# Rows of the LM head a fused-head step holds at once ([rows, vocab] float32 logits):
+# 128 rows of an 8,192 vocabulary are 4 MiB, which stays in cache between the
+# forward matmul, the softmax and the two backward matmuls.
+HEAD_CHUNK_ROWS = 128
+
+
+def _is_head(m: proj.Member, tied: bool) -> bool:
+  """Whether the member's gradient has a term through the LM head's logits: the
+  tied embedding (its logit term) or an untied output head `lm_head`."""
+  return (m.kind == proj.EMBED and tied) or m.path[0] == "lm_head"
+
+
+def fused_head(h_btd: Array, w_vd: Array, targets_bt: Array, mask_bt: Array,
+               p_kv: Array | None, *, dtype, chunk: int = HEAD_CHUNK_ROWS):
+  """The LM head, its loss and the loss's gradient, `chunk` rows at a time.
+
+  For each row t: logits z = h_t Wᵀ (in the model's compute dtype, read as
+  float32, as `tda.model.Transformer` computes them), the NLL
+  logsumexp(z) − z[target], and its gradient g = mask_t · (softmax(z) − onehot):
+  the cotangent of the summed masked NLL, so this is the head's forward *and*
+  backward. The [B, T, V] logits and their gradient are never materialised: each
+  chunk's are formed, used and dropped (`jax.lax.map`).
+
+  Args:
+    h_btd: the final hidden states [B, T, D] (after the final norm).
+    w_vd: the head matrix [V, D] (the tied embedding, or `lm_head`'s kernel
+      transposed).
+    targets_bt, mask_bt: next-token targets and loss mask [B, T].
+    p_kv: vocab-side projection matrices stacked [K, V], or None.
+    dtype: the model's compute dtype.
+    chunk: at most this many rows per step.
+
+  Returns:
+    (nll_b [B] summed masked NLL, dh [B, T, D] in `dtype`, the gradient w.r.t. h;
+     g P_kvᵀ [B, T, K] float32 or None).
+  """
+  f32 = jnp.float32
+  b, t, d = h_btd.shape
+  n = b * t
+  steps = -(-n // chunk)
+  chunk = -(-n // steps)        # Equal steps of at most `chunk` rows: < `steps` padded rows.
+  pad = steps * chunk - n
+  rows = lambda x: jnp.pad(x.reshape((n,) + x.shape[2:]),
+                           ((0, pad),) + ((0, 0),) * (x.ndim - 2))
+  w = w_vd.astype(dtype)
+  vocab = w.shape[0]
+
+  def step(args):
+    hc, tc, mc = args
+    z = jnp.dot(hc.astype(dtype), w.T).astype(f32)            # [c, V]
+    zmax = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    e = jnp.exp(z - zmax)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    hit = jnp.arange(vocab, dtype=tc.dtype)[None, :] == tc[:, None]
+    nll = (jnp.log(s) + zmax)[:, 0] - jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
+    g = ((e / s - hit.astype(f32)) * mc[:, None]).astype(dtype)  # As the dtype logits see it.
+    dh = jnp.dot(g, w)                                         # [c, D]
+    pg = None if p_kv is None else g.astype(f32) @ p_kv.T      # [c, K]
+    return nll, dh, pg
+
+  shape = lambda x: x.reshape((-1, chunk) + x.shape[1:])
+  nll, dh, pg = jax.lax.map(step, (shape(rows(h_btd)), shape(rows(targets_bt)),
+                                   shape(rows(mask_bt.astype(f32)))))
+  unrows = lambda x: x.reshape((-1,) + x.shape[2:])[:n].reshape((b, t) + x.shape[2:])
+  nll_b = jnp.sum(unrows(nll) * mask_bt, axis=-1)
+  return nll_b, unrows(dh), None if pg is None else unrows(pg)
 
 
 class _Projections:
@@ -81,8 +157,19 @@ class _Projections:
     return self._out[key][i]
 
 
+def _vocab_matrix(m: proj.Member, *, p_in, p_out, corr) -> Array:
+  """A head member's vocab-side projection matrix [k, V], with the correction's
+  vocab-side scale folded in: the tied embedding's P_in (its axis 0 is the
+  vocabulary), `lm_head`'s P_out."""
+  factored = isinstance(corr, corr_lib.FactoredCorrection)
+  if m.kind == proj.EMBED:
+    return p_in * corr.s_in[None, :] if factored else p_in
+  return p_out * corr.s_out[None, :] if factored else p_out
+
+
 def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
-                  corr: corr_lib.Correction | None, projections: _Projections):
+                  corr: corr_lib.Correction | None, projections: _Projections,
+                  head=None):
   """One member's projected per-example gradient, as a direct [B, k_in, k_out] term
   and/or factor pairs (left [B, T, k_in], right [B, T, k_out]) whose Σ_t L_t R_tᵀ
   it is (pairs are handles into `projections`, resolved once all are asked for).
@@ -99,6 +186,9 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
       of rescaling the [B, T, n] activations; a `FullCorrection` (the layer's
       gradient materialised and multiplied by 1/sqrt(V); vectors: Σ_t x_t ⊙ δ_t
       multiplied).
+    projections: where the factor projections are asked for.
+    head: with the fused head, (h [B, T, D], this member's g P_vocabᵀ handle):
+      the logit term's factors; None when the model's logit taps are there.
 
   Returns:
     (direct [B, k_in, k_out] or None, [(left, right), ...]); a left or right is a
@@ -110,8 +200,12 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
     p_in, p_out = p_in * corr.s_in[None, :], p_out * corr.s_out[None, :]
   if m.kind == proj.EMBED:
     mod = model_lib.param_at(deltas, m.path[:-1])
-    tied = "logits_out" in mod                          # Untied: the lookup term only.
+    tied = "logits_out" in mod or head is not None      # Untied: the lookup term only.
     g_lookup = mod["lookup_out"]                        # [B, T, D].
+    if tied and head is not None:
+      h, g_vocab = head
+      return None, [(jnp.take(p_in.T, inputs_bt, axis=0), projections.add(g_lookup, p_out)),
+                    (g_vocab, projections.add(h, p_out))]
     if tied:
       d_logits = mod["logits_out"]                      # [B, T, V]: vocab side.
       h = model_lib.param_at(inter, m.path[:-1])["logits_in"][0]  # [B, T, D].
@@ -127,6 +221,9 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
     if tied:
       pairs.append((projections.add(d_logits, p_in), projections.add(h, p_out)))
     return None, pairs
+  if head is not None:                                  # lm_head: x = h, δ = g.
+    h, g_vocab = head
+    return None, [(projections.add(h, p_in), g_vocab)]
   mod_path = m.path[:-1]
   x = model_lib.param_at(inter, mod_path)["in"][0]
   d = model_lib.param_at(deltas, mod_path)["out"]
@@ -172,7 +269,8 @@ def _check_corrections(corrs, variants: tuple[str, ...]) -> None:
 
 def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
                          has_corrections: bool,
-                         variants: tuple[str, ...] | None = None) -> Callable:
+                         variants: tuple[str, ...] | None = None,
+                         head_chunk_rows: int = HEAD_CHUNK_ROWS) -> Callable:
   """Returns `kernel(params, mats, corrs, tokens_bt, mask_bt) -> dict`.
 
   Args:
@@ -183,26 +281,56 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
       otherwise None.
     variants: the outputs to compute, a subset of ('raw', 'corrected'); default
       'raw', plus 'corrected' when there are corrections.
+    head_chunk_rows: rows per step of the fused LM head (`fused_head`).
 
   Returns:
     The kernel; its output dict: 'raw' [B, d], 'corrected' [B, d] (as asked),
     'loss' [B] (summed NLL of each example).
   """
   variants = _check_variants(variants, has_corrections)
+  if head_chunk_rows < 1:
+    raise ValueError(f"gradients.head_chunk_rows must be >= 1, got {head_chunk_rows}")
 
   def kernel(params, mats, corrs, tokens_bt, mask_bt):
     _check_corrections(corrs, variants)
-    inputs_bt = tokens_bt[:, :-1]
-    pert_shapes = _perturbation_shapes(model, tokens_bt.shape[0], tokens_bt.shape[1] - 1)
+    cfg = model.cfg
+    inputs_bt, targets_bt, tmask_bt = model_lib.shift(tokens_bt, mask_bt)
+    corr_of = lambda m, name: corrs[m.name] if name == "corrected" else None
+    heads = [m for m in plan.members if _is_head(m, cfg.tie_embeddings)]
+    # The fused head (`fused_head`) unless a head member's V is full: that path
+    # materialises the member's gradient, so it needs the [B, T, V] logit gradient.
+    fused = not any(isinstance(corr_of(m, v), corr_lib.FullCorrection)
+                    for m in heads for v in variants)
+    pert_shapes = _perturbation_shapes(model, *inputs_bt.shape, hidden_only=fused)
     perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
+    head_terms = {}
+    if fused:
+      def body(perts):
+        h, state = model.apply({"params": params, "perturbations": perts}, inputs_bt,
+                               hidden_only=True, mutable=["intermediates"])
+        return h, state["intermediates"]
 
-    def total_loss(perts):
-      nll_b, state = model_lib.example_losses(
-          model, {"params": params, "perturbations": perts}, tokens_bt, mask_bt,
-          mutable=["intermediates"])
-      return jnp.sum(nll_b), (nll_b, state["intermediates"])
+      h, body_vjp, inter = jax.vjp(body, perts, has_aux=True)
+      w_vd = (params["embed"]["embedding"] if cfg.tie_embeddings
+              else params["lm_head"]["kernel"].T)
+      vocab_mats = [_vocab_matrix(m, p_in=mats[m.name][0], p_out=mats[m.name][1],
+                                  corr=corr_of(m, v)) for v in variants for m in heads]
+      p_kv = jnp.concatenate(vocab_mats, axis=0) if vocab_mats else None
+      nll_b, dh, g_vocab = fused_head(h, w_vd, targets_bt, tmask_bt, p_kv,
+                                      dtype=jnp.dtype(cfg.dtype), chunk=head_chunk_rows)
+      (deltas,) = body_vjp(dh)
+      if vocab_mats:
+        sizes = list(itertools.accumulate(p.shape[0] for p in vocab_mats))[:-1]
+        parts = iter(jnp.split(g_vocab, sizes, axis=-1))
+        head_terms = {(v, m.name): (h, next(parts)) for v in variants for m in heads}
+    else:
+      def total_loss(perts):
+        nll_b, state = model_lib.example_losses(
+            model, {"params": params, "perturbations": perts}, tokens_bt, mask_bt,
+            mutable=["intermediates"])
+        return jnp.sum(nll_b), (nll_b, state["intermediates"])
 
-    deltas, (nll_b, inter) = jax.grad(total_loss, has_aux=True)(perts)
+      deltas, (nll_b, inter) = jax.grad(total_loss, has_aux=True)(perts)
     deltas, inter = flax.core.unfreeze(deltas), flax.core.unfreeze(inter)
 
     # Every variant's terms first (projections asked for, not yet run), then each
@@ -215,7 +343,8 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
         p_in, p_out = mats[m.name]
         terms[name, m.name] = _member_terms(
             m, inter=inter, deltas=deltas, inputs_bt=inputs_bt, p_in=p_in, p_out=p_out,
-            corr=corrs[m.name] if name == "corrected" else None, projections=projections)
+            corr=corr_of(m, name), projections=projections,
+            head=head_terms.get((name, m.name)))
     projections.run()
     get = lambda a: projections.result(a) if isinstance(a, tuple) else a
 

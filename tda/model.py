@@ -218,11 +218,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """`tokens [B, T] -> logits [B, T, V]`."""
+  """`tokens [B, T] -> logits [B, T, V]`; with `hidden_only=True`, the final hidden
+  states [B, T, D] (after the final norm) the head reads, without the head (the
+  factored kernel's fused head takes them from there: `tda.gradients.fused_head`)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_bt: Array) -> Array:
+  def __call__(self, tokens_bt: Array, hidden_only: bool = False) -> Array:
     c = self.cfg
     emb = Embedder(c.vocab_size, c.d_model, c.dtype, c.param_dtype, c.scale_embeddings,
                    name="embed")
@@ -231,6 +233,8 @@ class Transformer(nn.Module):
     for i in range(c.n_layers):
       x = block_cls(c, name=f"layer_{i}")(x)
     h = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
+    if hidden_only:
+      return h
     if c.tie_embeddings:
       return emb.decode(h).astype(jnp.float32)
     return Dense(c.vocab_size, c.dtype, c.param_dtype, name="lm_head")(h).astype(jnp.float32)
