@@ -162,26 +162,13 @@ class _Setup:
     (the body to the final hidden states, the fused LM head, the body's backward from
     its dh): the factored kernel minus the projections."""
     import jax
-    import jax.numpy as jnp
     from tda import gradients as grad_lib
-    from tda import model as model_lib
     model = self.model
-    cfg = model.cfg
 
     def activation_grads(params, tokens_bt, mask_bt):
-      inputs, targets, tmask = model_lib.shift(tokens_bt, mask_bt)
-      shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, hidden_only=True))
-      perts = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["perturbations"])
-
-      def body(perts):
-        h, st = model.apply({"params": params, "perturbations": perts}, inputs,
-                            hidden_only=True, mutable=["intermediates"])
-        return h, st["intermediates"]
-      h, body_vjp, inter = jax.vjp(body, perts, has_aux=True)
-      w = (params["embed"]["embedding"] if cfg.tie_embeddings
-           else params["lm_head"]["kernel"].T)
-      nll, dh, _ = grad_lib.fused_head(h, w, targets, tmask, None, dtype=jnp.dtype(cfg.dtype))
-      return body_vjp(dh)[0], inter, nll
+      deltas, inter, nll, _, _ = grad_lib.fused_activation_grads(model, params, tokens_bt,
+                                                                 mask_bt)
+      return deltas, inter, nll
     return jax.jit(activation_grads), (self.params, self.tokens, self.mask)
 
   def kernel(self, variants=None, kind="factored"):

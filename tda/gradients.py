@@ -160,6 +160,34 @@ class _Projections:
     return self._out[key][i]
 
 
+def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Array,
+                           mask_bt: Array, p_kv: Array | None = None, *,
+                           chunk_logits: int = HEAD_CHUNK_LOGITS):
+  """The loss gradients w.r.t. every layer output, through the fused head: the body
+  to the final hidden states h, `fused_head`, then the body's backward from its dh.
+
+  Returns:
+    (deltas: the perturbations' gradients, inter: the sown layer inputs, nll_b [B],
+     h [B, T, D], g P_kvᵀ [B, T, K] or None).
+  """
+  cfg = model.cfg
+  inputs_bt, targets_bt, tmask_bt = model_lib.shift(tokens_bt, mask_bt)
+  pert_shapes = _perturbation_shapes(model, *inputs_bt.shape, hidden_only=True)
+  perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
+
+  def body(perts):
+    h, state = model.apply({"params": params, "perturbations": perts}, inputs_bt,
+                           hidden_only=True, mutable=["intermediates"])
+    return h, state["intermediates"]
+
+  h, body_vjp, inter = jax.vjp(body, perts, has_aux=True)
+  w_vd = params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
+  nll_b, dh, g_vocab = fused_head(h, w_vd, targets_bt, tmask_bt, p_kv,
+                                  dtype=jnp.dtype(cfg.dtype), chunk_logits=chunk_logits)
+  (deltas,) = body_vjp(dh)
+  return deltas, inter, nll_b, h, g_vocab
+
+
 def _vocab_matrix(m: proj.Member, *, p_in, p_out, corr) -> Array:
   """A head member's vocab-side projection matrix [k, V], with the correction's
   vocab-side scale folded in: the tied embedding's P_in (its axis 0 is the
@@ -297,37 +325,28 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
   def kernel(params, mats, corrs, tokens_bt, mask_bt):
     _check_corrections(corrs, variants)
     cfg = model.cfg
-    inputs_bt, targets_bt, tmask_bt = model_lib.shift(tokens_bt, mask_bt)
+    inputs_bt = tokens_bt[:, :-1]
     corr_of = lambda m, name: corrs[m.name] if name == "corrected" else None
     heads = [m for m in plan.members if _is_head(m, cfg.tie_embeddings)]
     # The fused head (`fused_head`) unless a head member's V is full: that path
     # materialises the member's gradient, so it needs the [B, T, V] logit gradient.
     fused = not any(isinstance(corr_of(m, v), corr_lib.FullCorrection)
                     for m in heads for v in variants)
-    pert_shapes = _perturbation_shapes(model, *inputs_bt.shape, hidden_only=fused)
-    perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
     head_terms = {}
     if fused:
-      def body(perts):
-        h, state = model.apply({"params": params, "perturbations": perts}, inputs_bt,
-                               hidden_only=True, mutable=["intermediates"])
-        return h, state["intermediates"]
-
-      h, body_vjp, inter = jax.vjp(body, perts, has_aux=True)
-      w_vd = (params["embed"]["embedding"] if cfg.tie_embeddings
-              else params["lm_head"]["kernel"].T)
       vocab_mats = [_vocab_matrix(m, p_in=mats[m.name][0], p_out=mats[m.name][1],
                                   corr=corr_of(m, v)) for v in variants for m in heads]
       p_kv = jnp.concatenate(vocab_mats, axis=0) if vocab_mats else None
-      nll_b, dh, g_vocab = fused_head(h, w_vd, targets_bt, tmask_bt, p_kv,
-                                      dtype=jnp.dtype(cfg.dtype),
-                                      chunk_logits=head_chunk_logits)
-      (deltas,) = body_vjp(dh)
+      deltas, inter, nll_b, h, g_vocab = fused_activation_grads(
+          model, params, tokens_bt, mask_bt, p_kv, chunk_logits=head_chunk_logits)
       if vocab_mats:
         sizes = list(itertools.accumulate(p.shape[0] for p in vocab_mats))[:-1]
         parts = iter(jnp.split(g_vocab, sizes, axis=-1))
         head_terms = {(v, m.name): (h, next(parts)) for v in variants for m in heads}
     else:
+      pert_shapes = _perturbation_shapes(model, *inputs_bt.shape)
+      perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
+
       def total_loss(perts):
         nll_b, state = model_lib.example_losses(
             model, {"params": params, "perturbations": perts}, tokens_bt, mask_bt,
