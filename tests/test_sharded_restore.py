@@ -158,7 +158,11 @@ def test_an_axis_that_does_not_divide_names_parameter_dimension_and_axis():
 
 def test_default_mesh_restore_gives_sharded_arrays_and_same_vectors(tmp_path):
   """4 devices, model axis 1: params FSDP-split over data, the kernel gathers them;
-  the vectors are bit-identical to featurising host arrays."""
+  the raw vectors and losses are bit-identical to featurising host arrays. The
+  corrected ones agree to float32 rounding: the optimizer corrections are computed
+  from statistics replicated on 4 devices here and on one device there, and XLA:CPU
+  may round those two programs differently (observed: up to 1e-7 relative in s_in /
+  s_out on one machine, none on another)."""
   import dataclasses
   from tda import featurize
   c = helpers.tiny_config()
@@ -177,5 +181,7 @@ def test_default_mesh_restore_gives_sharded_arrays_and_same_vectors(tmp_path):
   toks = helpers.random_tokens(6, 32, c.data.vocab_size, seed=2, min_len=4)
   kw = dict(tokens_nt=toks, mask_nt=(toks != 0).astype(np.float32), ids=list(range(6)))
   got, exp = eng.featurizer(**kw), host.featurizer(**kw)
-  for k in ("raw", "corrected", "loss"):
+  for k in ("raw", "loss"):
     np.testing.assert_array_equal(got[k], exp[k])
+  scale = float(np.abs(exp["corrected"]).max())
+  np.testing.assert_allclose(got["corrected"], exp["corrected"], rtol=0, atol=1e-5 * scale)
