@@ -188,14 +188,19 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
   return deltas, inter, nll_b, h, g_vocab
 
 
+def _folded(p_in: Array, p_out: Array, corr) -> tuple[Array, Array]:
+  """(P_in, P_out) with a `FactoredCorrection`'s scales folded in:
+  (s_in ⊙ x) P_inᵀ = x (P_in ⊙ s_in)ᵀ, so the [B, T, n] activations are never
+  rescaled; unchanged for any other record."""
+  if isinstance(corr, corr_lib.FactoredCorrection):
+    return p_in * corr.s_in[None, :], p_out * corr.s_out[None, :]
+  return p_in, p_out
+
+
 def _vocab_matrix(m: proj.Member, *, p_in, p_out, corr) -> Array:
-  """A head member's vocab-side projection matrix [k, V], with the correction's
-  vocab-side scale folded in: the tied embedding's P_in (its axis 0 is the
-  vocabulary), `lm_head`'s P_out."""
-  factored = isinstance(corr, corr_lib.FactoredCorrection)
-  if m.kind == proj.EMBED:
-    return p_in * corr.s_in[None, :] if factored else p_in
-  return p_out * corr.s_out[None, :] if factored else p_out
+  """A head member's vocab-side projection matrix [k, V], the correction folded in:
+  the tied embedding's P_in (its axis 0 is the vocabulary), `lm_head`'s P_out."""
+  return _folded(p_in, p_out, corr)[0 if m.kind == proj.EMBED else 1]
 
 
 def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
@@ -212,9 +217,8 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
     inputs_bt: the input token ids (the embedding lookup's one-hot input).
     p_in: the member's input-side projection [k_in, n_in].
     p_out: the member's output-side projection [k_out, n_out].
-    corr: None (uncorrected); a `FactoredCorrection`: (s_in ⊙ x)ᵀ P_inᵀ =
-      xᵀ (P_in ⊙ s_in)ᵀ, so the scales are folded into the [k, n] matrices instead
-      of rescaling the [B, T, n] activations; a `FullCorrection` (the layer's
+    corr: None (uncorrected); a `FactoredCorrection` (its scales folded into the
+      [k, n] matrices, `_folded`); a `FullCorrection` (the layer's
       gradient materialised and multiplied by 1/sqrt(V); vectors: Σ_t x_t ⊙ δ_t
       multiplied).
     projections: where the factor projections are asked for.
@@ -226,30 +230,27 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
     handle into `projections` or an array.
   """
   f32 = jnp.float32
-  factored = isinstance(corr, corr_lib.FactoredCorrection)
-  if factored:
-    p_in, p_out = p_in * corr.s_in[None, :], p_out * corr.s_out[None, :]
+  p_in, p_out = _folded(p_in, p_out, corr)
   if m.kind == proj.EMBED:
     mod = model_lib.param_at(deltas, m.path[:-1])
-    tied = "logits_out" in mod or head is not None      # Untied: the lookup term only.
     g_lookup = mod["lookup_out"]                        # [B, T, D].
-    if tied and head is not None:
-      h, g_vocab = head
-      return None, [(jnp.take(p_in.T, inputs_bt, axis=0), projections.add(g_lookup, p_out)),
-                    (g_vocab, projections.add(h, p_out))]
-    if tied:
+    tapped = "logits_out" in mod                        # Tied, logit taps (not fused).
+    if tapped:
       d_logits = mod["logits_out"]                      # [B, T, V]: vocab side.
       h = model_lib.param_at(inter, m.path[:-1])["logits_in"][0]  # [B, T, D].
-    if isinstance(corr, corr_lib.FullCorrection):
+    if isinstance(corr, corr_lib.FullCorrection):       # Only ever with the taps.
       onehot = jax.nn.one_hot(inputs_bt, m.shape[0], dtype=f32)
       grad = jnp.einsum("btv,btd->bvd", onehot, g_lookup.astype(f32))
-      if tied:
+      if tapped:
         grad = grad + jnp.einsum("btv,btd->bvd", d_logits.astype(f32), h.astype(f32))
       return proj.project_full(grads_bmn=grad * corr.inv_sqrt_v, member=m, p_in=p_in,
                                p_out=p_out), []
     # The lookup's input is one-hot: its projection is a gather of P_in's columns.
     pairs = [(jnp.take(p_in.T, inputs_bt, axis=0), projections.add(g_lookup, p_out))]
-    if tied:
+    if head is not None:                                # Tied, fused head.
+      h, g_vocab = head
+      pairs.append((g_vocab, projections.add(h, p_out)))
+    elif tapped:
       pairs.append((projections.add(d_logits, p_in), projections.add(h, p_out)))
     return None, pairs
   if head is not None:                                  # lm_head: x = h, δ = g.
