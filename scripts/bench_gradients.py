@@ -12,7 +12,7 @@ interleaved A/B/C rounds (these machines are shared and noisy; the median of the
 rounds is reported). Peak memory is XLA's own account of each compiled program
 (`memory_analysis()`: arguments + outputs + temporaries).
 
-Prints `factored_over_train_step` (goal <= 0.9) and `reference_over_factored`
+Prints `factored_over_train_step` (goal <= 0.55) and `reference_over_factored`
 (goal >= 20 at the default d), and how far from the machine's limit the kernel
 runs: `achieved_gflops` (the corrected kernel's analytic FLOPs,
 `tda.plan.kernel_flops`, over its time; XLA's cost analysis counts a loop's body
@@ -349,7 +349,7 @@ def main(argv):
   for name in [k[:-len("_examples_per_s")] for k in res if k.endswith("_examples_per_s")]:
     print(f"{name:<26}{res[name + '_examples_per_s']:>12.1f}{res[name + '_tokens_per_s']:>12.0f}"
           f"{res[name + '_peak_bytes'] / 2**20:>10.1f}")
-  print(f"factored_over_train_step   {res['factored_over_train_step']:.3f}  (goal <= 0.9)")
+  print(f"factored_over_train_step   {res['factored_over_train_step']:.3f}  (goal <= 0.55)")
   print(f"  corrected variant only   {res['factored_corrected_only_over_train_step']:.3f}")
   print(f"reference_over_factored    {res['reference_over_factored']:.1f}  (goal >= 20)")
   print(f"achieved {res['achieved_gflops']:.1f} GFLOP/s (corrected kernel, analytic FLOP count) "

@@ -57,11 +57,11 @@ def sharded_kernel(fn, *, param_shardings, corr_shardings):
                else jax.tree.map(sharding.gathered, corr_shardings))
 
   @functools.wraps(fn)  # Keeps the kernel's name (compile logs and events name it).
-  def run(params, mats, corrs, tokens_bt, mask_bt):
+  def run(params, mats, corrs, tokens_bt, mask_bt, loss_rows=None):
     params = jax.lax.with_sharding_constraint(params, p_compute)
     if corrs is not None:
       corrs = jax.lax.with_sharding_constraint(corrs, c_compute)
-    return fn(params, mats, corrs, tokens_bt, mask_bt)
+    return fn(params, mats, corrs, tokens_bt, mask_bt, loss_rows=loss_rows)
 
   return run
 
@@ -95,19 +95,25 @@ class Featurizer:
     self._mats = jax.device_put(mats, sharding.replicated(mesh))
     self._corr = None if corrs is None else jax.device_put(corrs, c_shardings)
     self._fn = jax.jit(sharded_kernel(fn, param_shardings=p_shardings,
-                                      corr_shardings=c_shardings))
+                                      corr_shardings=c_shardings),
+                       static_argnames=("loss_rows",))
     self._shapes: set[tuple[int, ...]] = set()
 
   @property
   def compiled_shapes(self) -> int:
-    """How many distinct (batch, length) shapes the kernel has been run at (each
-    is one compilation)."""
+    """How many distinct (batch, length, loss rows) shapes the kernel has been
+    run at (each is one compilation)."""
     return len(self._shapes)
 
   def run_batch(self, tokens_bt, mask_bt) -> dict[str, Any]:
-    self._shapes.add(tuple(np.shape(tokens_bt)))
+    """The kernel on one batch; a batch whose rows carry loss on few positions
+    (queries: their target tokens) runs the LM head on those only
+    (`tda.gradients.loss_rows_for`; the same vectors)."""
+    rows = grad_lib.loss_rows_for(mask_bt)
+    self._shapes.add(tuple(np.shape(tokens_bt)) + (rows,))
     put = lambda a: jax.device_put(a, self._batch_sharding)
-    return self._fn(self._params, self._mats, self._corr, put(tokens_bt), put(mask_bt))
+    return self._fn(self._params, self._mats, self._corr, put(tokens_bt), put(mask_bt),
+                    loss_rows=rows)
 
   def __call__(self, *, tokens_nt, mask_nt, ids, desc: str | None = None) -> dict[str, Any]:
     """Vectors for every example, in input order (`desc`: show a progress line).

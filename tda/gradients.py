@@ -41,6 +41,7 @@ from typing import Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tda import correction as corr_lib
 from tda import model as model_lib
@@ -160,15 +161,37 @@ class _Projections:
     return self._out[key][i]
 
 
+def loss_rows_for(mask_bt, *, minimum: int = 8) -> int | None:
+  """The `loss_rows` a batch needs (`fused_activation_grads`), from its host-side
+  loss mask [B, T] (the kernel's input, before the next-token shift): the most
+  loss-carrying target positions of any row, rounded up to a power of two (at
+  least `minimum`, so few shapes compile); None (every row) when that is not
+  under half the positions, as for passages, whose every token carries loss."""
+  tmask = np.asarray(mask_bt)[:, 1:] != 0
+  t = tmask.shape[1]
+  most = int(tmask.sum(axis=1).max(initial=0))
+  rows = max(minimum, 1 << max(most - 1, 0).bit_length())
+  return rows if 2 * rows <= t else None
+
+
 def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Array,
                            mask_bt: Array, p_kv: Array | None = None, *,
-                           chunk_logits: int = HEAD_CHUNK_LOGITS):
+                           chunk_logits: int = HEAD_CHUNK_LOGITS,
+                           loss_rows: int | None = None):
   """The loss gradients w.r.t. every layer output, through the fused head: the body
   to the final hidden states h, `fused_head`, then the body's backward from its dh.
 
+  With `loss_rows` = R, the head runs on R positions per example only: those
+  whose target carries loss (a query's target tokens) first, then loss-free
+  ones (zero gradient); every other position's dh is exactly the zero the full
+  head would give it (mask 0 ⇒ g = 0 ⇒ dh = 0), so the outputs are those of the
+  full head. An example with more than R loss positions gets a NaN loss, and so
+  non-finite vectors (the Featurizer flags its row), never a silently wrong one.
+
   Returns:
     (deltas: the perturbations' gradients, inter: the sown layer inputs, nll_b [B],
-     h [B, T, D], g P_kvᵀ [B, T, K] or None).
+     h [B, T', D], g P_kvᵀ [B, T', K] or None), T' = T − 1, or R with `loss_rows`
+     (h and g at the selected positions: all a head member's Σ_t needs).
   """
   cfg = model.cfg
   inputs_bt, targets_bt, tmask_bt = model_lib.shift(tokens_bt, mask_bt)
@@ -182,8 +205,24 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
 
   h, body_vjp, inter = jax.vjp(body, perts, has_aux=True)
   w_vd = params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
-  nll_b, dh, g_vocab = fused_head(h, w_vd, targets_bt, tmask_bt, p_kv,
-                                  dtype=jnp.dtype(cfg.dtype), chunk_logits=chunk_logits)
+  head = functools.partial(fused_head, w_vd=w_vd, p_kv=p_kv, dtype=jnp.dtype(cfg.dtype),
+                           chunk_logits=chunk_logits)
+  b, t = targets_bt.shape
+  if loss_rows is None or loss_rows >= t:
+    nll_b, dh, g_vocab = head(h, targets_bt=targets_bt, mask_bt=tmask_bt)
+  else:
+    carries = tmask_bt != 0
+    # Loss positions first, in order, then the others: R distinct positions a row.
+    idx_br = jnp.argsort(~carries, axis=1, stable=True)[:, :loss_rows]
+    take = lambda x: jnp.take_along_axis(x, idx_br.reshape((b, -1) + (1,) * (x.ndim - 2)),
+                                         axis=1)
+    h = take(h)
+    nll_b, dh_sel, g_vocab = head(h, targets_bt=take(targets_bt), mask_bt=take(tmask_bt))
+    overflow = jnp.sum(carries, axis=1) > loss_rows
+    nll_b = jnp.where(overflow, jnp.nan, nll_b)
+    dh = jnp.zeros((b, t, h.shape[-1]), dh_sel.dtype).at[
+        jnp.arange(b)[:, None], idx_br].set(dh_sel)
+    dh = jnp.where(overflow[:, None, None], jnp.nan, dh)
   (deltas,) = body_vjp(dh)
   return deltas, inter, nll_b, h, g_vocab
 
@@ -317,13 +356,17 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
 
   Returns:
     The kernel; its output dict: 'raw' [B, d], 'corrected' [B, d] (as asked),
-    'loss' [B] (summed NLL of each example).
+    'loss' [B] (summed NLL of each example). Its static keyword `loss_rows`
+    (None: every position) runs the fused head on that many positions per example
+    (`fused_activation_grads`; `loss_rows_for` picks it from the mask): the same
+    outputs for a query whose few target tokens carry its loss, at a fraction of
+    the head's cost.
   """
   variants = _check_variants(variants, has_corrections)
   if head_chunk_logits < 1:
     raise ValueError(f"head_chunk_logits must be >= 1, got {head_chunk_logits}")
 
-  def kernel(params, mats, corrs, tokens_bt, mask_bt):
+  def kernel(params, mats, corrs, tokens_bt, mask_bt, loss_rows=None):
     _check_corrections(corrs, variants)
     cfg = model.cfg
     inputs_bt = tokens_bt[:, :-1]
@@ -339,7 +382,8 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
                                   corr=corr_of(m, v)) for v in variants for m in heads]
       p_kv = jnp.concatenate(vocab_mats, axis=0) if vocab_mats else None
       deltas, inter, nll_b, h, g_vocab = fused_activation_grads(
-          model, params, tokens_bt, mask_bt, p_kv, chunk_logits=head_chunk_logits)
+          model, params, tokens_bt, mask_bt, p_kv, chunk_logits=head_chunk_logits,
+          loss_rows=loss_rows)
       if vocab_mats:
         sizes = list(itertools.accumulate(p.shape[0] for p in vocab_mats))[:-1]
         parts = iter(jnp.split(g_vocab, sizes, axis=-1))
@@ -401,10 +445,12 @@ def make_reference_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
                           variants: tuple[str, ...] | None = None) -> Callable:
   """Same arguments, signature and output as `make_factored_kernel`, computed by
   vmap(grad): every per-example gradient materialised, multiplied by
-  `tda.correction.full_inv_sqrt` of its record (corrected variant), projected."""
+  `tda.correction.full_inv_sqrt` of its record (corrected variant), projected.
+  (`loss_rows` is accepted and changes nothing: every position is differentiated.)"""
   variants = _check_variants(variants, has_corrections)
 
-  def kernel(params, mats, corrs, tokens_bt, mask_bt):
+  def kernel(params, mats, corrs, tokens_bt, mask_bt, loss_rows=None):
+    del loss_rows
     _check_corrections(corrs, variants)
 
     def loss_one(p, tokens_t, mask_t):

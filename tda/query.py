@@ -279,8 +279,10 @@ class Engine:
                if all_lengths else [self.length_bucket])
     with self._lock:
       self._greedy(["The"])
-      for t in lengths:
-        self._featurize(np.full((1, t), 3, np.int32), np.ones((1, t), np.float32))
+      for t in lengths:  # A request's rows: loss on its target's last tokens only.
+        mask = np.zeros((1, t), np.float32)
+        mask[:, -1] = 1.0
+        self._featurize(np.full((1, t), 3, np.int32), mask)
     for m in methods or self.methods:
       self.trace([Request(prompt="The", target="a", method=m, k=1)])
     return time.time() - t0

@@ -107,6 +107,48 @@ def test_query_mask_keeps_only_target_token_gradients():
   np.testing.assert_allclose(f2["corrected"], f["corrected"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_on_the_target_rows_only_gives_the_full_heads_vectors(tie):
+  """A query's loss is on its target tokens: the fused head then runs on those
+  positions only (`loss_rows`), with the same vectors, the tied embedding's logit
+  term (tie) or the untied `lm_head` member included; too few rows is a NaN row,
+  never a silently wrong vector."""
+  model, params, _, plan, mats, corrs = _setup(block="parallel" if tie else "sequential",
+                                               tie=tie)
+  toks, _ = _batch(t=40)
+  mask = np.zeros_like(toks, np.float32)
+  mask[:, 7:10] = 1.0            # Three target tokens.
+  mask[1, 7] = 0.0               # Row 1: two.
+  assert grad_lib.loss_rows_for(mask) == 8
+  assert grad_lib.loss_rows_for(np.ones_like(mask)) is None      # Passages: every row.
+  assert grad_lib.loss_rows_for(mask[:, :12]) is None            # 8 rows is not < half.
+  kernel = jax.jit(grad_lib.make_factored_kernel(model=model, plan=plan, has_corrections=True),
+                   static_argnames=("loss_rows",))
+  run = lambda rows: {k: np.asarray(v) for k, v in
+                      kernel(params, mats, corrs, toks, mask, loss_rows=rows).items()}
+  full, rows8 = run(None), run(8)
+  for v in ("raw", "corrected", "loss"):
+    np.testing.assert_allclose(rows8[v], full[v], rtol=1e-5, atol=1e-6 * np.abs(full[v]).max())
+  _assert_close(rows8["corrected"], _run("reference", model, params, plan, mats, corrs,
+                                         toks, mask)["corrected"])
+  rows2 = run(2)
+  overflow = np.array([True, False, True, True])
+  assert np.isnan(rows2["loss"][overflow]).all()
+  assert not np.isfinite(rows2["corrected"][overflow]).all(axis=1).any()
+  np.testing.assert_allclose(rows2["corrected"][1], full["corrected"][1], rtol=1e-5,
+                             atol=1e-6 * np.abs(full["corrected"]).max())
+  # The Featurizer picks the rows from the mask itself, and compiles per row count.
+  mesh = sharding.make_mesh(axes=(("data", -1), ("model", 1)))
+  feat = featurize.Featurizer(model=model, params=params, plan=plan, mats=mats, corrs=corrs,
+                              mesh=mesh, batch_size=4, bucket=40)
+  out = feat(tokens_nt=toks, mask_nt=mask, ids=list("abcd"))
+  assert not out["bad_ids"] and feat.compiled_shapes == 1
+  np.testing.assert_allclose(out["corrected"], full["corrected"], rtol=1e-5,
+                             atol=1e-6 * np.abs(full["corrected"]).max())
+  feat(tokens_nt=toks, mask_nt=(toks != 0).astype(np.float32), ids=list("abcd"))
+  assert feat.compiled_shapes == 2   # Passage masks: the full head, another program.
+
+
 @pytest.mark.slow
 def test_reference_kernel_matches_python_loop_of_grad():
   model, params, _, plan, mats, corrs = _setup()
