@@ -42,9 +42,9 @@ def get_config(arg=None):
   c.data.trex_sentences = None  # e.g. gs://<bucket>/trex/trex_sentences.jsonl-*-of-00020
   m, g, ix = c.model, c.gradients, c.index
   m.remat = True
-  # Per process (one host's 4 chips, mesh 1 × 4): 1 example a chip compiles to 14.31 GiB
+  # Per process (one host's 4 chips, mesh 1 × 4): 1 example a chip compiles to 12.55 GiB
   # of a v5e chip's 16 (`python -m tda.compile_check --config=configs/trackstar_8b.py
-  # --topology=v5e-256`).
+  # --topology=v5e-256`); 2 a chip to 15.66 GiB, too close to the limit.
   g.batch_size, g.length_bucket = 4, 256
   c.hessian.train_samples = 1_000_000
   c.hessian.lambda_ = 0.99
