@@ -16,12 +16,12 @@ One run, on this machine's CPU (or both sides on CUDA, `--device`):
      members; embeddings and LM head left out, bergson's default), the same
      Adafactor normaliser (eps 1e-30, as bergson's hooks) and the same summed
      token NLL (bergson's default `loss_reduction='sum'`). Per-example relative
-     error; for queries also a norm-aware one (relative error × min(1, mean
-     target-token NLL): a confident query's gradient is ~NLL times smaller than
-     float32's rounding scale; see `check_agreement`) and, with `--fp64_check`,
-     both sides against bergson in float64; `max_score_diff` of unit-normalised
-     query·passage scores, top-10 sets. Passes when passages' relative error and
-     queries' norm-aware error are <= 1e-4 and every top-10 set is equal;
+     error and a norm-aware one (relative error × min(1, mean target-token NLL):
+     a confident example's gradient is ~NLL times smaller than float32's
+     rounding scale; see `check_agreement`) and, with `--fp64_check`, both sides
+     against bergson in float64 (queries and passages); `max_score_diff` of
+     unit-normalised query·passage scores, top-10 sets. Passes when passages' and
+     queries' norm-aware errors are <= 1e-4 and every top-10 set is equal;
   4. speed: one long-lived worker process per side (peak RSS = its VmHWM), with
      the same thread budget (`--threads`, default 1: on a shared CPU torch's
      OpenMP threads spin against other jobs and lose ~5x, which would flatter
@@ -88,8 +88,8 @@ flags.DEFINE_integer("n_queries", 32, "Fact queries in the agreement check.")
 flags.DEFINE_integer("repeats", 5, "Timed rounds, each one pass per side (order alternating); "
                      "a ratio needs at least 5.")
 flags.DEFINE_bool("retrain", False, "Ignore a cached trained model.")
-flags.DEFINE_bool("fp64_check", True, "Also run bergson in float64 on the queries: which "
-                  "side's float32 rounding the query error is.")
+flags.DEFINE_bool("fp64_check", True, "Also run bergson in float64 on the queries and the "
+                  "passages: which side's float32 rounding the error is.")
 flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"],
                   "Where both sides run: 'auto' is 'cuda' when `nvidia-smi` sees a GPU.")
 flags.DEFINE_bool("install_cuda", False, "Before anything else, install jax's CUDA build "
@@ -279,8 +279,9 @@ def check_agreement(a) -> dict:
 
   runs = {}
   todo = [("passages", "passages_check.jsonl", ()), ("queries", "queries.jsonl", ())]
-  if a.fp64_check:  # bergson's float64 model: the queries' rounding-free reference.
-    todo.append(("queries_fp64", "queries.jsonl", ("--precision", "fp64")))
+  if a.fp64_check:  # bergson's float64 model: the rounding-free reference.
+    todo += [("queries_fp64", "queries.jsonl", ("--precision", "fp64")),
+             ("passages_fp64", "passages_check.jsonl", ("--precision", "fp64"))]
   for name, ds, extra in todo:
     run = os.path.join(a.workdir, f"bergson_{name}")
     t0 = time.time()
@@ -327,7 +328,7 @@ def check_agreement(a) -> dict:
     return np.concatenate(cols, axis=1).astype(np.float64)
 
   # The relative error ||ours - bergson|| / ||bergson|| of each example, and a
-  # norm-aware one: that times min(1, mean target-token NLL). A confident query's
+  # norm-aware one: that times min(1, mean target-token NLL). A confident example's
   # gradient is small (its logit cotangent p - onehot is ~ 1 - p ~ the token NLL), but
   # float32 rounds 1 - p with an absolute error of ~1e-7 whatever p is, so both sides'
   # rounding error stays at the scale of a unit-cotangent gradient, ||g|| / NLL; the
@@ -348,11 +349,11 @@ def check_agreement(a) -> dict:
     res[f"{name}_min_token_nll"] = float(token_nll.min())
     res[f"{name}_bergson_build_s"] = round(runs[name][2], 1)
     outs[name]["bergson_layout"] = ours
-    if name == "queries" and "queries_fp64" in runs:
-      ref = runs["queries_fp64"][0]
+    if f"{name}_fp64" in runs:
+      ref = runs[f"{name}_fp64"][0]
       err = lambda x: np.linalg.norm(x - ref, axis=1) / np.linalg.norm(ref, axis=1)
-      res["queries_ours_vs_bergson_fp64_max_rel_err"] = float(err(ours).max())
-      res["queries_bergson_vs_bergson_fp64_max_rel_err"] = float(err(theirs).max())
+      res[f"{name}_ours_vs_bergson_fp64_max_rel_err"] = float(err(ours).max())
+      res[f"{name}_bergson_vs_bergson_fp64_max_rel_err"] = float(err(theirs).max())
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   s_ours = unit(outs["queries"]["bergson_layout"]) @ unit(outs["passages"]["bergson_layout"]).T
   s_theirs = unit(runs["queries"][0]) @ unit(runs["passages"][0]).T
@@ -662,7 +663,7 @@ def run(a) -> dict:
   ag, sp = res["agreement"], res["speed"]
   res["ours_over_bergson_examples_per_s"] = sp["ours_over_bergson_examples_per_s"]
   res["max_score_diff"] = ag["max_score_diff"]
-  ok = (ag["passages_max_rel_err"] <= 1e-4 and ag["queries_max_norm_aware_err"] <= 1e-4
+  ok = (ag["passages_max_norm_aware_err"] <= 1e-4 and ag["queries_max_norm_aware_err"] <= 1e-4
         and ag["top10_sets_equal"].split("/")[0] == ag["top10_sets_equal"].split("/")[1])
   res["agreement_ok"] = bool(ok)
   return res
@@ -675,7 +676,8 @@ def _summary(res: dict) -> str:
       f"{res['setup']['projection_per_side']} per side, {res['setup']['threads_per_side']} "
       "thread(s) per side",
       f"agreement: {'ok' if res['agreement_ok'] else 'FAILED'}; relative error passages "
-      f"{ag['passages_max_rel_err']:.2e}, queries {ag['queries_max_rel_err']:.2e} (norm-aware "
+      f"{ag['passages_max_rel_err']:.2e} (norm-aware {ag['passages_max_norm_aware_err']:.2e}), "
+      f"queries {ag['queries_max_rel_err']:.2e} (norm-aware "
       f"{ag['queries_max_norm_aware_err']:.2e}, the worst query's token NLL "
       f"{ag['queries_token_nll_of_max_rel_err']:.1e}); "
       f"max score diff {ag['max_score_diff']:.2e}; top-10 sets equal {ag['top10_sets_equal']}",
