@@ -69,7 +69,8 @@ def sharded_kernel(fn, *, param_shardings, corr_shardings):
 class Featurizer:
   """Runs a gradient kernel over many examples: length buckets, fixed batch shapes
   (examples longest first, each batch as long as its longest bucket, only the last
-  batch padded with empty rows, so nothing recompiles), sharding over the data axis, and
+  batch padded with empty rows, so nothing recompiles: one program per bucket, and
+  for query-like masks one per `loss_rows`), sharding over the data axis, and
   NaN/Inf rows flagged by example id instead of returned.
 
   Params (and corrections) are placed by `sharding.param_shardings` on `mesh`;
@@ -109,7 +110,7 @@ class Featurizer:
     """The kernel on one batch; a batch whose rows carry loss on few positions
     (queries: their target tokens) runs the LM head on those only
     (`tda.gradients.loss_rows_for`; the same vectors)."""
-    rows = grad_lib.loss_rows_for(mask_bt)
+    rows = grad_lib.loss_rows_for(tokens_bt, mask_bt)
     self._shapes.add(tuple(np.shape(tokens_bt)) + (rows,))
     put = lambda a: jax.device_put(a, self._batch_sharding)
     return self._fn(self._params, self._mats, self._corr, put(tokens_bt), put(mask_bt),

@@ -161,13 +161,18 @@ class _Projections:
     return self._out[key][i]
 
 
-def loss_rows_for(mask_bt, *, minimum: int = 8) -> int | None:
+def loss_rows_for(tokens_bt, mask_bt, *, minimum: int = 8) -> int | None:
   """The `loss_rows` a batch needs (`fused_activation_grads`), from its host-side
-  loss mask [B, T] (the kernel's input, before the next-token shift): the most
-  loss-carrying target positions of any row, rounded up to a power of two (at
-  least `minimum`, so few shapes compile); None (every row) when that is not
-  under half the positions, as for passages, whose every token carries loss."""
+  tokens and loss mask [B, T] (the kernel's inputs, before the next-token shift).
+
+  None (the full head) when every real target token carries loss, as in a
+  passage, or when the rows would not be under half the positions; otherwise (a
+  query: loss on its target tokens only) the most loss-carrying target positions
+  of any row, rounded up to a power of two, at least `minimum`, so few shapes
+  compile."""
   tmask = np.asarray(mask_bt)[:, 1:] != 0
+  if np.array_equal(tmask, np.asarray(tokens_bt)[:, 1:] != 0):
+    return None
   t = tmask.shape[1]
   most = int(tmask.sum(axis=1).max(initial=0))
   rows = max(minimum, 1 << max(most - 1, 0).bit_length())
@@ -185,8 +190,9 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
   whose target carries loss (a query's target tokens) first, then loss-free
   ones (zero gradient); every other position's dh is exactly the zero the full
   head would give it (mask 0 ⇒ g = 0 ⇒ dh = 0), so the outputs are those of the
-  full head. An example with more than R loss positions gets a NaN loss, and so
-  non-finite vectors (the Featurizer flags its row), never a silently wrong one.
+  full head. An example with more than R loss positions gets a NaN loss, dh and
+  head factors, and so non-finite vectors (the Featurizer flags its row), never a
+  silently wrong one.
 
   Returns:
     (deltas: the perturbations' gradients, inter: the sown layer inputs, nll_b [B],
@@ -220,9 +226,13 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
     nll_b, dh_sel, g_vocab = head(h, targets_bt=take(targets_bt), mask_bt=take(tmask_bt))
     overflow = jnp.sum(carries, axis=1) > loss_rows
     nll_b = jnp.where(overflow, jnp.nan, nll_b)
-    dh = jnp.zeros((b, t, h.shape[-1]), dh_sel.dtype).at[
-        jnp.arange(b)[:, None], idx_br].set(dh_sel)
+    # A scatter per example (vmap: the batch is a scatter batch dimension, so it
+    # stays split wherever the batch is).
+    dh = jax.vmap(lambda i, v: jnp.zeros((t, v.shape[-1]), v.dtype).at[i].set(v))(
+        idx_br, dh_sel)
     dh = jnp.where(overflow[:, None, None], jnp.nan, dh)
+    if g_vocab is not None:
+      g_vocab = jnp.where(overflow[:, None, None], jnp.nan, g_vocab)
   (deltas,) = body_vjp(dh)
   return deltas, inter, nll_b, h, g_vocab
 

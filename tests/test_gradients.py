@@ -119,9 +119,11 @@ def test_head_on_the_target_rows_only_gives_the_full_heads_vectors(tie):
   mask = np.zeros_like(toks, np.float32)
   mask[:, 7:10] = 1.0            # Three target tokens.
   mask[1, 7] = 0.0               # Row 1: two.
-  assert grad_lib.loss_rows_for(mask) == 8
-  assert grad_lib.loss_rows_for(np.ones_like(mask)) is None      # Passages: every row.
-  assert grad_lib.loss_rows_for(mask[:, :12]) is None            # 8 rows is not < half.
+  assert grad_lib.loss_rows_for(toks, mask) == 8
+  passage = (toks != 0).astype(np.float32)
+  assert grad_lib.loss_rows_for(toks, passage) is None           # Passages: every row,
+  assert grad_lib.loss_rows_for(toks[:, :12], passage[:, :12]) is None  # even short ones.
+  assert grad_lib.loss_rows_for(toks[:, :12], mask[:, :12]) is None  # 8 is not < half.
   kernel = jax.jit(grad_lib.make_factored_kernel(model=model, plan=plan, has_corrections=True),
                    static_argnames=("loss_rows",))
   run = lambda rows: {k: np.asarray(v) for k, v in
@@ -134,7 +136,7 @@ def test_head_on_the_target_rows_only_gives_the_full_heads_vectors(tie):
   rows2 = run(2)
   overflow = np.array([True, False, True, True])
   assert np.isnan(rows2["loss"][overflow]).all()
-  assert not np.isfinite(rows2["corrected"][overflow]).all(axis=1).any()
+  assert not np.isfinite(rows2["corrected"][overflow]).any()     # Every block, head too.
   np.testing.assert_allclose(rows2["corrected"][1], full["corrected"][1], rtol=1e-5,
                              atol=1e-6 * np.abs(full["corrected"]).max())
   # The Featurizer picks the rows from the mask itself, and compiles per row count.
