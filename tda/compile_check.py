@@ -5,7 +5,7 @@
 
 Lowers and compiles, on *compile-only* TPU devices (`jax.experimental.topologies`,
 needs the `.[tpu]` extra, libtpu pinned by `jax[tpu]==0.10.2`) of a slice in
-`tda.topology.TOPOLOGIES`, the three programs a corpus-scale run repeats, one step
+`tda.topology.TOPOLOGIES`, the programs a corpus-scale run repeats, one step
 function each, each on the devices the run gives it: the gradient kernel and the
 search on one process's (host's) chips with the config's mesh, as every process of
 the run featurises and searches its own shards (`sharding.process_mesh`, so the
@@ -22,6 +22,9 @@ over every chip of the slice:
     `featurize.correction_shardings`, the batch over DATA — the layout the
     `Featurizer` uses. Parameters, optimizer state and corrections are only
     `jax.eval_shape`d: nothing of the model is ever allocated.
+  * `queries` (`check_queries`): the same kernel as query batches run it, one
+    length bucket long (`gradients.length_bucket`) with the LM head on the target
+    rows only (`loss_rows`, `tda.gradients.loss_rows_for`), same layout and batch.
   * `r_step` (`check_r_step`): one accumulation step of R = Σ φφᵀ (DESIGN.md §2),
     `tda.hessian.r_accumulate` itself (the step the 'gradients' stage accumulates
     R_train with), R [d, d] float32 sharded 2-D as P(DATA, MODEL) on R's own mesh
@@ -81,7 +84,7 @@ from tda import topology as topology_lib
 from tda import workdir as workdir_lib
 
 GIB = 1 << 30
-STEPS = ("gradients", "r_step", "scoring")
+STEPS = ("gradients", "queries", "r_step", "scoring")
 
 
 def libtpu_version() -> str | None:
@@ -138,15 +141,17 @@ def model_and_plan(config: ml_collections.ConfigDict):
   return model, params, featurize.plan_from_config(config, params)
 
 
-def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int):
+def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int,
+                    seq_len: int | None = None):
   """(kernel, abstract args) of the factored kernel, as `tda.featurize` builds them.
 
   Parameter, optimizer-state and correction shapes all come from `jax.eval_shape`;
   their shardings are the run's (`sharding.param_shardings`,
   `featurize.correction_shardings`), and the kernel is `featurize.sharded_kernel`.
+  `seq_len`: the batch's length (default the config's sequence length).
   """
   g = config.gradients
-  seq_len = config.data.seq_len
+  seq_len = seq_len or config.data.seq_len
   model, params, plan = model_and_plan(config)
   mats = jax.eval_shape(lambda: proj.plan_matrices(seed=g.seed, plan=plan))
   corrs = None
@@ -180,10 +185,15 @@ def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int
   return kernel, args, info
 
 
-def lower_gradients(*, config, mesh: Mesh, batch: int):
-  kernel, args, info = gradient_inputs(config=config, mesh=mesh, batch=batch)
+def lower_gradients(*, config, mesh: Mesh, batch: int, seq_len: int | None = None,
+                    loss_rows: int | None = None):
+  """The Featurizer's jitted kernel, lowered: passages (`loss_rows` None) or
+  query-like batches (the LM head on `loss_rows` positions an example)."""
+  kernel, args, info = gradient_inputs(config=config, mesh=mesh, batch=batch,
+                                       seq_len=seq_len)
   out = NamedSharding(mesh, P(sharding.DATA))  # Rows stay where their examples were.
-  return jax.jit(kernel, out_shardings=out).lower(*args), info
+  fn = jax.jit(kernel, out_shardings=out, static_argnames=("loss_rows",))
+  return fn.lower(*args, loss_rows=loss_rows), info
 
 
 def lower_r_step(*, mesh: Mesh, d: int, batch: int, dtype=jnp.float32):
@@ -331,6 +341,31 @@ def check_gradients(target: _Target, *, batch: int) -> dict[str, Any]:
   return rep
 
 
+def query_shape(config: ml_collections.ConfigDict) -> tuple[int, int | None]:
+  """(length, loss_rows) of the run's shortest query batch: one length bucket, with
+  a one-token target (`tda.gradients.loss_rows_for`); loss_rows None when queries
+  that short run the full head."""
+  t = min(config.gradients.length_bucket, config.data.seq_len)
+  tokens = np.ones((1, t), np.int32)
+  mask = np.zeros((1, t), np.float32)
+  mask[:, -1] = 1.0
+  return t, grad_lib.loss_rows_for(tokens, mask)
+
+
+def check_queries(target: _Target, *, batch: int) -> dict[str, Any]:
+  """The kernel as queries run it: one length bucket, the LM head on their target
+  rows (`loss_rows`), at `batch` examples a step on one process's chips."""
+  t, rows = query_shape(target.config)
+  target.log(f"queries: batch {batch} x {t} tokens, head on {rows or t - 1} rows")
+  lowered, info = lower_gradients(config=target.config, mesh=target.mesh, batch=batch,
+                                  seq_len=t, loss_rows=rows)
+  rep = compile_report(lowered, hbm_bytes=target.hbm)
+  rep.update(info, batch=batch, loss_rows=rows)
+  target.log("queries: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
+                            else "does not fit") + f" ({rep['compile_s']:.0f} s)")
+  return rep
+
+
 def search_gradient_batch(target: _Target, *, first: dict[str, Any]) -> dict[str, Any]:
   """The largest gradient batch that compiles in HBM, from `check_gradients`'s report."""
   n_data, hbm = target.n_data, target.hbm
@@ -467,12 +502,14 @@ def check(*, config: ml_collections.ConfigDict, topology_name: str,
       "peak_bf16_tflops": None if topo is None else topo.peak_bf16_tflops,
       "libtpu": libtpu_version(), "jax": jax.__version__, "steps": {}}
   d = None
+  batch = sharding.pad_to_multiple(max(1, round(batch_per_chip * target.chips)), mesh)
   if "gradients" in steps:
-    batch = sharding.pad_to_multiple(max(1, round(batch_per_chip * target.chips)), mesh)
     grad = report["steps"]["gradients"] = check_gradients(target, batch=batch)
     d = grad["d"]
     if search_batch:
       report["batch_search"] = search_gradient_batch(target, first=grad)
+  if "queries" in steps:
+    report["steps"]["queries"] = check_queries(target, batch=batch)
   if d is None:
     d = model_and_plan(config)[2].dim
   if "r_step" in steps:

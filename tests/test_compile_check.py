@@ -138,7 +138,10 @@ def test_v5e_2x2_compiles_small_model_within_hbm():
   assert rep["device_kind"].startswith("TPU v5")
   assert rep["chips"] == 4 and rep["mesh"] == {"data": 4, "model": 1}
   assert rep["libtpu"] == cc.libtpu_version()
-  for name in ("gradients", "r_step", "scoring"):
+  q = rep["steps"]["queries"]  # Query batches: one 32-token bucket, head on 8 rows.
+  assert q["seq_len"] == 32 and q["loss_rows"] == 8
+  assert q["flops"] < rep["steps"]["gradients"]["flops"]
+  for name in ("gradients", "queries", "r_step", "scoring"):
     s = rep["steps"][name]
     assert s["fits"], name
     assert 0 < s["total_bytes"] < 16 * GIB, name
