@@ -12,6 +12,10 @@ interleaved A/B/C rounds (these machines are shared and noisy; the median of the
 rounds is reported). Peak memory is XLA's own account of each compiled program
 (`memory_analysis()`: arguments + outputs + temporaries).
 
+Also times the kernel on a query-shaped batch (32 tokens, loss on the last 3) with
+the LM head on every row and on the target rows only (`loss_rows`), and prints the
+ratio and the largest difference between their vectors.
+
 Prints `factored_over_train_step` (goal <= 0.55) and `reference_over_factored`
 (goal >= 20 at the default d), and how far from the machine's limit the kernel
 runs: `achieved_gflops` (the corrected kernel's analytic FLOPs,
@@ -231,7 +235,39 @@ def measure() -> dict:
     res[f"{name}_gflops"] = cost[name]["flops"] / sec[name] / 1e9
   res["forward_share_of_factored"] = per_ex["forward"] / per_ex["factored"]
   res["activation_grads_share_of_factored"] = per_ex["activation_grads"] / per_ex["factored"]
+  res.update(measure_query_head(s))
   return res
+
+
+def measure_query_head(s: "_Setup", *, length: int = 32, targets: int = 3) -> dict:
+  """The factored kernel on a query-shaped batch (`length` tokens, loss on the last
+  `targets`), the LM head on every row against on the target rows only (`loss_rows`,
+  as `Featurizer.run_batch` picks it), interleaved rounds; and the largest
+  difference between the two programs' vectors."""
+  import functools
+  import jax
+  import numpy as np
+  from tda import gradients as grad_lib
+  fn = jax.jit(grad_lib.make_factored_kernel(model=s.model, plan=s.plan,
+                                             has_corrections=True),
+               static_argnames=("loss_rows",))
+  tokens = s.tokens[:, :length]
+  mask = np.zeros(tokens.shape, np.float32)
+  mask[:, -targets:] = 1.0
+  rows = grad_lib.loss_rows_for(tokens, mask)
+  args = (s.params, s.mats, s.corrs, tokens, mask)
+  runs = {"full": (functools.partial(fn, loss_rows=None), args),
+          "target_rows": (functools.partial(fn, loss_rows=rows), args)}
+  sec = _time(runs, _ROUNDS.value)
+  full, sel = (runs[k][0](*args) for k in ("full", "target_rows"))
+  diff = max(float(np.max(np.abs(np.asarray(full[v]) - np.asarray(sel[v]))))
+             for v in ("raw", "corrected", "loss"))
+  return {"query_batch": f"{s.b} x {length} tokens, {targets} target tokens",
+          "query_loss_rows": rows,
+          "query_full_head_ms": sec["full"] * 1e3,
+          "query_target_rows_ms": sec["target_rows"] * 1e3,
+          "query_target_rows_over_full_head": sec["target_rows"] / sec["full"],
+          "query_target_rows_max_abs_diff": diff}
 
 
 def profile_shape(name: str, config, *, seq_len: int, dense_only: bool, eps=None,
@@ -358,6 +394,10 @@ def main(argv):
   print("where the factored kernel's time goes (share of its time): forward "
         f"{res['forward_share_of_factored']:.2f}, + backward to activations "
         f"{res['activation_grads_share_of_factored']:.2f}, the rest is projection")
+  print(f"queries ({res['query_batch']}): LM head on {res['query_loss_rows']} target rows "
+        f"{res['query_target_rows_ms']:.1f} ms vs every row {res['query_full_head_ms']:.1f} ms "
+        f"a batch: {res['query_target_rows_over_full_head']:.3f}x; max |difference| "
+        f"{res['query_target_rows_max_abs_diff']:.3g}")
 
 
 if __name__ == "__main__":
