@@ -328,16 +328,23 @@ class _Target:
     return self.mesh.shape.get(sharding.DATA, 1)
 
 
-def check_gradients(target: _Target, *, batch: int) -> dict[str, Any]:
-  """The factored gradient kernel at `batch` examples a step on one process's chips."""
+def check_gradients(target: _Target, *, batch: int, step: str = "gradients",
+                    seq_len: int | None = None,
+                    loss_rows: int | None = None) -> dict[str, Any]:
+  """The factored gradient kernel at `batch` examples a step on one process's chips,
+  `seq_len` tokens long (default the config's), the LM head on `loss_rows` rows an
+  example (None: every row); `step` names it in the log."""
   n = target.chips
-  target.log(f"gradients: batch {batch} on one process's {n} chips")
-  lowered, info = lower_gradients(config=target.config, mesh=target.mesh, batch=batch)
+  target.log(f"{step}: batch {batch}" + (f" x {seq_len} tokens" if seq_len else "")
+             + (f", head on {loss_rows} rows" if loss_rows else "")
+             + f" on one process's {n} chips")
+  lowered, info = lower_gradients(config=target.config, mesh=target.mesh, batch=batch,
+                                  seq_len=seq_len, loss_rows=loss_rows)
   rep = compile_report(lowered, hbm_bytes=target.hbm)
   rep.update(info, batch=batch, batch_per_chip=batch / n,
-             batch_per_data_shard=batch // target.n_data)
-  target.log("gradients: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
-                              else "does not fit") + f" ({rep['compile_s']:.0f} s)")
+             batch_per_data_shard=batch // target.n_data, loss_rows=loss_rows)
+  target.log(f"{step}: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
+                            else "does not fit") + f" ({rep['compile_s']:.0f} s)")
   return rep
 
 
@@ -353,17 +360,10 @@ def query_shape(config: ml_collections.ConfigDict) -> tuple[int, int | None]:
 
 
 def check_queries(target: _Target, *, batch: int) -> dict[str, Any]:
-  """The kernel as queries run it: one length bucket, the LM head on their target
-  rows (`loss_rows`), at `batch` examples a step on one process's chips."""
+  """The kernel as queries run it (`check_gradients` at `query_shape`): one length
+  bucket, the LM head on their target rows (`loss_rows`)."""
   t, rows = query_shape(target.config)
-  target.log(f"queries: batch {batch} x {t} tokens, head on {rows or t - 1} rows")
-  lowered, info = lower_gradients(config=target.config, mesh=target.mesh, batch=batch,
-                                  seq_len=t, loss_rows=rows)
-  rep = compile_report(lowered, hbm_bytes=target.hbm)
-  rep.update(info, batch=batch, loss_rows=rows)
-  target.log("queries: " + (f"{rep['total_bytes'] / GIB:.2f} GiB/chip" if rep["fits"]
-                            else "does not fit") + f" ({rep['compile_s']:.0f} s)")
-  return rep
+  return check_gradients(target, batch=batch, step="queries", seq_len=t, loss_rows=rows)
 
 
 def search_gradient_batch(target: _Target, *, first: dict[str, Any]) -> dict[str, Any]:

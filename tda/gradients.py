@@ -225,14 +225,13 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
     h = take(h)
     nll_b, dh_sel, g_vocab = head(h, targets_bt=take(targets_bt), mask_bt=take(tmask_bt))
     overflow = jnp.sum(carries, axis=1) > loss_rows
-    nll_b = jnp.where(overflow, jnp.nan, nll_b)
+    nan_if_overflow = lambda x: None if x is None else jnp.where(
+        overflow.reshape((b,) + (1,) * (x.ndim - 1)), jnp.nan, x)
     # A scatter per example (vmap: the batch is a scatter batch dimension, so it
     # stays split wherever the batch is).
     dh = jax.vmap(lambda i, v: jnp.zeros((t, v.shape[-1]), v.dtype).at[i].set(v))(
         idx_br, dh_sel)
-    dh = jnp.where(overflow[:, None, None], jnp.nan, dh)
-    if g_vocab is not None:
-      g_vocab = jnp.where(overflow[:, None, None], jnp.nan, g_vocab)
+    nll_b, dh, g_vocab = map(nan_if_overflow, (nll_b, dh, g_vocab))
   (deltas,) = body_vjp(dh)
   return deltas, inter, nll_b, h, g_vocab
 
