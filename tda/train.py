@@ -433,7 +433,8 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
     on_step: optional callback after each step (tests use it).
 
   Returns:
-    Summary dict: steps, final loss, wall time, tokens/s.
+    Summary dict: steps, epochs (examples seen / corpus size), final loss, wall
+    time, tokens/s.
   """
   t = config.train
   model = model_lib.Transformer(model_lib.model_config(config))
@@ -481,5 +482,6 @@ def train(config: ml_collections.ConfigDict, checkpoint_dir: str, *,
     bar.update(1)
   bar.close()
   wall = time.time() - t0
-  return {"steps": t.steps, "resumed_from": start_step, "final_loss": float(loss),
+  return {"steps": t.steps, "epochs": t.steps * t.batch_size / max(len(tokens_nt), 1),
+          "resumed_from": start_step, "final_loss": float(loss),
           "wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9)}

@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from tda import claims
 from tda import corpus as corpus_lib
 from tda import featurize
 from tda import index as index_lib
@@ -205,8 +206,28 @@ def _cell(p: dict[str, Any], key: str) -> str:
   return f"{v:,}" if isinstance(v, int) and key == "params" else str(v)
 
 
-def table_markdown(points: list[dict[str, Any]]) -> str:
-  """The trend as a markdown table, one row per model size."""
+def size_claims(points: list[dict[str, Any]], *, seed: int = 0) -> list[dict[str, Any]]:
+  """The paper's trend as orderings judged like `tda.claims`: TrackStar's MRR of each
+  size (by parameters) minus the next smaller one's, and largest minus smallest, each with a
+  paired bootstrap 95% CI over the same test queries (strict: "larger > smaller")."""
+  pts = sorted((p for p in points if p.get("rr") is not None), key=lambda p: p["params"])
+  pairs = list(zip(pts, pts[1:]))
+  if len(pts) > 2:
+    pairs.append((pts[0], pts[-1]))
+  out = []
+  for small, large in pairs:
+    if small.get("query_ids") != large.get("query_ids"):
+      raise ValueError(f"trend sizes {small['size']!r} and {large['size']!r} were measured "
+                       "on different queries; they cannot be compared per query")
+    ci = metrics.paired_diff_ci(small["rr"], large["rr"], seed=seed)
+    out.append({"smaller": small["size"], "larger": large["size"], **ci,
+                "verdict": claims.verdict(ci, strict=True)})
+  return out
+
+
+def table_markdown(points: list[dict[str, Any]], *, seed: int = 0) -> str:
+  """The trend as a markdown table, one row per model size, then the paper's trend
+  claim judged by paired CIs (`size_claims`)."""
   lines = ["# TrackStar attribution by model size (same data, steps and optimizer)", "",
            "Each model is trained for the same number of steps (so epochs) on the same "
            "corpus; values in brackets are 95% bootstrap CIs over the "
@@ -216,6 +237,16 @@ def table_markdown(points: list[dict[str, Any]]) -> str:
            "|" + "---|" * len(TABLE_COLUMNS)]
   for p in points:
     lines.append("| " + " | ".join(_cell(p, k) for k, _ in TABLE_COLUMNS) + " |")
+  judged = size_claims(points, seed=seed)
+  if judged:
+    lines += ["", "The paper's trend (influence aligns with attribution as models improve), "
+              "as orderings: TrackStar's MRR of the larger model minus the smaller's, "
+              "paired bootstrap 95% CI over the same test queries; **holds** when the CI "
+              "lies above 0, **differs** when below, **inconclusive** otherwise.", "",
+              "| Larger − smaller | MRR difference [95% CI] | Verdict |", "|---|---|---|"]
+    for c in judged:
+      lines.append(f"| {c['larger']} − {c['smaller']} | {c['diff']:+.3f} "
+                   f"[{c['lo']:+.3f}, {c['hi']:+.3f}] | **{c['verdict']}** |")
   return "\n".join(lines) + "\n"
 
 

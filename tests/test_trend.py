@@ -5,6 +5,7 @@ import io
 import os
 
 from matplotlib.container import BarContainer
+import numpy as np
 import pytest
 
 from tda import config as config_lib
@@ -152,3 +153,27 @@ def test_trend_stage_trains_the_smaller_sizes_alike_and_measures_every_size(tmp_
   assert sorted(os.listdir(results)) == ["fig_trend.png", "trend.csv", "trend.md"]
   assert "| tiny |" in (results / "trend.md").read_text()
   assert not pipeline.run_stage(ctx, trend_stage)  # Committed: skipped on rerun.
+
+
+def test_the_trend_claim_is_judged_by_paired_cis_over_the_same_queries():
+  rng = np.random.default_rng(0)
+  ids = [f"q{i}" for i in range(120)]
+  base = rng.uniform(0.0, 1.0, 120)
+  pts = [{**_point("large", 700_000, 0.0, 0.9), "rr": list(np.minimum(base + 0.3, 1.0)),
+          "query_ids": ids},
+         {**_point("small", 80_000, 0.0, 0.2), "rr": list(base), "query_ids": ids},
+         {**_point("medium", 250_000, 0.0, 0.5), "rr": list(base + rng.normal(0, 0.01, 120)),
+          "query_ids": ids}]
+  got = {(c["larger"], c["smaller"]): c for c in trend.size_claims(pts)}
+  # Ordered by parameters, not by list order: small < medium < large, and the ends.
+  assert set(got) == {("medium", "small"), ("large", "medium"), ("large", "small")}
+  assert got["large", "small"]["verdict"] == "holds" and got["large", "small"]["lo"] > 0
+  assert got["medium", "small"]["verdict"] == "inconclusive"
+  worse = [{**p, "rr": list(1.0 - np.asarray(p["rr"]))} for p in pts]
+  assert {c["verdict"] for c in trend.size_claims(worse)
+          if c["larger"] == "large"} == {"differs"}
+  md = trend.table_markdown(pts)
+  assert "| large − small | +" in md and "**holds**" in md
+  with pytest.raises(ValueError, match="different queries"):
+    trend.size_claims([pts[0], {**pts[1], "query_ids": ids[::-1]}])
+  assert trend.size_claims(POINTS) == []  # No per-query values: nothing to judge.

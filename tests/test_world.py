@@ -77,6 +77,15 @@ def test_default_world_has_configured_counts_and_ids(world):
   assert all(re.fullmatch(r"c4_synth:\d{8}", i) for i in ids)
 
 
+def test_default_training_is_two_epochs_of_the_default_world(world):
+  # The paper trains its models for two epochs of C4 (docs/DESIGN.md §7); the
+  # default steps are that many batches of this world, the last one partial.
+  t = config_lib.base_config().train
+  n = len(world.passages)
+  assert (t.steps - 1) * t.batch_size < 2 * n <= t.steps * t.batch_size
+  assert t.warmup_steps == round(0.1 * t.steps)
+
+
 def test_corpus_statistics_stay_within_their_documented_bounds(world):
   """docs/DESIGN.md §7: the bounds each statistic of the default world keeps."""
   st = world.corpus_stats()

@@ -4,7 +4,9 @@ Trains each smaller size of `trend.sizes` exactly like the attributed model (sam
 corpus, optimizer, schedule, batch size, steps and seed), then measures every
 size, the attributed model included, the same way: query accuracy and TrackStar's
 attribution over the full ranking, with 95% bootstrap CIs over queries. Publishes
-`results/fig_trend.png`, `results/trend.md` and `results/trend.csv`.
+`results/fig_trend.png`, `results/trend.md` (with the paper's trend judged by
+paired CIs, `tda.trend.size_claims`; also in the summary's `claims`) and
+`results/trend.csv`.
 
 Resumable: a size's interrupted training resumes from its checkpoint. With
 `trend.sizes = ()`, or an adopted `model.checkpoint` (not trained here, so no
@@ -52,9 +54,11 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   results = os.path.join(out_dir, "results")
   os.makedirs(results, exist_ok=True)
   figures.plot_trend(points=points, path=os.path.join(results, "fig_trend.png"))
-  wd.write_text(os.path.join(results, "trend.md"), trend.table_markdown(points))
+  wd.write_text(os.path.join(results, "trend.md"),
+                trend.table_markdown(points, seed=ctx.config.seed))
   wd.write_text(os.path.join(results, "trend.csv"), trend.table_csv(points))
-  return {"points": points, "timings_s": {"trend": time.time() - t0}}
+  return {"points": points, "claims": trend.size_claims(points, seed=ctx.config.seed),
+          "timings_s": {"trend": time.time() - t0}}
 
 
 def load(ctx) -> list[dict[str, Any]]:
