@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -277,7 +278,9 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
     block_sizes: projection block sizes, used when `hessian.block_diagonal`.
     dev: the dev pool; with it, each table's damping is the candidate of
       `hessian.damping_candidates` with the best dev MRR (the first on ties), and
-      every method's dev MRR is recorded. Without it, `hessian.damping`.
+      every method's dev MRR is recorded, with `chosen_at_grid_edge` ('largest',
+      'smallest' or None; a warning is logged when set). Without it,
+      `hessian.damping`.
   """
   r_train, r_eval = {}, {}
   # R_train on the global mesh: every process adds its share of the sample and the
@@ -331,9 +334,17 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
   for t, ms in tables.items():
     uses_r = len(scores[t]) == len(candidates) and hessian.r_key(t)[1] != methods_lib.R_NONE
     best = candidates[int(np.argmax(scores[t]))] if uses_r else None
+    # The best candidate at an end of the grid: the dev optimum may lie beyond it.
+    edge = (None if best is None or len(candidates) < 2 else
+            "largest" if best == max(candidates) else
+            "smallest" if best == min(candidates) else None)
+    if edge:
+      logging.warning("damping of %s: the grid's %s candidate (%g x mean eigenvalue) has the "
+                      "best dev MRR; the dev optimum may lie beyond hessian.damping_candidates",
+                      t, edge, best)
     sweep[t] = {"methods": ms, "candidates": candidates if uses_r else [],
                 "dev_mrr": scores[t] if uses_r else [], "chosen": best,
-                "dev_mrr_chosen": max(scores[t])}
+                "dev_mrr_chosen": max(scores[t]), "chosen_at_grid_edge": edge}
     for m in ms:
       chosen[m] = best if uses_r else h.damping
   return Fit(r_train, r_eval, prep.whiteners(chosen), sweep)

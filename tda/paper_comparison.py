@@ -91,8 +91,10 @@ def _evidence(name: str, claim: dict[str, Any], metrics: dict[str, Any]) -> list
     for table, sw in sweep.items():
       if m in sw.get("methods", []) and sw.get("candidates"):
         pairs = ", ".join(f"{c:g}: {_f(s)}" for c, s in zip(sw["candidates"], sw["dev_mrr"]))
+        edge = sw.get("chosen_at_grid_edge")
         out.append(f"{m}: damping {sw['chosen']:g} chosen on dev (dev MRR by candidate: "
-                   f"{pairs}).")
+                   f"{pairs})" + (f"; the grid's {edge} candidate, so the dev optimum may "
+                                  "lie beyond the grid" if edge else "") + ".")
   if any(m in ("trackstar",) for m in names):
     lam = proto.get("lambda") or {}
     out.append(f"λ = {_f(lam.get('value'), 4)} by rule '{lam.get('rule')}'"

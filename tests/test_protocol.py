@@ -2,6 +2,7 @@
 bootstrap CIs, CI-judged claims, and the dev sweep of the damping."""
 
 import collections
+import logging
 
 import numpy as np
 import pytest
@@ -115,7 +116,8 @@ def test_claims_are_judged_by_paired_cis():
   assert out["trak_near_zero"]["verdict"] == "inconclusive"  # Noisy, no real difference.
 
 
-def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_candidate():
+def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_candidate(
+    caplog):
   c = helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1.0, 1e3),
                              "hessian.lambda_top_k_fraction": 0.25})
   rng = np.random.default_rng(0)
@@ -143,7 +145,20 @@ def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_can
                                                                   else "corrected"]),
         relevant_qp=rel)
     assert protocol.mrr_from_ranks(ranks) == pytest.approx(max(sw["dev_mrr"]))
+    # A choice at an end of the grid is flagged: the dev optimum may lie beyond it.
+    assert sw["chosen_at_grid_edge"] == {1e-3: "smallest", 1.0: None, 1e3: "largest"}[
+        sw["chosen"]]
   assert fit.sweep["exp2"]["candidates"] == [] and "exp2" not in fit.whiteners.damping
+  assert fit.sweep["exp2"]["chosen_at_grid_edge"] is None
+  # With two candidates every choice is at an end: flagged, with a warning naming it.
+  with caplog.at_level(logging.WARNING):
+    fit2 = featurize.fit_whiteners(
+        helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1e9),
+                               "hessian.lambda_top_k_fraction": 0.25}),
+        methods=["exp2", "trak"], queries=qs, train=pool, dev=dev)
+  sw = fit2.sweep["trak"]
+  assert sw["chosen_at_grid_edge"] == {1e-3: "smallest", 1e9: "largest"}[sw["chosen"]]
+  assert f"damping of trak: the grid's {sw['chosen_at_grid_edge']} candidate" in caplog.text
   lam, info = hessian.lambda_top_k(r_train=fit.r_train["corrected"],
                                    r_eval=fit.r_eval["corrected"], top_k=2)
   assert fit.whiteners.lam == pytest.approx(lam) and fit.whiteners.lambda_info["top_k"] == 2

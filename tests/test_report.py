@@ -386,3 +386,24 @@ def test_outlier_norms_are_measured_and_explain_the_trak_claim(written):
           "attributed to outlier passages with high-norm gradients; here (trak) the "
           "outliers' median norm is 2.18× the fact passages' and they are 10.0× "
           "over-represented among the highest norms.") in section
+
+
+def test_paper_comparison_says_when_a_damping_was_chosen_at_the_grids_edge(written):
+  from tda import paper_comparison
+  _, out = written
+  sweep = {"trackstar": {"methods": ["trackstar"], "candidates": [0.1, 1.0, 10.0],
+                         "dev_mrr": [0.50, 0.55, 0.60], "chosen": 10.0,
+                         "chosen_at_grid_edge": "largest"}}
+  out = {**out, "protocol": {**out.get("protocol", {}), "damping": {"sweep": sweep}}}
+  out["paper_orderings"] = {**out["paper_orderings"], "exp5_le_trackstar": {
+      "claim": "MRR exp5 <= trackstar", "verdict": "differs",
+      "values": {"exp5": 0.4, "trackstar": 0.3}}}
+  section = paper_comparison.render(out).split("### MRR exp5 <= trackstar — differs")[1]
+  assert ("trackstar: damping 10 chosen on dev (dev MRR by candidate: 0.1: 0.500, 1: 0.550, "
+          "10: 0.600); the grid's largest candidate, so the dev optimum may lie beyond the "
+          "grid.") in section
+  sweep["trackstar"] = {**sweep["trackstar"], "dev_mrr": [0.5, 0.7, 0.6], "chosen": 1.0,
+                        "chosen_at_grid_edge": None}
+  section = paper_comparison.render(out).split("### MRR exp5 <= trackstar — differs")[1]
+  assert ("trackstar: damping 1 chosen on dev (dev MRR by candidate: 0.1: 0.500, 1: 0.700, "
+          "10: 0.600).") in section and "grid's" not in section
