@@ -5,7 +5,8 @@
   written to `<workdir>/config.json`, not printed.
 * Footer (stdout): the result table with the paper's Table 1 numbers beside it
   (`results/table.md`, from `tda.result_tables`; the paper's numbers live in
-  `tda.methods`), then the paths of the figures and the viewer.
+  `tda.methods`), each of the paper's claims and the trend by size with its
+  verdict, then the paths of the figures and the viewer.
 * A user error (`tda.errors.UserError`): one line on stderr, exit status 2; with
   `--verbosity=1` the traceback too.
 * Quiet by default: log records from outside this package below ERROR (orbax,
@@ -198,7 +199,8 @@ def write_config(config, workdir: str) -> None:
 
 
 def footer_lines(workdir: str, timings: dict[str, float]) -> list[str]:
-  """The result table (with the paper's numbers) and the paths of figures and viewer."""
+  """The result table (with the paper's numbers), the paper's claims and the trend with
+  their verdicts, and the paths of figures and viewer."""
   results = os.path.join(fs.abspath(workdir), "results")
   lines = [f"done in {sum(timings.values()):.0f} s "
            f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})"]
@@ -207,6 +209,7 @@ def footer_lines(workdir: str, timings: dict[str, float]) -> list[str]:
     rows = [l for l in fs.read_text(table).splitlines() if l.startswith("|")]
     lines += ["", f"Results ({table}; 'Paper' columns: Chang et al. 2025, Table 1, T-REx):"]
     lines += rows
+  lines += _claim_lines(workdir, results)
   figs = [os.path.join(results, n) for n in fs.listdir(results) if n.endswith(".png")]
   if figs:
     lines += ["", "Figures:"] + [f"  {p}" for p in figs]
@@ -216,6 +219,27 @@ def footer_lines(workdir: str, timings: dict[str, float]) -> list[str]:
   props = os.path.join(results, "proponents")
   if fs.isdir(props):
     lines += [f"Per-method JSONL (PAIR-code/pretraining-tda viewer schema): {props}/<method>.jsonl"]
+  return lines
+
+
+def _claim_lines(workdir: str, results: str) -> list[str]:
+  """The paper's claims with their verdicts (`tda.claims`, judged on the test split by
+  paired bootstrap CIs), and the trend's (`tda.trend.size_claims`), when written."""
+  from tda import workdir as wd
+  lines = []
+  metrics = os.path.join(results, "metrics.json")
+  orderings = (wd.read_json(metrics).get("paper_orderings") or {}) if fs.isfile(metrics) else {}
+  if orderings:
+    lines += ["", f"The paper's claims on the test queries (paired 95% CIs; why each that "
+                  f"does not hold: {os.path.join(results, 'paper_comparison.md')}):"]
+    lines += [f"  {c['verdict']:<12} {c['claim']}" for c in orderings.values()]
+  trend = os.path.join(fs.abspath(workdir), "trend", "summary.json")
+  judged = (wd.read_json(trend).get("claims") or []) if fs.isfile(trend) else []
+  if judged:
+    lines += ["", "The trend by model size (TrackStar MRR, larger − smaller, paired 95% CI; "
+                  f"{os.path.join(results, 'trend.md')}):"]
+    lines += [f"  {c['verdict']:<12} {c['larger']} − {c['smaller']}: {c['diff']:+.3f} "
+              f"[{c['lo']:+.3f}, {c['hi']:+.3f}]" for c in judged]
   return lines
 
 

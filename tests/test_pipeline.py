@@ -151,7 +151,7 @@ def test_rerun_skips_committed_stages(default_run, tmp_path):
   before = _snapshot(default_run)
   runs_before = len(_read_json(os.path.join(default_run, "results", "timings.json"))["runs"])
   dump = tmp_path / "xla_dump"
-  run_tda(default_run, env={"XLA_FLAGS": f"--xla_dump_to={dump}"})
+  p = run_tda(default_run, env={"XLA_FLAGS": f"--xla_dump_to={dump}"})
   assert _snapshot(default_run) == before  # Nothing outside results/ was rewritten...
   # ...nor recomputed: training, featurising and tail-patching all compile XLA programs.
   compiled = sorted(os.listdir(dump)) if dump.exists() else []
@@ -160,6 +160,15 @@ def test_rerun_skips_committed_stages(default_run, tmp_path):
   assert len(timings["runs"]) == runs_before + 1
   assert set(timings["last"]) >= {"world", "vocab", "train", "model_eval", "gradients",
                                   "tables", "retrieval", "evaluation", "viewer"}
+  # The footer prints every paper claim with its verdict, and the trend's.
+  orderings = _read_json(os.path.join(default_run, "results", "metrics.json"))["paper_orderings"]
+  assert orderings and "The paper's claims on the test queries" in p.stdout
+  for c in orderings.values():
+    assert f"  {c['verdict']:<12} {c['claim']}\n" in p.stdout, c["claim"]
+  (trend,) = _read_json(os.path.join(default_run, "trend", "summary.json"))["claims"]
+  assert (trend["larger"], trend["smaller"]) == ("large", "small")
+  assert (f"  {trend['verdict']:<12} large − small: {trend['diff']:+.3f} "
+          f"[{trend['lo']:+.3f}, {trend['hi']:+.3f}]") in p.stdout
 
 
 @pytest.mark.slow
