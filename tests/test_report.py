@@ -359,9 +359,16 @@ def test_paper_comparison_sets_our_cis_beside_the_paper_and_explains_each_unheld
     assert "By frequency bucket" in section
 
 
+def _unheld_section(out, key, claim, values):
+  """paper_comparison.md's evidence section for `claim`, added to `out` as differing."""
+  from tda import paper_comparison
+  out = {**out, "paper_orderings": {**out["paper_orderings"], key: {
+      "claim": claim, "verdict": "differs", "values": values}}}
+  return paper_comparison.render(out).split(f"### {claim} — differs")[1]
+
+
 def test_outlier_norms_are_measured_and_explain_the_trak_claim(written):
   from tda import metrics as metrics_lib
-  from tda import paper_comparison
   ids = [f"p{i}" for i in range(20)]
   kind_of = {i: ("outlier" if int(i[1:]) >= 18 else "fact") for i in ids}
   norms = np.arange(20, dtype=float)  # The two outliers have the two highest norms.
@@ -375,10 +382,8 @@ def test_outlier_norms_are_measured_and_explain_the_trak_claim(written):
   _, out = written
   out = {**out, "diagnostics": {"outlier_norms": {
       "train_epochs": 9.0, "tables": {"trak": {"methods": ["trak"], **d}}}}}
-  out["paper_orderings"] = {**out["paper_orderings"], "trak_collapses": {
-      "claim": "TRAK's MRR < 0.05 or below Exp. 1's", "verdict": "differs",
-      "values": {"trak": 0.3, "exp1": 0.2}}}
-  section = paper_comparison.render(out).split("### TRAK's MRR < 0.05 or below Exp. 1's")[1]
+  section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
+                            {"trak": 0.3, "exp1": 0.2})
   assert ("median 18.5 for outlier passages vs 8.5 for fact passages; outliers are 10.0% "
           "of the corpus, 100.0% of the top 10% of norms and 25.0% of trak's retrieved "
           "top-k.") in section
@@ -389,21 +394,18 @@ def test_outlier_norms_are_measured_and_explain_the_trak_claim(written):
 
 
 def test_paper_comparison_says_when_a_damping_was_chosen_at_the_grids_edge(written):
-  from tda import paper_comparison
   _, out = written
   sweep = {"trackstar": {"methods": ["trackstar"], "candidates": [0.1, 1.0, 10.0],
                          "dev_mrr": [0.50, 0.55, 0.60], "chosen": 10.0,
                          "chosen_at_grid_edge": "largest"}}
   out = {**out, "protocol": {**out.get("protocol", {}), "damping": {"sweep": sweep}}}
-  out["paper_orderings"] = {**out["paper_orderings"], "exp5_le_trackstar": {
-      "claim": "MRR exp5 <= trackstar", "verdict": "differs",
-      "values": {"exp5": 0.4, "trackstar": 0.3}}}
-  section = paper_comparison.render(out).split("### MRR exp5 <= trackstar — differs")[1]
+  claim = ("exp5_le_trackstar", "MRR exp5 <= trackstar", {"exp5": 0.4, "trackstar": 0.3})
+  section = _unheld_section(out, *claim)
   assert ("trackstar: damping 10 chosen on dev (dev MRR by candidate: 0.1: 0.500, 1: 0.550, "
           "10: 0.600); the grid's largest candidate, so the dev optimum may lie beyond the "
           "grid.") in section
   sweep["trackstar"] = {**sweep["trackstar"], "dev_mrr": [0.5, 0.7, 0.6], "chosen": 1.0,
                         "chosen_at_grid_edge": None}
-  section = paper_comparison.render(out).split("### MRR exp5 <= trackstar — differs")[1]
+  section = _unheld_section(out, *claim)
   assert ("trackstar: damping 1 chosen on dev (dev MRR by candidate: 0.1: 0.500, 1: 0.700, "
           "10: 0.600).") in section and "grid's" not in section
