@@ -16,8 +16,9 @@ def get_config(arg=None):
   # d = 5 blocks × 16 × 16 = 1,280 with a block-diagonal R (5 blocks of 256), so the
   # corpus (~1,400 passages, all in the R_train sample) gives each block's R more than
   # 4 × its dimension in samples (DESIGN.md §3, "Protocol"). Chosen on the dev queries
-  # only (scripts/bench_r_estimate.py, best-damping dev MRR: full R at d = 320 0.118,
-  # block-diagonal at d = 1,280 0.373, full R at d = 2,880 (0.5 samples per dim) 0.405).
+  # only (scripts/bench_r_estimate.py, TrackStar's best-damping dev MRR with the 2-epoch
+  # model: full R at d = 320 0.587, block-diagonal at d = 1,280 0.649, full R at
+  # d = 2,880 0.711 but from 0.5 samples per dim, short of the 4 × d rule).
   c.gradients.k_in = c.gradients.k_out = 16
   c.hessian.block_diagonal = True
   if "sequential" in args:

@@ -209,7 +209,8 @@ def base_config() -> ml_collections.ConfigDict:
   ev.dev_fraction = 0.3          # Share of each (bucket, relation) stratum of queries on dev.
   ev.split_seed = 0              # Seed of the dev/test split (tda.protocol).
   ev.rank_depth = 0              # Rank depth for MRR (0: the whole corpus, exact).
-  ev.bootstrap_samples = 1000    # Resamples of the test queries for every 95% CI.
+  ev.bootstrap_samples = 1000    # Resamples of the test queries for the evaluation's 95% CIs
+                                 # (the trend stage's use 1,000, tda.trend).
   ev.tailpatch_queries = 0       # Test queries tail-patched per method (0: all).
   ev.tailpatch_lr = _float()     # None: the training schedule's final LR.
   ev.dense_model = "all-MiniLM-L6-v2"

@@ -278,8 +278,8 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
     block_sizes: projection block sizes, used when `hessian.block_diagonal`.
     dev: the dev pool; with it, each table's damping is the candidate of
       `hessian.damping_candidates` with the best dev MRR (the first on ties), and
-      every method's dev MRR is recorded, with `chosen_at_grid_edge` ('largest',
-      'smallest' or None; a warning is logged when set). Without it,
+      every method's dev MRR is recorded, with `chosen_at_grid_edge`
+      (`tda.protocol.grid_edge`; a warning is logged when set). Without it,
       `hessian.damping`.
   """
   r_train, r_eval = {}, {}
@@ -335,9 +335,8 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
     uses_r = len(scores[t]) == len(candidates) and hessian.r_key(t)[1] != methods_lib.R_NONE
     best = candidates[int(np.argmax(scores[t]))] if uses_r else None
     # The best candidate at an end of the grid: the dev optimum may lie beyond it.
-    edge = (None if best is None or len(candidates) < 2 else
-            "largest" if best == max(candidates) else
-            "smallest" if best == min(candidates) else None)
+    edge = (protocol.grid_edge(candidates, scores[t], int(np.argmax(scores[t])))
+            if uses_r else None)
     if edge:
       logging.warning("damping of %s: the grid's %s candidate (%g x mean eigenvalue) has the "
                       "best dev MRR; the dev optimum may lie beyond hessian.damping_candidates",

@@ -102,3 +102,32 @@ def first_relevant_rank(*, scores_qn: np.ndarray, relevant_qn: np.ndarray) -> np
 def mrr_from_ranks(ranks_q: np.ndarray) -> float:
   r = np.asarray(ranks_q)
   return float(np.where(r > 0, 1.0 / np.maximum(r, 1), 0.0).mean()) if len(r) else float("nan")
+
+
+def grid_edge(candidates: Sequence[float], scores: Sequence[float], chosen: int) -> str | None:
+  """Whether the chosen candidate of a dev sweep sits at an end of its grid with a dev
+  score strictly above its neighbour's, so the dev optimum may lie beyond the grid.
+
+  Args:
+    candidates: the grid, in any order.
+    scores: the dev score of each candidate.
+    chosen: the index (into `candidates`) of the chosen one.
+
+  Returns:
+    'largest' or 'smallest' (the end it sits at), or None: a candidate inside the
+    grid, one tied with its neighbour (a flat end says nothing about beyond), or a
+    grid of fewer than two candidates.
+  """
+  if len(candidates) != len(scores):
+    raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
+  if not 0 <= chosen < len(candidates):
+    raise ValueError(f"chosen={chosen} is not an index into {len(candidates)} candidates")
+  if len(candidates) < 2:
+    return None
+  order = [int(i) for i in np.argsort(np.asarray(candidates, np.float64), kind="stable")]
+  pos = order.index(chosen)
+  if pos == len(order) - 1 and scores[chosen] > scores[order[-2]]:
+    return "largest"
+  if pos == 0 and scores[chosen] > scores[order[1]]:
+    return "smallest"
+  return None

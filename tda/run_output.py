@@ -233,8 +233,13 @@ def _claim_lines(workdir: str, results: str) -> list[str]:
     lines += ["", f"The paper's claims on the test queries (paired 95% CIs; why each that "
                   f"does not hold: {os.path.join(results, 'paper_comparison.md')}):"]
     lines += [f"  {c['verdict']:<12} {c['claim']}" for c in orderings.values()]
-  trend = os.path.join(fs.abspath(workdir), "trend", "summary.json")
-  judged = (wd.read_json(trend).get("claims") or []) if fs.isfile(trend) else []
+  path = os.path.join(fs.abspath(workdir), "trend", "summary.json")
+  summary = wd.read_json(path) if fs.isfile(path) else {}
+  judged = summary.get("claims")
+  if judged is None and summary.get("points"):  # Committed before the trend was judged.
+    from tda import trend  # pylint: disable=g-import-not-at-top
+    judged = trend.size_claims(summary["points"])
+  judged = judged or []
   if judged:
     lines += ["", "The trend by model size (TrackStar MRR, larger − smaller, paired 95% CI; "
                   f"{os.path.join(results, 'trend.md')}):"]

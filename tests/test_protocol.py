@@ -131,7 +131,8 @@ def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_can
   rel[np.arange(12), np.arange(12)] = True
   dev = featurize.DevPool(queries=qs, pool=pool, relevant_qp=rel)
   methods = ["trak", "exp2", "exp5", "trackstar"]
-  fit = featurize.fit_whiteners(c, methods=methods, queries=qs, train=pool, dev=dev)
+  with caplog.at_level(logging.WARNING):
+    fit = featurize.fit_whiteners(c, methods=methods, queries=qs, train=pool, dev=dev)
   for t in ("trak", "exp5", "trackstar"):
     sw = fit.sweep[t]
     assert sw["candidates"] == [1e-3, 1.0, 1e3] and len(sw["dev_mrr"]) == 3
@@ -145,20 +146,30 @@ def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_can
                                                                   else "corrected"]),
         relevant_qp=rel)
     assert protocol.mrr_from_ranks(ranks) == pytest.approx(max(sw["dev_mrr"]))
-    # A choice at an end of the grid is flagged: the dev optimum may lie beyond it.
-    assert sw["chosen_at_grid_edge"] == {1e-3: "smallest", 1.0: None, 1e3: "largest"}[
-        sw["chosen"]]
+    assert sw["chosen_at_grid_edge"] == protocol.grid_edge(
+        sw["candidates"], sw["dev_mrr"], sw["candidates"].index(sw["chosen"]))
   assert fit.sweep["exp2"]["candidates"] == [] and "exp2" not in fit.whiteners.damping
   assert fit.sweep["exp2"]["chosen_at_grid_edge"] is None
-  # With two candidates every choice is at an end: flagged, with a warning naming it.
-  with caplog.at_level(logging.WARNING):
-    fit2 = featurize.fit_whiteners(
-        helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1e9),
-                               "hessian.lambda_top_k_fraction": 0.25}),
-        methods=["exp2", "trak"], queries=qs, train=pool, dev=dev)
-  sw = fit2.sweep["trak"]
-  assert sw["chosen_at_grid_edge"] == {1e-3: "smallest", 1e9: "largest"}[sw["chosen"]]
-  assert f"damping of trak: the grid's {sw['chosen_at_grid_edge']} candidate" in caplog.text
+  flagged = {t: sw["chosen_at_grid_edge"] for t, sw in fit.sweep.items()
+             if sw["chosen_at_grid_edge"]}
+  assert flagged  # This setup's sweeps end at the grid's ends; each is warned about.
+  for t, edge in flagged.items():
+    assert f"damping of {t}: the grid's {edge} candidate" in caplog.text
   lam, info = hessian.lambda_top_k(r_train=fit.r_train["corrected"],
                                    r_eval=fit.r_eval["corrected"], top_k=2)
   assert fit.whiteners.lam == pytest.approx(lam) and fit.whiteners.lambda_info["top_k"] == 2
+
+
+def test_grid_edge_flags_only_a_strict_best_at_an_end_of_the_grid():
+  grid = [1.0, 0.01, 100.0, 0.1]  # Unsorted on purpose.
+  assert protocol.grid_edge(grid, [0.5, 0.4, 0.7, 0.45], chosen=2) == "largest"
+  assert protocol.grid_edge(grid, [0.5, 0.7, 0.4, 0.45], chosen=1) == "smallest"
+  assert protocol.grid_edge(grid, [0.7, 0.4, 0.5, 0.45], chosen=0) is None  # Inside.
+  # Tied with its neighbour: a flat end says nothing about what lies beyond.
+  assert protocol.grid_edge(grid, [0.5, 0.6, 0.4, 0.6], chosen=1) is None
+  assert protocol.grid_edge(grid, [0.6, 0.4, 0.6, 0.45], chosen=2) is None
+  assert protocol.grid_edge([1.0], [0.3], chosen=0) is None
+  with pytest.raises(ValueError, match="2 candidates but 3 scores"):
+    protocol.grid_edge([1.0, 2.0], [0.1, 0.2, 0.3], chosen=0)
+  with pytest.raises(ValueError, match="chosen=5 is not an index"):
+    protocol.grid_edge([1.0, 2.0], [0.1, 0.2], chosen=5)

@@ -177,3 +177,38 @@ def test_the_trend_claim_is_judged_by_paired_cis_over_the_same_queries():
   with pytest.raises(ValueError, match="different queries"):
     trend.size_claims([pts[0], {**pts[1], "query_ids": ids[::-1]}])
   assert trend.size_claims(POINTS) == []  # No per-query values: nothing to judge.
+
+
+def test_the_trend_claim_with_two_sizes_is_one_pair_and_with_one_none():
+  ids = [f"q{i}" for i in range(40)]
+  small = {**_point("small", 80_000, 0.2, 0.2), "rr": [0.2] * 40, "query_ids": ids}
+  large = {**_point("large", 700_000, 0.7, 0.9), "rr": [0.7] * 40, "query_ids": ids}
+  (c,) = trend.size_claims([large, small])  # Not the same pair twice.
+  assert (c["larger"], c["smaller"], c["verdict"]) == ("large", "small", "holds")
+  assert c["diff"] == pytest.approx(0.5) and c["n"] == 40
+  assert trend.size_claims([large]) == []
+  assert "Larger − smaller" not in trend.table_markdown([large])
+
+
+def test_the_run_footer_lists_each_claim_and_the_trend_judged_from_the_summary(tmp_path):
+  from tda import run_output
+  from tda import workdir as wd
+  ids = [f"q{i}" for i in range(40)]
+  points = [{**_point("small", 80_000, 0.2, 0.2), "rr": [0.2] * 40, "query_ids": ids},
+            {**_point("large", 700_000, 0.7, 0.9), "rr": [0.7] * 40, "query_ids": ids}]
+  os.makedirs(tmp_path / "results")
+  os.makedirs(tmp_path / "trend")
+  wd.write_json(str(tmp_path / "results" / "metrics.json"), {"paper_orderings": {
+      "a": {"claim": "MRR exp1 < exp2", "verdict": "holds"},
+      "b": {"claim": "TRAK's MRR < 0.05 or below Exp. 1's", "verdict": "differs"}}})
+  # A summary committed before the trend was judged: the footer judges its points.
+  wd.write_json(str(tmp_path / "trend" / "summary.json"), {"points": points})
+  text = "\n".join(run_output.footer_lines(str(tmp_path), {"train": 1.0}))
+  assert "  holds        MRR exp1 < exp2\n" in text
+  assert "  differs      TRAK's MRR < 0.05 or below Exp. 1's\n" in text
+  assert "  holds        large − small: +0.500 [+0.500, +0.500]" in text
+  # A skipped trend (no points) and no metrics: no claim lines at all.
+  wd.write_json(str(tmp_path / "trend" / "summary.json"), {"points": [], "skipped": "x"})
+  os.remove(tmp_path / "results" / "metrics.json")
+  text = "\n".join(run_output.footer_lines(str(tmp_path), {"train": 1.0}))
+  assert "claims" not in text and "trend by model size" not in text
