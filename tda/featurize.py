@@ -333,10 +333,10 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
   chosen, sweep = {}, {}
   for t, ms in tables.items():
     uses_r = len(scores[t]) == len(candidates) and hessian.r_key(t)[1] != methods_lib.R_NONE
-    best = candidates[int(np.argmax(scores[t]))] if uses_r else None
+    i = int(np.argmax(scores[t]))
+    best = candidates[i] if uses_r else None
     # The best candidate at an end of the grid: the dev optimum may lie beyond it.
-    edge = (protocol.grid_edge(candidates, scores[t], int(np.argmax(scores[t])))
-            if uses_r else None)
+    edge = protocol.grid_edge(candidates, scores[t], i) if uses_r else None
     if edge:
       logging.warning("damping of %s: the grid's %s candidate (%g x mean eigenvalue) has the "
                       "best dev MRR; the dev optimum may lie beyond hessian.damping_candidates",

@@ -233,7 +233,7 @@ def _claim_lines(workdir: str, results: str) -> list[str]:
     lines += ["", f"The paper's claims on the test queries (paired 95% CIs; why each that "
                   f"does not hold: {os.path.join(results, 'paper_comparison.md')}):"]
     lines += [f"  {c['verdict']:<12} {c['claim']}" for c in orderings.values()]
-  path = os.path.join(fs.abspath(workdir), "trend", "summary.json")
+  path = os.path.join(wd.stage_dir(fs.abspath(workdir), "trend"), wd.SUMMARY)
   summary = wd.read_json(path) if fs.isfile(path) else {}
   judged = summary.get("claims")
   if judged is None and summary.get("points"):  # Committed before the trend was judged.

@@ -225,9 +225,10 @@ def size_claims(points: list[dict[str, Any]], *, seed: int = 0) -> list[dict[str
   return out
 
 
-def table_markdown(points: list[dict[str, Any]], *, seed: int = 0) -> str:
-  """The trend as a markdown table, one row per model size, then the paper's trend
-  claim judged by paired CIs (`size_claims`)."""
+def table_markdown(points: list[dict[str, Any]],
+                   judged: Sequence[dict[str, Any]] = ()) -> str:
+  """The trend as a markdown table, one row per model size, then `judged` (the paper's
+  trend judged by paired CIs, `size_claims`) when given."""
   lines = ["# TrackStar attribution by model size (same data, steps and optimizer)", "",
            "Each model is trained for the same number of steps (so epochs) on the same "
            "corpus; values in brackets are 95% bootstrap CIs over the "
@@ -237,7 +238,6 @@ def table_markdown(points: list[dict[str, Any]], *, seed: int = 0) -> str:
            "|" + "---|" * len(TABLE_COLUMNS)]
   for p in points:
     lines.append("| " + " | ".join(_cell(p, k) for k, _ in TABLE_COLUMNS) + " |")
-  judged = size_claims(points, seed=seed)
   if judged:
     lines += ["", "The paper's trend (influence aligns with attribution as models improve), "
               "as orderings: TrackStar's MRR of the larger model minus the smaller's, "

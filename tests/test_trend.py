@@ -172,7 +172,7 @@ def test_the_trend_claim_is_judged_by_paired_cis_over_the_same_queries():
   worse = [{**p, "rr": list(1.0 - np.asarray(p["rr"]))} for p in pts]
   assert {c["verdict"] for c in trend.size_claims(worse)
           if c["larger"] == "large"} == {"differs"}
-  md = trend.table_markdown(pts)
+  md = trend.table_markdown(pts, trend.size_claims(pts))
   assert "| large − small | +" in md and "**holds**" in md
   with pytest.raises(ValueError, match="different queries"):
     trend.size_claims([pts[0], {**pts[1], "query_ids": ids[::-1]}])
@@ -187,7 +187,7 @@ def test_the_trend_claim_with_two_sizes_is_one_pair_and_with_one_none():
   assert (c["larger"], c["smaller"], c["verdict"]) == ("large", "small", "holds")
   assert c["diff"] == pytest.approx(0.5) and c["n"] == 40
   assert trend.size_claims([large]) == []
-  assert "Larger − smaller" not in trend.table_markdown([large])
+  assert "Larger − smaller" not in trend.table_markdown([large], trend.size_claims([large]))
 
 
 def test_the_run_footer_lists_each_claim_and_the_trend_judged_from_the_summary(tmp_path):

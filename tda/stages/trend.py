@@ -54,11 +54,10 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   results = os.path.join(out_dir, "results")
   os.makedirs(results, exist_ok=True)
   figures.plot_trend(points=points, path=os.path.join(results, "fig_trend.png"))
-  wd.write_text(os.path.join(results, "trend.md"),
-                trend.table_markdown(points, seed=ctx.config.seed))
+  judged = trend.size_claims(points, seed=ctx.config.seed)
+  wd.write_text(os.path.join(results, "trend.md"), trend.table_markdown(points, judged))
   wd.write_text(os.path.join(results, "trend.csv"), trend.table_csv(points))
-  return {"points": points, "claims": trend.size_claims(points, seed=ctx.config.seed),
-          "timings_s": {"trend": time.time() - t0}}
+  return {"points": points, "claims": judged, "timings_s": {"trend": time.time() - t0}}
 
 
 def load(ctx) -> list[dict[str, Any]]:
