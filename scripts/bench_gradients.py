@@ -47,6 +47,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tda import cli
+from tda import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/trackstar_tiny.py",
                                           "Experiment config (model and gradient settings).")
@@ -76,21 +77,31 @@ def _cost(jitted, *args) -> dict:
   return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0))}
 
 
-def _time(runs: dict, rounds: int, reps: dict | None = None) -> dict:
-  """Median seconds per call of each (fn, args), interleaved rounds after a warm-up."""
+def _time(runs: dict, rounds: int, reps: dict | None = None,
+          faults: dict | None = None) -> dict:
+  """Median seconds per call of each (fn, args), interleaved rounds after a warm-up.
+  With `faults` (a dict), also the median minor page faults per call of each, into it
+  (the process's count around the calls: what the host allocator costs,
+  `tda.host_memory`)."""
+  import resource
   import jax
   import numpy as np
   for fn, args in runs.values():
     jax.block_until_ready(fn(*args))
   times = {name: [] for name in runs}
+  flts = {name: [] for name in runs}
   for _ in range(rounds):
     for name, (fn, args) in runs.items():
       n = (reps or {}).get(name, 3)
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       for _ in range(n):
         out = fn(*args)
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - t0) / n)
+      flts[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n)
+  if faults is not None:
+    faults.update({name: float(np.median(v)) for name, v in flts.items()})
   return {name: float(np.median(v)) for name, v in times.items()}
 
 
@@ -208,13 +219,15 @@ def measure() -> dict:
   }
   peak = {name: _peak_bytes(fn, *args) for name, (fn, args) in runs.items()}
   cost = {name: _cost(fn, *args) for name, (fn, args) in runs.items()}
-  sec = _time(runs, _ROUNDS.value, reps={"reference": 1})
+  faults = {}
+  sec = _time(runs, _ROUNDS.value, reps={"reference": 1}, faults=faults)
   per_ex = {name: v / b for name, v in sec.items()}
   dtype = jnp.dtype(model_lib.model_config(config).dtype)
   peak_rate = peak_gflops(dtype)
   res = {
       "batch": b, "seq_len": t, "d": s.plan.dim, "params": s.n_params,
       "devices": jax.device_count(), "compute_dtype": str(dtype),
+      "host_malloc": host_memory.STATUS,
       "factored_over_train_step": per_ex["factored"] / per_ex["train_step"],
       "factored_corrected_only_over_train_step":
           per_ex["factored_corrected_only"] / per_ex["train_step"],
@@ -232,6 +245,7 @@ def measure() -> dict:
     res[f"{name}_examples_per_s"] = 1.0 / per_ex[name]
     res[f"{name}_tokens_per_s"] = t / per_ex[name]
     res[f"{name}_peak_bytes"] = peak[name]
+    res[f"{name}_minor_faults_per_call"] = faults[name]
     res[f"{name}_gflops"] = cost[name]["flops"] / sec[name] / 1e9
   res["forward_share_of_factored"] = per_ex["forward"] / per_ex["factored"]
   res["activation_grads_share_of_factored"] = per_ex["activation_grads"] / per_ex["factored"]
@@ -381,10 +395,12 @@ def main(argv):
   print(f"model {res['params']:,} params, batch {res['batch']} x {res['seq_len']} tokens, "
         f"d = {res['d']}, {res['devices']} device(s), median of {_ROUNDS.value} "
         "interleaved rounds")
-  print(f"{'kernel':<26}{'examples/s':>12}{'tokens/s':>12}{'peak MiB':>10}")
+  print(f"host malloc: {res['host_malloc']} (tda.host_memory)")
+  print(f"{'kernel':<26}{'examples/s':>12}{'tokens/s':>12}{'peak MiB':>10}{'faults/call':>13}")
   for name in [k[:-len("_examples_per_s")] for k in res if k.endswith("_examples_per_s")]:
     print(f"{name:<26}{res[name + '_examples_per_s']:>12.1f}{res[name + '_tokens_per_s']:>12.0f}"
-          f"{res[name + '_peak_bytes'] / 2**20:>10.1f}")
+          f"{res[name + '_peak_bytes'] / 2**20:>10.1f}"
+          f"{res[name + '_minor_faults_per_call']:>13.0f}")
   print(f"factored_over_train_step   {res['factored_over_train_step']:.3f}  (goal <= 0.55)")
   print(f"  corrected variant only   {res['factored_corrected_only_over_train_step']:.3f}")
   print(f"reference_over_factored    {res['reference_over_factored']:.1f}  (goal >= 20)")

@@ -60,6 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tda import cli  # noqa: E402
+from tda import host_memory  # noqa: E402
 
 _ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false", "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -429,6 +430,7 @@ def worker_ours(a) -> None:
     return {"examples": len(toks), "tokens": int(lengths.sum())}
 
   _serve(a, {"setup_s": setup_s, "warmup_s": compile_s, "device": str(jax.devices()[0]),
+             "host_malloc": host_memory.STATUS,
              "threads": a.threads or os.cpu_count(),
              "compiled_shapes": feat.compiled_shapes}, one_pass)
 
@@ -475,6 +477,7 @@ def worker_bergson(a) -> None:
     return {"examples": len(ds), "tokens": n_tokens}
 
   _serve(a, {"setup_s": setup_s, "warmup_s": warm_s, "device": str(model.device),
+             "host_malloc": host_memory.STATUS,
              "threads": torch.get_num_threads(), "modules": len(processor.normalizers)},
          one_pass)
 
@@ -632,6 +635,9 @@ def timed(a) -> dict:
         "setup_s": round(ready[side]["setup_s"], 1),
         "warmup_s": round(ready[side]["warmup_s"], 1),
         "threads": ready[side]["threads"], "device": ready[side]["device"],
+        # Both workers import tda first, so both sides run under the same allocator
+        # policy (tda.host_memory).
+        "host_malloc": ready[side]["host_malloc"],
         "examples": rs[0]["examples"], "tokens": rs[0]["tokens"]}
   ratios = [o["examples"] / o["wall_s"] / (b["examples"] / b["wall_s"])
             for o, b in zip(rounds["ours"], rounds["bergson"])]

@@ -15,6 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Before any test starts jax's backend (its threads): the session process takes
+# tda's host allocator policy too (tda.host_memory).
+import tda  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,8 @@ def test_side_by_side_small_run_agrees_and_reports_ratio_fields(tmp_path):
   for side in ("ours", "bergson"):
     assert len(sp[side]["examples_per_s"]) == 5 and sp[side]["threads"] == 1
     assert sp[side]["device"].lower().startswith("cpu")
+  # Both sides under the same host allocator policy (tda.host_memory).
+  assert sp["ours"]["host_malloc"] == sp["bergson"]["host_malloc"]
 
 
 def _ratio_summary(ratios):
