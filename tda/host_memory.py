@@ -6,7 +6,7 @@ batch (32 × 128 tokens). glibc serves any block over its mmap threshold (at mos
 32 MiB) with a fresh `mmap` and returns it with `munmap` when it is freed, so every
 call faults the whole block back in, a 4 KiB page at a time, with the kernel
 zeroing each page. On the default model that was about a third of the gradient
-kernel's time and a quarter of a train step's (`scripts/bench_host_memory.py`
+kernel's time and a quarter of a train step's (`scripts/bench_host_settings.py`
 measures it, side by side, with the page faults per call).
 
 `retain_freed_memory` sets malloc (`mallopt`) to serve every block from the one
