@@ -6,8 +6,9 @@ defaults against 'retain') and, optionally, XLA:CPU flag sets on top of 'retain'
         [--xla_flags="--xla_cpu_use_fusion_emitters=false" --xla_flags="..."]
 
 Each round runs `scripts/bench_gradients.py --json` once per setting, in turn
-(`TDA_HOST_MALLOC=system`, `retain`, then `retain` with each `--xla_flags` value as
-XLA_FLAGS), so all see the same machine state in turn. Reports, per setting, the
+(`TDA_HOST_MALLOC=system`, `retain`, then `retain` with each `--xla_flags` value
+appended to XLA_FLAGS; the order rotates round by round), so all see the same
+machine state in turn; a run whose policy is not the one asked for is an error. Reports, per setting, the
 medians over rounds of the per-call times (forward, factored kernel with both
 variants, a train step), `factored_over_train_step` and the minor page faults per
 call; then each setting's speed-up over its baseline (retain over system; a flag set
@@ -41,10 +42,12 @@ PROGRAMS = ("forward", "factored", "train_step")
 
 
 def _settings() -> dict[str, dict[str, str]]:
-  """Setting name -> the environment it runs under."""
+  """Setting name -> the environment it runs under (a flag set is appended to the
+  caller's XLA_FLAGS, which every setting inherits)."""
   out = {"system": {host_memory.ENV: "system"}, "retain": {host_memory.ENV: "retain"}}
   for f in _XLA.value:
-    out[f"retain {f}"] = {host_memory.ENV: "retain", "XLA_FLAGS": f}
+    out[f"retain {f}"] = {host_memory.ENV: "retain",
+                          "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {f}".strip()}
   return out
 
 
@@ -57,10 +60,14 @@ def _one(env_extra: dict[str, str]) -> dict:
   env.setdefault("JAX_PLATFORMS", "cpu")
   r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_gradients.py"),
                       f"--config={_CONFIG.value}", "--json"], capture_output=True, text=True,
-                     env=env, cwd=ROOT)
+                     env=env, cwd=ROOT, timeout=1800)
   if r.returncode:
     raise RuntimeError(f"bench_gradients.py under {env_extra} failed:\n{r.stderr[-3000:]}")
   res = json.loads(r.stdout.strip().splitlines()[-1])
+  # A comparison only of what was asked for: the policy must have been applied, or not.
+  want = env_extra[host_memory.ENV]
+  if (res["host_malloc"] == "retain") != (want == "retain"):
+    raise RuntimeError(f"asked for {host_memory.ENV}={want}, the run had: {res['host_malloc']}")
   b = res["batch"]
   out = {"host_malloc": res["host_malloc"],
          "factored_over_train_step": res["factored_over_train_step"]}
@@ -72,7 +79,11 @@ def _one(env_extra: dict[str, str]) -> dict:
 
 def measure() -> dict:
   settings = _settings()
-  rounds = [{name: _one(env) for name, env in settings.items()} for _ in range(_ROUNDS.value)]
+  names = list(settings)
+  rounds = []
+  for i in range(_ROUNDS.value):  # The order rotates round by round.
+    order = names[i % len(names):] + names[:i % len(names)]
+    rounds.append({name: _one(settings[name]) for name in order})
   res = {"rounds": rounds, "settings": {}, "speedups": {}}
   for name in settings:
     keys = [k for k in rounds[0][name] if k != "host_malloc"]

@@ -497,6 +497,10 @@ class _Worker:
       cmd.append(f"--{k}={getattr(a, k)}")
     env = dict(os.environ)
     env.update(_device_env(a, side))
+    # One host allocator policy for both sides (tda.host_memory; each worker imports
+    # tda first): 'retain' where both compute on the host, glibc's default on a GPU,
+    # unless the caller chose.
+    env.setdefault(host_memory.ENV, "retain" if a.device == "cpu" else "system")
     if a.threads:  # The same thread budget on both sides (torch: OpenMP; XLA: Eigen pool).
       env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
       if a.threads == 1:

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tda import host_memory
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HAVE_BENCH = all(importlib.util.find_spec(m) is not None
                   for m in ("bergson", "torch", "transformers", "datasets"))
@@ -46,8 +48,12 @@ def test_side_by_side_small_run_agrees_and_reports_ratio_fields(tmp_path):
   for side in ("ours", "bergson"):
     assert len(sp[side]["examples_per_s"]) == 5 and sp[side]["threads"] == 1
     assert sp[side]["device"].lower().startswith("cpu")
-  # Both sides under the same host allocator policy (tda.host_memory).
+  # Both sides under the same host allocator policy (tda.host_memory): 'retain' on a
+  # CPU with glibc's malloc, as the parent sets it for both workers.
   assert sp["ours"]["host_malloc"] == sp["bergson"]["host_malloc"]
+  libc = host_memory._glibc()
+  if libc is not None and not host_memory._own_tuning() and not host_memory._interposed(libc):
+    assert sp["ours"]["host_malloc"] == "retain"
 
 
 def _ratio_summary(ratios):

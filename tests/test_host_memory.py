@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,10 @@ glibc_only = pytest.mark.skipif(host_memory._glibc() is None,
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-  e = {k: v for k, v in os.environ.items() if k != host_memory.ENV}
+  # Without the caller's own malloc settings (they turn the policy off, by design).
+  e = {k: v for k, v in os.environ.items()
+       if k not in (host_memory.ENV, "GLIBC_TUNABLES", "LD_PRELOAD")
+       and not k.startswith("MALLOC_")}
   e.update(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   # The test session's forced device count is not wanted: one device, one program.
   e["XLA_FLAGS"] = ""
@@ -78,7 +82,17 @@ print(json.dumps({"status": host_memory.STATUS, "faults_per_call": faults}))
 """
 
 
+def _thp_always() -> bool:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return "[always]" in f.read()
+  except OSError:
+    return False
+
+
 @glibc_only
+@pytest.mark.skipif(_thp_always(), reason="transparent huge pages are always on: a fresh "
+                    "mapping faults in 2 MiB pages, too few to count against 4 KiB ones")
 def test_retained_memory_stops_the_per_call_page_faults():
   """Under glibc's defaults each call maps its temporary afresh and faults every page
   of it in (64 MiB: 16,384 pages); with the policy the pages stay resident."""
@@ -110,3 +124,46 @@ def test_an_accelerator_leaves_glibcs_defaults_unless_told(monkeypatch, tmp_path
   monkeypatch.setattr(host_memory, "_ACCELERATORS", (str(tmp_path / "none*"),))
   monkeypatch.setenv("JAX_PLATFORMS", "")
   assert host_memory._accelerator() is None
+
+
+@glibc_only
+def test_the_environments_own_malloc_settings_are_left_alone():
+  code = "import tda; from tda import host_memory as h; print(h.STATUS)"
+  r = _python(code, MALLOC_ARENA_MAX="2")
+  assert r.stdout.strip() == "system: the environment tunes malloc itself (MALLOC_ARENA_MAX)"
+  r = _python(code, GLIBC_TUNABLES="glibc.malloc.mmap_max=0")
+  assert r.stdout.strip() == "system: the environment tunes malloc itself (GLIBC_TUNABLES)"
+
+
+@glibc_only
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the shim")
+def test_an_interposed_malloc_is_left_alone(tmp_path):
+  """A malloc preloaded in front of glibc's (as jemalloc or tcmalloc would be): mallopt
+  would tune an allocator nobody calls, so the import leaves it, and does not crash."""
+  src = tmp_path / "shim.c"
+  src.write_text(
+      "#include <stddef.h>\n"
+      "extern void *__libc_malloc(size_t); extern void __libc_free(void *);\n"
+      "extern void *__libc_calloc(size_t, size_t);\n"
+      "extern void *__libc_realloc(void *, size_t);\n"
+      "void *malloc(size_t n) { return __libc_malloc(n); }\n"
+      "void free(void *p) { __libc_free(p); }\n"
+      "void *calloc(size_t a, size_t b) { return __libc_calloc(a, b); }\n"
+      "void *realloc(void *p, size_t n) { return __libc_realloc(p, n); }\n")
+  lib = tmp_path / "shim.so"
+  subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(src)], check=True)
+  r = _python("import tda; from tda import host_memory as h; print(h.STATUS)",
+              LD_PRELOAD=str(lib))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == "system: another malloc is interposed (LD_PRELOAD)"
+
+
+def test_retain_overrides_the_accelerator_rule(monkeypatch, tmp_path):
+  """TDA_HOST_MALLOC=retain goes past the device check (in this process, whose jax
+  threads have their arenas, it then stops at the arena check)."""
+  (tmp_path / "accel0").write_text("")
+  monkeypatch.setattr(host_memory, "_ACCELERATORS", (str(tmp_path / "accel*"),))
+  monkeypatch.setattr(host_memory, "STATUS", "system: not applied yet")
+  monkeypatch.setenv("JAX_PLATFORMS", "")
+  status = host_memory.retain_freed_memory("retain")
+  assert not status.startswith("system: an accelerator")
