@@ -8,11 +8,12 @@ defaults against 'retain') and, optionally, XLA:CPU flag sets on top of 'retain'
 Each round runs `scripts/bench_gradients.py --json` once per setting, in turn
 (`TDA_HOST_MALLOC=system`, `retain`, then `retain` with each `--xla_flags` value
 appended to XLA_FLAGS; the order rotates round by round), so all see the same
-machine state in turn; a run whose policy is not the one asked for is an error. Reports, per setting, the
-medians over rounds of the per-call times (forward, factored kernel with both
-variants, a train step), `factored_over_train_step` and the minor page faults per
-call; then each setting's speed-up over its baseline (retain over system; a flag set
-over retain) for each program: the ratio of the medians, and per round.
+machine state in turn; a run whose policy is not the one asked for is an error.
+Reports, per setting, the medians over rounds of the per-call times (forward,
+factored kernel with both variants, a train step), `factored_over_train_step` and
+the minor page faults per call; then each setting's speed-up over its baseline
+(retain over system; a flag set over retain) for each program: the ratio of the
+medians, and per round.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from tda import cli  # noqa: E402
 from tda import host_memory  # noqa: E402
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (one process per policy each).")
-_CONFIG = flags.DEFINE_string("config", "configs/trackstar_tiny.py", "Passed to bench_gradients.py.")
+_CONFIG = flags.DEFINE_string("config", "configs/trackstar_tiny.py",
+                              "Passed to bench_gradients.py.")
 _XLA = flags.DEFINE_multi_string("xla_flags", [], "An XLA_FLAGS value to measure on top "
                                   "of 'retain' (repeat for several sets).")
 _JSON = cli.define_json_flag()

@@ -639,8 +639,7 @@ def timed(a) -> dict:
         "setup_s": round(ready[side]["setup_s"], 1),
         "warmup_s": round(ready[side]["warmup_s"], 1),
         "threads": ready[side]["threads"], "device": ready[side]["device"],
-        # Both workers import tda first, so both sides run under the same allocator
-        # policy (tda.host_memory).
+        # The allocator policy each worker ran under (`_Worker` sets one for both).
         "host_malloc": ready[side]["host_malloc"],
         "examples": rs[0]["examples"], "tokens": rs[0]["tokens"]}
   ratios = [o["examples"] / o["wall_s"] / (b["examples"] / b["wall_s"])

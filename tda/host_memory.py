@@ -27,8 +27,10 @@ arena (jax makes 16 when its backend starts on this machine), new threads go on
 using those, a large block asked for there must come from the main heap on a retry
 every time, and that measured slower than glibc's default. So `tda` applies it when
 the package is first imported, before jax, TensorFlow or torch start their thread
-pools (importing them is fine; numpy's and jax's imports make no arena), and skips
-it, saying why in `STATUS`, when other arenas exist already (`malloc_info`). It is for processes whose XLA device is the host. With an accelerator device node
+pools (importing numpy and jax makes no arena, as a test checks), and skips it,
+saying why in `STATUS`, when other arenas exist already (`malloc_info`).
+
+It is for processes whose XLA device is the host. With an accelerator device node
 (`/dev/accel*`, `/dev/vfio/N`: TPUs, and other devices of those subsystems;
 `/dev/nvidiaN`, `/dev/kfd`: NVIDIA and AMD GPUs), unless `JAX_PLATFORMS` names
 `cpu` first, the temporaries live on the device and the host's many runtime threads
