@@ -176,6 +176,9 @@ def base_config() -> ml_collections.ConfigDict:
   h.lambda_ = 0.9                # λ for the 'fixed' rules (paper: 0.9 on T-REx, 0.99 on C4).
   h.lambda_top_k_fraction = 1000 / 65536  # 'top_k': K/d of R_eval's directions downweighted.
   h.damping_candidates = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × mean eigenvalue; chosen per method on dev.
+  # A dev optimum at an end of the grid extends it past that end (ratio of the end's
+  # two candidates), up to this many candidates, while dev MRR says so.
+  h.damping_extend_steps = 3
   h.damping = 1.0                # × mean eigenvalue, where no dev sweep runs (the trend).
   h.block_diagonal = False       # Block-diagonal R over projection blocks.
 

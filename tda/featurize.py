@@ -301,49 +301,78 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
                          block_sizes=block_sizes if h.block_diagonal else None)
   if dev is None:
     return Fit(r_train, r_eval, prep.whiteners(h.damping))
-  candidates = [float(x) for x in h.damping_candidates]
-  if not candidates:
+  base = sorted(float(x) for x in h.damping_candidates)
+  if not base:
     raise ValueError("hessian.damping_candidates is empty")
-  tables = methods_lib.table_groups(methods)
-  scores: dict[str, list[float]] = {t: [] for t in tables}
+  extend = int(h.damping_extend_steps)
+  if extend < 0:
+    raise ValueError(f"hessian.damping_extend_steps must be >= 0, got {extend}")
+  if extend and (len(base) < 2 or base[0] <= 0):
+    raise ValueError("hessian.damping_extend_steps > 0 needs at least two positive "
+                     f"hessian.damping_candidates (their ratio is the step), got {base}")
   # In R's eigenbasis (`hessian.Eigen.rotate`): the dev vectors are rotated once per
   # R and rescaled per candidate, the same norms and inner products as R^{-1/2}x
   # without forming R^{-1/2} per candidate (2 d³ each: 5 PFLOP per host for nine
   # candidates at d = 65,536).
   rotated: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-  for c in candidates:
-    for t in tables:
+
+  def dev_mrr(t: str, c: float | None) -> float:
+    v, unit = methods_lib.switches(t).variant, methods_lib.switches(t).unit
+    if c is None:
+      q, p = dev.queries[v], dev.pool[v]
+    else:
       key = hessian.r_key(t)
-      if key[1] == methods_lib.R_NONE and scores[t]:
-        continue  # No R: the damping does not matter; scored once.
-      v, unit = methods_lib.switches(t).variant, methods_lib.switches(t).unit
-      if key[1] == methods_lib.R_NONE:
-        q, p = dev.queries[v], dev.pool[v]
-      else:
-        eig = prep.eigs[key]
-        if key not in rotated:
-          rotated[key] = eig.rotate(dev.queries[v]), eig.rotate(dev.pool[v])
-        sc = eig.scales(c)
-        q, p = rotated[key][0] * sc, rotated[key][1] * sc
-      ranks = dev_ranks(queries_qd=hessian.apply_np(vectors_nd=q, whitener=None, unit=unit),
-                        pool_pd=hessian.apply_np(vectors_nd=p, whitener=None, unit=unit),
-                        relevant_qp=dev.relevant_qp)
-      scores[t].append(protocol.mrr_from_ranks(ranks))
-  del rotated
+      eig = prep.eigs[key]
+      if key not in rotated:
+        rotated[key] = eig.rotate(dev.queries[v]), eig.rotate(dev.pool[v])
+      sc = eig.scales(c)
+      q, p = rotated[key][0] * sc, rotated[key][1] * sc
+    ranks = dev_ranks(queries_qd=hessian.apply_np(vectors_nd=q, whitener=None, unit=unit),
+                      pool_pd=hessian.apply_np(vectors_nd=p, whitener=None, unit=unit),
+                      relevant_qp=dev.relevant_qp)
+    return protocol.mrr_from_ranks(ranks)
+
   chosen, sweep = {}, {}
-  for t, ms in tables.items():
-    uses_r = len(scores[t]) == len(candidates) and hessian.r_key(t)[1] != methods_lib.R_NONE
-    i = int(np.argmax(scores[t]))
-    best = candidates[i] if uses_r else None
-    # The best candidate at an end of the grid: the dev optimum may lie beyond it.
-    edge = protocol.grid_edge(candidates, scores[t], i) if uses_r else None
+  for t, ms in methods_lib.table_groups(methods).items():
+    if hessian.r_key(t)[1] == methods_lib.R_NONE:
+      # No R: the damping does not matter; scored once.
+      sweep[t] = {"methods": ms, "candidates": [], "dev_mrr": [], "chosen": None,
+                  "dev_mrr_chosen": dev_mrr(t, None), "chosen_at_grid_edge": None,
+                  "extended_by": 0}
+      for m in ms:
+        chosen[m] = h.damping
+      continue
+    cands = list(base)
+    scores = [dev_mrr(t, c) for c in cands]
+    # The best candidate at an end of the grid, strictly above its neighbour: the dev
+    # optimum may lie beyond it, so the grid grows past that end by its own end ratio,
+    # one candidate at a time, until the best is inside (or tied at the end) or
+    # `hessian.damping_extend_steps` candidates were added. Only dev MRR decides.
+    added = 0
+    while True:
+      i = int(np.argmax(scores))
+      edge = protocol.grid_edge(cands, scores, i)
+      if not edge or added >= extend:
+        break
+      c = cands[-1] * cands[-1] / cands[-2] if edge == "largest" else cands[0] * cands[0] / cands[1]
+      s = dev_mrr(t, c)
+      if edge == "largest":
+        cands.append(c)
+        scores.append(s)
+      else:
+        cands.insert(0, c)
+        scores.insert(0, s)
+      added += 1
+    i = int(np.argmax(scores))
+    best = cands[i]
     if edge:
       logging.warning("damping of %s: the grid's %s candidate (%g x mean eigenvalue) has the "
-                      "best dev MRR; the dev optimum may lie beyond hessian.damping_candidates",
-                      t, edge, best)
-    sweep[t] = {"methods": ms, "candidates": candidates if uses_r else [],
-                "dev_mrr": scores[t] if uses_r else [], "chosen": best,
-                "dev_mrr_chosen": max(scores[t]), "chosen_at_grid_edge": edge}
+                      "best dev MRR after %d extension(s); the dev optimum may lie beyond it",
+                      t, edge, best, added)
+    sweep[t] = {"methods": ms, "candidates": cands, "dev_mrr": scores, "chosen": best,
+                "dev_mrr_chosen": scores[i], "chosen_at_grid_edge": edge,
+                "extended_by": added}
     for m in ms:
-      chosen[m] = best if uses_r else h.damping
+      chosen[m] = best
+  del rotated
   return Fit(r_train, r_eval, prep.whiteners(chosen), sweep)

@@ -40,6 +40,7 @@ import numpy as np
 import scipy.linalg
 
 from tda import methods as methods_lib
+from tda import protocol
 from tda import sharding
 
 LAMBDA_RULES = ("top_k", "fixed", "fixed_normalised")
@@ -575,3 +576,77 @@ def apply(*, vectors_nd, whitener: np.ndarray | None, unit: bool) -> np.ndarray:
   else:
     y = _unit(x) if unit else x.astype(jnp.float32)
   return np.array(y)  # A writable copy.
+
+
+def sample_effect(*, pool_nd: np.ndarray, queries_qd: np.ndarray, relevant_qn: np.ndarray,
+                  r_as_run: np.ndarray, dampings: Sequence[float],
+                  block_sizes: Sequence[int] | None = None, seed: int = 0,
+                  top: int = 10, top_norm_fraction: float = 0.05) -> dict[str, Any]:
+  """What R_train's sample does to an unnormalised R-method (TRAK): the same scores
+  with R fitted on every candidate versus on a seeded random half of them.
+
+  A candidate inside R's sample has a whitened squared norm of at most n times its
+  leverage; one outside it can carry unbounded energy in R's small-eigenvalue
+  directions, which an unnormalised score then rewards. At scale R comes from a small
+  sample and nearly every candidate is outside it; a corpus smaller than
+  `hessian.train_samples` puts every candidate inside. A diagnostic: it chooses
+  nothing.
+
+  Args:
+    pool_nd: [N, d] the candidates' raw (unwhitened, unnormalised) vectors.
+    queries_qd: [Q, d] the queries' raw vectors.
+    relevant_qn: [Q, N] whether candidate n entails query q's fact.
+    r_as_run: [d, d] the R_train the run used.
+    dampings: the dampings to score (× mean eigenvalue, `Eigen.scales`).
+    block_sizes: R's diagonal blocks (None: full R).
+    seed: seeds the half.
+    top: the retrieved depth the shares are measured at.
+    top_norm_fraction: the share of highest whitened norms `top_in_highest_norms`
+      counts.
+
+  Returns:
+    {"half": size of the half R is fitted on, "unwhitened_mrr": MRR without R,
+    "by_damping": [{"damping", "mrr_as_run", "mrr_half", "out_of_sample_share_top",
+    "top_in_highest_norms", "norm_out_over_in"}]}: with R from the half, the share
+    of the other half among the top `top` (0.5 if the sample did not matter), the
+    share of the top held by the `top_norm_fraction` highest whitened norms, and the
+    median whitened norm outside the sample over inside it.
+  """
+  pool_nd = np.asarray(pool_nd, np.float64)
+  queries_qd = np.asarray(queries_qd, np.float64)
+  relevant_qn = np.asarray(relevant_qn, bool)
+  n = len(pool_nd)
+  if n < 4 or relevant_qn.shape != (len(queries_qd), n):
+    raise ValueError(f"need >= 4 candidates and relevant [Q, N] = {(len(queries_qd), n)}, "
+                     f"got {n} candidates and {relevant_qn.shape}")
+  in_half = np.zeros(n, bool)
+  in_half[np.random.default_rng([seed, 11]).permutation(n)[: n // 2]] = True
+  half = pool_nd[in_half]
+  eig = {"as_run": eigen(r_dd=np.asarray(r_as_run, np.float64), block_sizes=block_sizes),
+         "half": eigen(r_dd=half.T @ half / len(half), block_sizes=block_sizes)}
+  rot = {k: (e.rotate(queries_qd), e.rotate(pool_nd)) for k, e in eig.items()}
+
+  def mrr(scores_qn):
+    return protocol.mrr_from_ranks(protocol.first_relevant_rank(
+        scores_qn=scores_qn, relevant_qn=relevant_qn))
+
+  rows = []
+  k = min(top, n)
+  for c in dampings:
+    row: dict[str, Any] = {"damping": float(c)}
+    for name, e in eig.items():
+      sc = e.scales(float(c))
+      q, p = rot[name][0] * sc, rot[name][1] * sc
+      s_qn = q @ p.T
+      row[f"mrr_{name}"] = mrr(s_qn)
+      if name == "half":
+        top_qk = np.argsort(-s_qn, axis=1, kind="stable")[:, :k]
+        norms = np.linalg.norm(p, axis=1)
+        highest = np.argsort(-norms, kind="stable")[:max(1, int(round(top_norm_fraction * n)))]
+        row["out_of_sample_share_top"] = float((~in_half[top_qk]).mean())
+        row["top_in_highest_norms"] = float(np.isin(top_qk, highest).mean())
+        row["norm_out_over_in"] = float(np.median(norms[~in_half]) / np.median(norms[in_half]))
+    rows.append(row)
+  return {"half": int(in_half.sum()), "candidates": n, "queries": len(queries_qd),
+          "top": k, "top_norm_fraction": top_norm_fraction,
+          "unwhitened_mrr": mrr(queries_qd @ pool_nd.T), "by_damping": rows}

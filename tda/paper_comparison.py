@@ -129,6 +129,51 @@ def _evidence(name: str, claim: dict[str, Any], metrics: dict[str, Any]) -> list
                f"with high-norm gradients; here ({table}) the outliers' median norm is "
                f"{_f(ratio, 2)}× the fact passages' and they are {_f(over, 1)}× "
                "over-represented among the highest norms.")
+  rs = (metrics.get("diagnostics") or {}).get("r_sample") or {}
+  if "trak" in names and rs.get("by_damping"):
+    rows = {r["damping"]: r for r in rs["by_damping"]}
+    low = rows[min(rows)]
+    chosen = rows.get(rs.get("trak_damping"))
+
+    def at(r):
+      return (f"TRAK's dev MRR is {_f(r['mrr_as_run'])} with the run's R and "
+              f"{_f(r['mrr_half'])} with R from the half, and the passages outside the "
+              f"half hold {_f(100 * r['out_of_sample_share_top'], 1)}% of its top "
+              f"{rs['top']}")
+
+    n_r, n_c = rs.get("r_train_samples"), rs["candidates"]
+    inside = (f"so every one of the {n_c} candidates lies in R's sample"
+              if n_r == n_c else f"a sample of {n_r} of the {n_c} candidates")
+
+    out.append(
+        f"R_train's sample ({rs['queries']} {rs.get('split', 'dev')} queries; a diagnostic, "
+        "nothing is chosen "
+        f"from it): the run fitted R on {n_r} passages, {inside}; inside the sample a "
+        "candidate's whitened norm is bounded by its leverage, and at the paper's scale "
+        f"nearly every candidate lies outside it. Fitted on a random half ({rs['half']} "
+        "passages) instead: at "
+        f"damping {low['damping']:g}, {at(low)} (50% if the sample did not matter; "
+        f"{_f(100 * low['top_in_highest_norms'], 1)}% of it from the "
+        f"{_f(100 * rs['top_norm_fraction'], 0)}% highest whitened norms), against "
+        f"{_f(rs['unwhitened_mrr'])} without R"
+        + (f"; at TRAK's dev-chosen damping {chosen['damping']:g}, {at(chosen)}"
+           if chosen and chosen is not low else "") + ".")
+  fit = (metrics.get("diagnostics") or {}).get("tailpatch_fit") or {}
+  if "tailpatch" in name and fit.get("mean_spearman"):
+    rho = fit["mean_spearman"]
+    cells = ", ".join(f"{t} {_f(rho[t])} [{_f(fit['mean_spearman_ci'][t][0])}, "
+                      f"{_f(fit['mean_spearman_ci'][t][1])}]"
+                      for t in sorted(rho, key=lambda t: -rho[t]))
+    above = [(t, d) for t, d in (fit.get("minus_trackstar") or {}).items()
+             if rho[t] > rho.get("trackstar", float("inf"))]
+    paired = ("; the score above TrackStar's, minus TrackStar's (paired): " + ", ".join(
+        f"{t} {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for t, d in above)
+              if above else "")
+    out.append(
+        "Which gradient score follows the measured tail-patch (Spearman within each of "
+        f"{fit['queries']} {fit.get('split', 'test')} queries over the {fit['pairs']} "
+        "tail-patched (query, passage) pairs, every method's top k; mean [95% CI]): "
+        f"{cells}{paired}.")
   if "tailpatch" in name:
     ms_tp = {m: ms[m].get("tailpatch_rel") for m in names}
     out.append("Relative tail-patch: " + ", ".join(

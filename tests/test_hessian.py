@@ -5,6 +5,7 @@ import pytest
 
 from tda import hessian
 from tda import methods as methods_lib
+from tda import protocol
 
 GRADIENT = methods_lib.gradient(methods_lib.METHODS)
 
@@ -261,9 +262,43 @@ def test_eigh_plan_is_the_measured_host_peak(blocks):
   finally:
     tracemalloc.stop()
   assert fit.whiteners.matrices["trackstar"].dtype == np.float32
-  assert len(fit.sweep["trackstar"]["dev_mrr"]) == 3
+  sw = fit.sweep["trackstar"]
+  assert len(sw["dev_mrr"]) == 3 + sw["extended_by"]  # Extensions rescale in place.
   plan = hessian.eigh_plan(d=d, block_sizes=blocks, mesh_shape={"data": 1}, variants=1,
                            tables=1, sweep_rows=400)
   m = 4 * d * d
   assert 0.9 * plan["host_bytes_total"] <= peak <= 1.05 * plan["host_bytes_total"], (
       peak / m, {k: v / m for k, v in plan["host_bytes_by_phase"].items()})
+
+
+def test_sample_effect_measures_what_r_s_sample_does_to_an_unnormalised_score():
+  """Whitening with R fitted on a half of the candidates amplifies the other half
+  (outside R's sample) when R is poorly determined; with R fitted on all of them the
+  scores are the whitened dot products; a huge damping makes R irrelevant."""
+  rng = np.random.default_rng(0)
+  n, d, q = 40, 16, 12
+  # Anisotropic candidates (a few strong directions), queries near their own one.
+  pool = rng.normal(size=(n, d)) * np.geomspace(10.0, 0.1, d)
+  queries = pool[:q] + 0.1 * rng.normal(size=(q, d)) * np.geomspace(10.0, 0.1, d)
+  rel = np.zeros((q, n), bool)
+  rel[np.arange(q), np.arange(q)] = True
+  r_all = pool.T @ pool / n
+  out = hessian.sample_effect(pool_nd=pool, queries_qd=queries, relevant_qn=rel,
+                              r_as_run=r_all, dampings=[1e-6, 1e6], seed=3)
+  assert (out["half"], out["candidates"], out["queries"], out["top"]) == (20, 40, 12, 10)
+  w = hessian.inv_sqrt(r_dd=r_all, damping=1e-6)
+  ranks = protocol.first_relevant_rank(scores_qn=(queries @ w) @ (pool @ w).T,
+                                       relevant_qn=rel)
+  low, high = out["by_damping"]
+  assert low["mrr_as_run"] == pytest.approx(protocol.mrr_from_ranks(ranks))
+  assert out["unwhitened_mrr"] == pytest.approx(protocol.mrr_from_ranks(
+      protocol.first_relevant_rank(scores_qn=queries @ pool.T, relevant_qn=rel)))
+  # 20 samples for 16 dimensions: the half outside R's sample takes most of the top 10
+  # and carries larger whitened norms.
+  assert low["out_of_sample_share_top"] > 0.6 and low["norm_out_over_in"] > 1.5  # 0.75, 1.91
+  # Damping far above every eigenvalue: R ~ c·I, so both match the unwhitened ranking.
+  assert high["mrr_as_run"] == pytest.approx(out["unwhitened_mrr"])
+  assert high["mrr_half"] == pytest.approx(out["unwhitened_mrr"])
+  with pytest.raises(ValueError, match="relevant"):
+    hessian.sample_effect(pool_nd=pool, queries_qd=queries, relevant_qn=rel[:, :5],
+                          r_as_run=r_all, dampings=[1.0])

@@ -80,6 +80,52 @@ def test_default_run_writes_everything(default_run):
   assert m["split"] == "test" and m["protocol"]["r_eval"] == "dev queries"
   split = m["protocol"]["split"]
   assert split["dev_queries"] + split["test_queries"] == me["num_queries"]
+  # The R-sample diagnostic re-scores TRAK on the dev queries from the stored files;
+  # recomputed here by another path (R^{-1/2} as a matrix, the world's ground truth).
+  rs, sweep = m["diagnostics"]["r_sample"], m["protocol"]["damping"]["sweep"]["trak"]
+  assert rs["split"] == "dev" and rs["queries"] == split["dev_queries"]
+  assert [r["damping"] for r in rs["by_damping"]] == sweep["candidates"]
+  g = os.path.join(default_run, "gradients")
+  r_train = np.load(os.path.join(g, "r_train_raw.npy")).astype(np.float64)
+  q_raw = np.load(os.path.join(g, "queries_raw.npy")).astype(np.float64)
+  sp = _read_json(os.path.join(g, "split.json"))
+  facts = {f["example_id"]: f for f in _jsonl(os.path.join(default_run, "world", "facts.jsonl"))}
+  dev = [i for i, s in enumerate(sp["split"]) if s == "dev"]
+  from tda import context as context_lib
+  from tda import hessian
+  from tda import protocol
+  import configs.trackstar_tiny as tiny
+  ids, x = context_lib.Context(config=tiny.get_config("runlocal"),
+                               workdir=default_run).table("exp1").read_all()
+  rel = np.array([np.isin(ids, facts[sp["query_ids"][i]]["passage_ids"]) for i in dev])
+  assert rs["candidates"] == len(ids) and rs["r_train_samples"] < len(ids)
+  for r in rs["by_damping"]:
+    w = hessian.inv_sqrt(r_dd=r_train, damping=r["damping"]).astype(np.float64)
+    ranks = protocol.first_relevant_rank(scores_qn=(q_raw[dev] @ w) @ (x @ w).T,
+                                         relevant_qn=rel)
+    assert r["mrr_as_run"] == pytest.approx(protocol.mrr_from_ranks(ranks), abs=1e-9)
+  # Which score follows tail-patch: recomputed from the per-proponent tail-patch the
+  # JSONL reports (each (query, passage) pair over every method's top k) and TrackStar's
+  # final vectors.
+  fit = m["diagnostics"]["tailpatch_fit"]
+  qi = {q: i for i, q in enumerate(sp["query_ids"])}
+  got = {}
+  for name in m["methods"]:
+    for row in _jsonl(os.path.join(res, "proponents", f"{name}.jsonl")):
+      for pid, v in zip(row["proponent_ids"], row["proponent_tailpatch_abs"] or []):
+        if v is not None:
+          got.setdefault(row["example_id"], {})[pid] = v
+  assert fit["pairs"] == sum(len(p) for p in got.values()) > 0
+  from scipy import stats
+  ids, x = context_lib.Context(config=tiny.get_config("runlocal"),
+                               workdir=default_run).table("trackstar").read_all()
+  row_of = {pid: i for i, pid in enumerate(ids)}
+  qf = np.load(os.path.join(g, "queries_final_trackstar.npy"))
+  rho = [stats.spearmanr([x[row_of[p]] @ qf[qi[q]] for p in pairs], list(pairs.values()))[0]
+         for q, pairs in got.items() if len(pairs) >= 3 and len(set(pairs.values())) > 1]
+  assert fit["queries"] == len(rho)
+  assert fit["mean_spearman"]["trackstar"] == pytest.approx(np.nanmean(rho), abs=1e-6)
+  assert set(fit["minus_trackstar"]) == set(fit["mean_spearman"]) - {"trackstar"}
   rows = _jsonl(os.path.join(res, "proponents", "trackstar.jsonl"))
   assert len(rows) == m["num_queries"] == split["test_queries"]  # Reported: test only.
   assert len(rows[0]["proponent_ids"]) == 10

@@ -116,12 +116,8 @@ def test_claims_are_judged_by_paired_cis():
   assert out["trak_near_zero"]["verdict"] == "inconclusive"  # Noisy, no real difference.
 
 
-def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_candidate(
-    caplog):
-  c = helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1.0, 1e3),
-                             "hessian.lambda_top_k_fraction": 0.25})
-  rng = np.random.default_rng(0)
-  d = 8
+def _dev_setup(seed=0, d=8):
+  rng = np.random.default_rng(seed)
   pool = {v: rng.normal(size=(64, d)) for v in ("raw", "corrected")}
   # Dev queries near their own passage, with a shared large direction on top.
   shared = np.zeros(d)
@@ -129,7 +125,24 @@ def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_can
   qs = {v: pool[v][:12] + 0.3 * rng.normal(size=(12, d)) + shared for v in pool}
   rel = np.zeros((12, 64), bool)
   rel[np.arange(12), np.arange(12)] = True
-  dev = featurize.DevPool(queries=qs, pool=pool, relevant_qp=rel)
+  return qs, pool, rel, featurize.DevPool(queries=qs, pool=pool, relevant_qp=rel)
+
+
+def _chosen_dev_mrr(fit, t, qs, pool, rel):
+  """The dev MRR of method `t` with the whitener the sweep chose."""
+  v = "raw" if t == "trak" else "corrected"
+  ranks = featurize.dev_ranks(queries_qd=fit.whiteners.transform(method=t, vectors_nd=qs[v]),
+                              pool_pd=fit.whiteners.transform(method=t, vectors_nd=pool[v]),
+                              relevant_qp=rel)
+  return protocol.mrr_from_ranks(ranks)
+
+
+def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_candidate(
+    caplog):
+  c = helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1.0, 1e3),
+                             "hessian.lambda_top_k_fraction": 0.25,
+                             "hessian.damping_extend_steps": 0})
+  qs, pool, rel, dev = _dev_setup()
   methods = ["trak", "exp2", "exp5", "trackstar"]
   with caplog.at_level(logging.WARNING):
     fit = featurize.fit_whiteners(c, methods=methods, queries=qs, train=pool, dev=dev)
@@ -139,13 +152,7 @@ def test_dev_sweep_picks_the_damping_with_the_best_dev_mrr_and_records_every_can
     assert sw["chosen"] == sw["candidates"][int(np.argmax(sw["dev_mrr"]))]
     assert fit.whiteners.damping[t] == sw["chosen"]
     # The chosen whitener reproduces the recorded dev score.
-    ranks = featurize.dev_ranks(
-        queries_qd=fit.whiteners.transform(method=t, vectors_nd=qs["raw" if t == "trak"
-                                                                  else "corrected"]),
-        pool_pd=fit.whiteners.transform(method=t, vectors_nd=pool["raw" if t == "trak"
-                                                                  else "corrected"]),
-        relevant_qp=rel)
-    assert protocol.mrr_from_ranks(ranks) == pytest.approx(max(sw["dev_mrr"]))
+    assert _chosen_dev_mrr(fit, t, qs, pool, rel) == pytest.approx(max(sw["dev_mrr"]))
     assert sw["chosen_at_grid_edge"] == protocol.grid_edge(
         sw["candidates"], sw["dev_mrr"], sw["candidates"].index(sw["chosen"]))
   assert fit.sweep["exp2"]["candidates"] == [] and "exp2" not in fit.whiteners.damping
@@ -173,3 +180,69 @@ def test_grid_edge_flags_only_a_strict_best_at_an_end_of_the_grid():
     protocol.grid_edge([1.0, 2.0], [0.1, 0.2, 0.3], chosen=0)
   with pytest.raises(ValueError, match="chosen=5 is not an index"):
     protocol.grid_edge([1.0, 2.0], [0.1, 0.2], chosen=5)
+
+
+def test_dev_sweep_extends_the_grid_past_an_end_that_holds_the_best_dev_mrr(caplog):
+  """A best candidate at an end of the grid (strictly above its neighbour) grows the
+  grid past that end by its end ratio, until the best is inside or tied at the end,
+  or `hessian.damping_extend_steps` candidates were added; the rest is as before."""
+  qs, pool, rel, dev = _dev_setup(seed=0)
+  methods = ["trak", "exp5", "trackstar"]
+  for grid, steps in (((1e-3, 1e-2), 3), ((10.0, 100.0), 3), ((10.0, 100.0), 1),
+                      ((1e-3, 1.0, 1e3), 0)):
+    c = helpers.tiny_config(**{"hessian.damping_candidates": grid,
+                               "hessian.lambda_top_k_fraction": 0.25,
+                               "hessian.damping_extend_steps": steps})
+    with caplog.at_level(logging.WARNING):
+      caplog.clear()
+      fit = featurize.fit_whiteners(c, methods=methods, queries=qs, train=pool, dev=dev)
+    for t in methods:
+      sw = fit.sweep[t]
+      cands = sw["candidates"]
+      assert cands == sorted(cands) and 0 <= sw["extended_by"] <= steps
+      assert len(cands) == len(grid) + sw["extended_by"] == len(sw["dev_mrr"])
+      lo = cands.index(grid[0])
+      assert cands[lo:lo + len(grid)] == list(grid)  # The base grid, in place.
+      ratio = grid[1] / grid[0]
+      np.testing.assert_allclose(np.diff(np.log(cands)), np.log(ratio), rtol=1e-9)
+      i = int(np.argmax(sw["dev_mrr"]))
+      assert sw["chosen"] == cands[i] == fit.whiteners.damping[t]
+      assert sw["chosen_at_grid_edge"] == protocol.grid_edge(cands, sw["dev_mrr"], i)
+      if sw["extended_by"] < steps:  # Stopped early: the best is inside or tied.
+        assert sw["chosen_at_grid_edge"] is None
+      if sw["chosen_at_grid_edge"]:
+        assert f"damping of {t}: the grid's {sw['chosen_at_grid_edge']}" in caplog.text
+      # Each added candidate was asked for by the grid as it stood: its best sat at
+      # the end the candidate was added past (additions all go past one end, since
+      # a candidate added past the best cannot move the best to the other end).
+      scores = sw["dev_mrr"]
+      side = "smallest" if lo > 0 else "largest"
+      for k in range(sw["extended_by"]):
+        keep = slice(lo - k, None) if side == "smallest" else slice(0, len(grid) + k)
+        sub_c, sub_s = cands[keep], scores[keep]
+        assert protocol.grid_edge(sub_c, sub_s, int(np.argmax(sub_s))) == side
+      assert _chosen_dev_mrr(fit, t, qs, pool, rel) == pytest.approx(sw["dev_mrr_chosen"])
+  # This setup: TRAK's dev MRR still rises at the grid's top after three additions
+  # (flagged), and TrackStar's optimum lies three steps below a (10, 100) grid.
+  c = helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1e-2),
+                             "hessian.lambda_top_k_fraction": 0.25})
+  sw = featurize.fit_whiteners(c, methods=["trak"], queries=qs, train=pool,
+                               dev=dev).sweep["trak"]
+  assert sw["candidates"] == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0])
+  assert sw["extended_by"] == 3 and sw["chosen_at_grid_edge"] == "largest"
+  c = helpers.tiny_config(**{"hessian.damping_candidates": (10.0, 100.0),
+                             "hessian.lambda_top_k_fraction": 0.25})
+  sw = featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool,
+                               dev=dev).sweep["trackstar"]
+  assert sw["candidates"] == pytest.approx([1e-2, 1e-1, 1.0, 10.0, 100.0])
+  assert sw["chosen"] == pytest.approx(1e-2) and sw["chosen_at_grid_edge"] is None
+  assert max(sw["dev_mrr"]) > sw["dev_mrr"][-2]  # Better than the base grid's best.
+
+
+def test_dev_sweep_extension_refuses_a_grid_it_cannot_extend():
+  qs, pool, rel, dev = _dev_setup(seed=0)
+  for grid, steps in (((1.0,), 2), ((0.0, 1.0), 2), ((1.0, 10.0), -1)):
+    c = helpers.tiny_config(**{"hessian.damping_candidates": grid,
+                               "hessian.damping_extend_steps": steps})
+    with pytest.raises(ValueError, match="damping_extend_steps"):
+      featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool, dev=dev)

@@ -409,3 +409,58 @@ def test_paper_comparison_says_when_a_damping_was_chosen_at_the_grids_edge(writt
   section = _unheld_section(out, *claim)
   assert ("trackstar: damping 1 chosen on dev (dev MRR by candidate: 0.1: 0.500, 1: 0.700, "
           "10: 0.600).") in section and "grid's" not in section
+
+
+def test_the_r_sample_diagnostic_explains_the_trak_claim(written):
+  _, out = written
+  rs = {"split": "dev", "queries": 12, "trak_damping": 0.1, "r_train_samples": 40, "half": 20,
+        "candidates": 40, "top": 10, "top_norm_fraction": 0.05, "unwhitened_mrr": 0.4,
+        "by_damping": [
+            {"damping": 0.001, "mrr_as_run": 0.6, "mrr_half": 0.3,
+             "out_of_sample_share_top": 0.95, "top_in_highest_norms": 0.5,
+             "norm_out_over_in": 1.2},
+            {"damping": 0.1, "mrr_as_run": 0.62, "mrr_half": 0.45,
+             "out_of_sample_share_top": 0.9, "top_in_highest_norms": 0.4,
+             "norm_out_over_in": 1.1}]}
+  out = {**out, "diagnostics": {"r_sample": rs}}
+  section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
+                            {"trak": 0.6, "exp1": 0.4})
+  assert ("R_train's sample (12 dev queries; a diagnostic, nothing is chosen from it): the "
+          "run fitted R on 40 passages, so every one of the 40 candidates lies in R's "
+          "sample") in section
+  assert ("at damping 0.001, TRAK's dev MRR is 0.600 with the run's R and 0.300 with R "
+          "from the half, and the passages outside the half hold 95.0% of its top 10 (50% "
+          "if the sample did not matter; 50.0% of it from the 5% highest whitened norms), "
+          "against 0.400 without R; at TRAK's dev-chosen damping 0.1, TRAK's dev MRR is "
+          "0.620 with the run's R and 0.450 with R from the half, and the passages outside "
+          "the half hold 90.0% of its top 10.") in section
+  rs["r_train_samples"] = 30
+  section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
+                            {"trak": 0.6, "exp1": 0.4})
+  assert "the run fitted R on 30 passages, a sample of 30 of the 40 candidates;" in section
+  # Claims that do not name TRAK do not carry it.
+  section = _unheld_section(out, "mrr_exp1_lt_exp2", "MRR exp1 < exp2",
+                            {"exp1": 0.4, "exp2": 0.3})
+  assert "R_train's sample" not in section
+
+
+def test_the_tailpatch_fit_names_the_score_tail_patch_follows(written):
+  _, out = written
+  fit = {"split": "test", "queries": 6, "pairs": 40,
+         "mean_spearman": {"exp4": 0.5, "trackstar": 0.45, "exp1": 0.2},
+         "mean_spearman_ci": {"exp4": [0.4, 0.6], "trackstar": [0.35, 0.55],
+                              "exp1": [0.1, 0.3]},
+         "minus_trackstar": {"exp4": {"diff": 0.05, "lo": 0.01, "hi": 0.09, "n": 6},
+                             "exp1": {"diff": -0.25, "lo": -0.3, "hi": -0.2, "n": 6}}}
+  out = {**out, "diagnostics": {"tailpatch_fit": fit}}
+  claim = ("trackstar_best_tailpatch", "TrackStar's tail-patch >= every other method's",
+           {"trackstar": 0.1, "exp4": 0.2})
+  section = _unheld_section(out, *claim)
+  assert ("Which gradient score follows the measured tail-patch (Spearman within each of 6 "
+          "test queries over the 40 tail-patched (query, passage) pairs, every method's top "
+          "k; mean [95% CI]): exp4 0.500 [0.400, 0.600], trackstar 0.450 [0.350, 0.550], "
+          "exp1 0.200 [0.100, 0.300]; the score above TrackStar's, minus TrackStar's "
+          "(paired): exp4 +0.050 [+0.010, +0.090].") in section
+  assert "Which gradient score" not in _unheld_section(out, "mrr_exp1_lt_exp2",
+                                                       "MRR exp1 < exp2",
+                                                       {"exp1": 0.4, "exp2": 0.3})

@@ -25,6 +25,7 @@ import numpy as np
 from tda import config as config_lib
 from tda import corpus as corpus_lib
 from tda import fs
+from tda import hessian
 from tda import methods as methods_lib
 from tda import metrics as metrics_lib
 from tda import paper_comparison
@@ -133,7 +134,9 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       extra={"split": protocol.TEST, "protocol": choices,
              "tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
              "retrieval": ctx.summary("retrieval"), "gradients": grads,
-             "diagnostics": {"outlier_norms": outlier_norms(ctx)}})
+             "diagnostics": {"outlier_norms": outlier_norms(ctx),
+                             "r_sample": r_sample_effect(ctx),
+                             "tailpatch_fit": tailpatch_fit(ctx, tp=tp, rows=rows)}})
   paper_comparison.write(results_dir=results, metrics=metrics)
   return metrics
 
@@ -158,6 +161,98 @@ def outlier_norms(ctx) -> dict[str, Any]:
         ids=ids, norms_n=np.linalg.norm(np.asarray(x, np.float64), axis=1),
         kind_of=kind_of, top_ids=top)}
   return out
+
+
+def tailpatch_fit(ctx, *, tp: dict[str, tuple[np.ndarray, np.ndarray]],
+                  rows: np.ndarray) -> dict[str, Any]:
+  """Which gradient score follows the measured tail-patch: for each tail-patched test
+  query, every distinct (query, passage) pair any method put in its top k (each
+  tail-patched once) is scored by each gradient table's final vectors, and the
+  Spearman correlation of those scores with the measured absolute tail-patch is
+  taken within the query; the mean over queries with a 95% bootstrap CI
+  (`metrics.bootstrap_ci`, the run's seed, so tables share resamples). Tail-patch
+  measures one optimizer step, so this says which score ranks passages the way that
+  step does. In-memory corpora only; else {"skipped": why}."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  config = ctx.config
+  if corpus_lib.streamed(config):
+    return {"skipped": "the corpus is streamed"}
+  tables = [t for t in methods_lib.table_groups(config.eval.methods)
+            if methods_lib.get(t).family == "gradient"]
+  if not tables:
+    return {"skipped": "no gradient method"}
+  rankings, grads = ctx.rankings, ctx.gradients
+  pairs: dict[int, dict[str, float]] = {int(q): {} for q in rows}
+  for m, (abs_qk, _) in tp.items():
+    for q in pairs:
+      for pid, v in zip(rankings[m]["top_ids"][q], abs_qk[q]):
+        if np.isfinite(v):
+          pairs[q][pid] = float(v)
+  rho: dict[str, list[float]] = {t: [] for t in tables}
+  for t in tables:
+    ids, x = ctx.table(t).read_all()
+    row_of = {pid: i for i, pid in enumerate(ids)}
+    q_final = grads.final_queries(t)
+    for q, got in pairs.items():
+      pids = list(got)
+      v = np.array([got[p] for p in pids])
+      if len(pids) < 3 or np.ptp(v) == 0:
+        rho[t].append(float("nan"))
+        continue
+      s = x[[row_of[p] for p in pids]].astype(np.float64) @ q_final[q].astype(np.float64)
+      rho[t].append(float(stats.spearmanr(s, v)[0]) if np.ptp(s) > 0 else float("nan"))
+  ev = config.eval
+  return {"split": protocol.TEST, "queries": int(np.isfinite(rho[tables[0]]).sum()),
+          "pairs": int(sum(len(p) for p in pairs.values())),
+          "mean_spearman": {t: float(np.nanmean(r)) for t, r in rho.items()},
+          "mean_spearman_ci": {t: list(metrics_lib.bootstrap_ci(
+              r, n_boot=ev.bootstrap_samples, seed=ev.split_seed)) for t, r in rho.items()},
+          # The paired difference (table − TrackStar) on the same queries.
+          "minus_trackstar": ({t: metrics_lib.paired_diff_ci(
+              rho["trackstar"], r, n_boot=ev.bootstrap_samples, seed=ev.split_seed)
+                               for t, r in rho.items() if t != "trackstar"}
+                              if "trackstar" in rho else {}),
+          "methods": {t: methods_lib.table_groups(config.eval.methods)[t] for t in tables}}
+
+
+def r_sample_effect(ctx) -> dict[str, Any]:
+  """TRAK's dev MRR with R_train fitted on every candidate (as the run did, when the
+  corpus fits in `hessian.train_samples`) and on a seeded random half
+  (`tda.hessian.sample_effect`), at each damping of TRAK's dev sweep: whether the
+  run's R sample is why TRAK does or does not collapse here
+  (`tda.paper_comparison`). On the DEV queries, where the damping was chosen;
+  nothing is chosen from it. Needs TRAK and an unnormalised table without R over
+  the raw variant (Exp. 1's, which holds the raw vectors of every passage) and an
+  in-memory corpus; else {"skipped": why}."""
+  config = ctx.config
+  methods = list(config.eval.methods)
+  if "trak" not in methods or "exp1" not in methods:
+    return {"skipped": "needs eval.methods to hold 'trak' and 'exp1'"}
+  if corpus_lib.streamed(config):
+    return {"skipped": "the corpus is streamed"}
+  grads = ctx.gradients
+  sw = (grads.summary.get("damping_sweep") or {}).get("trak") or {}
+  if not sw.get("candidates"):
+    return {"skipped": "no dev damping sweep for trak"}
+  split = grads.split()
+  qids = wd.read_json(os.path.join(grads.folder, "query_ids.json"))
+  q_raw = grads.queries("raw")
+  ok = np.isfinite(q_raw).all(axis=1)
+  dev = [i for i, qid in enumerate(qids) if split.get(qid) == protocol.DEV and ok[i]]
+  ids, x = ctx.table("exp1").read_all()
+  _, queries = ctx.arrays
+  fact_of = dict(zip(queries.ids, queries.fact_ids))
+  facts = {f["fact_id"]: f for f in ctx.world.facts}
+  rel = np.array([np.isin(ids, facts[fact_of[qids[i]]]["passage_ids"]) for i in dev],
+                 bool).reshape(len(dev), len(ids))
+  blocks = ([b[1] for b in grads.summary["blocks"]]
+            if grads.summary.get("block_diagonal") else None)
+  out = hessian.sample_effect(pool_nd=np.asarray(x, np.float64), queries_qd=q_raw[dev],
+                              relevant_qn=rel, r_as_run=grads.r_train("raw"),
+                              dampings=sw["candidates"], block_sizes=blocks,
+                              seed=config.eval.split_seed)
+  return {"split": protocol.DEV, "trak_damping": sw.get("chosen"),
+          "r_train_samples": grads.summary.get("train_samples"), **out}
 
 
 def protocol_record(config, *, grads: dict[str, Any], lr: float, n_dev, n_test: int,

@@ -173,6 +173,15 @@ class Outputs:
     s = wd.read_json(os.path.join(self.folder, "split.json"))
     return dict(zip(s["query_ids"], s["split"]))
 
+  def queries(self, variant: str) -> np.ndarray:
+    """[Q, d] the queries' projected vectors of a variant ('raw' | 'corrected'),
+    before any R or normalisation."""
+    return verify.load_npy(self.folder, f"queries_{variant}.npy")
+
+  def r_train(self, variant: str) -> np.ndarray:
+    """[d, d] the R_train the run fitted for a variant."""
+    return verify.load_npy(self.folder, f"r_train_{variant}.npy")
+
   def final_queries(self, table: str) -> np.ndarray:
     """[Q, d] the queries' final vectors for searching `table`."""
     return verify.load_npy(self.folder, f"queries_final_{table}.npy")
