@@ -21,7 +21,6 @@ before sharing, 114 s after).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tda import context as context_lib  # pylint: disable=g-import-not-at-top
+from tda import cli  # pylint: disable=g-import-not-at-top
+from tda import context as context_lib
 from tda import protocol
 from tda import tailpatch
 
@@ -43,10 +43,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/trackstar_tiny.py",
                                           "The run's config file.", lock_config=True)
 _QUERIES = flags.DEFINE_integer("queries", 20, "Test queries whose pairs are tail-patched "
                                  "(0: all, as the stage does).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.")
+_JSON = cli.define_json_flag()
 
 
 def main(_):
+  with cli.stdout_to_stderr(_JSON.value):
+    out = measure()
+  if _JSON.value:
+    cli.print_json(out)
+    return
+  report(out)
+
+
+def measure() -> dict:
+  """Tail-patches the pairs both ways and returns the figures."""
   config = _CONFIG.value
   ctx = context_lib.Context(config=config, workdir=_WORKDIR.value)
   corpus, queries = ctx.arrays
@@ -84,18 +94,21 @@ def main(_):
          "max_abs_diff_p_before": float(np.abs(b_per - b_sh).max()),
          "max_abs_diff_p_after": float(np.abs(a_per - a_sh).max()),
          "pairs_bit_identical": int(((b_per == b_sh) & (a_per == a_sh)).sum())}
-  if _JSON.value:
-    print(json.dumps(out))
-    return
-  print(f"pairs {len(pairs)}, distinct passages {len(pids)}, queries {len(test)}")
+  return out
+
+
+def report(out: dict) -> None:
+  """The figures as a table."""
+  print(f"pairs {out['pairs']}, distinct passages {out['distinct_passages']}, "
+        f"queries {out['queries']}")
   print("                  cpu_s   wall_s")
-  print(f"one step a pair  {cpu_per:7.1f}  {wall_per:7.1f}")
-  print(f"shared           {cpu_sh:7.1f}  {wall_sh:7.1f}")
+  print(f"one step a pair  {out['cpu_s_one_step_a_pair']:7.1f}  "
+        f"{out['wall_s_one_step_a_pair']:7.1f}")
+  print(f"shared           {out['cpu_s_shared']:7.1f}  {out['wall_s_shared']:7.1f}")
   print(f"ratio (cpu)      {out['cpu_ratio']:7.2f}")
   print(f"max |d p_before| {out['max_abs_diff_p_before']:.3g}, max |d p_after| "
         f"{out['max_abs_diff_p_after']:.3g}, pairs bit-identical "
-        f"{out['pairs_bit_identical']} of {len(pairs)}")
-
+        f"{out['pairs_bit_identical']} of {out['pairs']}")
 
 if __name__ == "__main__":
   app.run(main)

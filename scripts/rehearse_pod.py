@@ -57,10 +57,11 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+from tda import cli  # pylint: disable=g-import-not-at-top
+from tests import gcs_emulator
 
 _ROWS = flags.DEFINE_integer("rows", 200_000, "C4-format passages in the local dataset.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON line (logs to stderr).")
+_JSON = cli.define_json_flag()
 _KEEP = flags.DEFINE_string("keep", None, "Keep the local files here (default: a temp dir, "
                             "deleted at the end).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 20, "Steps of the small model trained first.")
@@ -373,13 +374,14 @@ def main(argv):
   local = _KEEP.value or tempfile.mkdtemp(prefix="rehearse_pod_")
   os.makedirs(local, exist_ok=True)
   try:
-    rep = rehearse(rows=_ROWS.value, local=local, train_steps=_TRAIN_STEPS.value,
-                   timeout=_TIMEOUT.value, pretrained=_PRETRAINED.value)
+    with cli.stdout_to_stderr(_JSON.value):
+      rep = rehearse(rows=_ROWS.value, local=local, train_steps=_TRAIN_STEPS.value,
+                     timeout=_TIMEOUT.value, pretrained=_PRETRAINED.value)
   finally:
     if not _KEEP.value:
       shutil.rmtree(local, ignore_errors=True)
   if _JSON.value:
-    print(json.dumps(rep))
+    cli.print_json(rep)
   else:
     for k, v in rep.items():
       print(f"{k:40s} {v}")

@@ -277,10 +277,13 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
     train: variant -> [n, d] this process's share of the R_train sample.
     block_sizes: projection block sizes, used when `hessian.block_diagonal`.
     dev: the dev pool; with it, each table's damping is the candidate of
-      `hessian.damping_candidates` with the best dev MRR (the first on ties), and
-      every method's dev MRR is recorded, with `chosen_at_grid_edge`
-      (`tda.protocol.grid_edge`; a warning is logged when set). Without it,
-      `hessian.damping`.
+      `hessian.damping_candidates` with the best dev MRR (the first on ties); a best
+      candidate strictly at an end of the grid (`tda.protocol.grid_edge`) extends
+      the grid past that end by the end's ratio, up to
+      `hessian.damping_extend_steps` candidates, and an added candidate is chosen
+      only if strictly better. Every candidate's dev MRR is recorded (grid sorted),
+      with `extended_by` and `chosen_at_grid_edge` (still at an end after the
+      extensions; a warning is logged when set). Without it, `hessian.damping`.
   """
   r_train, r_eval = {}, {}
   # R_train on the global mesh: every process adds its share of the sample and the
@@ -301,15 +304,12 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
                          block_sizes=block_sizes if h.block_diagonal else None)
   if dev is None:
     return Fit(r_train, r_eval, prep.whiteners(h.damping))
-  base = sorted(float(x) for x in h.damping_candidates)
-  if not base:
+  user = [float(x) for x in h.damping_candidates]
+  if not user:
     raise ValueError("hessian.damping_candidates is empty")
   extend = int(h.damping_extend_steps)
   if extend < 0:
     raise ValueError(f"hessian.damping_extend_steps must be >= 0, got {extend}")
-  if extend and (len(base) < 2 or base[0] <= 0):
-    raise ValueError("hessian.damping_extend_steps > 0 needs at least two positive "
-                     f"hessian.damping_candidates (their ratio is the step), got {base}")
   # In R's eigenbasis (`hessian.Eigen.rotate`): the dev vectors are rotated once per
   # R and rescaled per candidate, the same norms and inner products as R^{-1/2}x
   # without forming R^{-1/2} per candidate (2 d³ each: 5 PFLOP per host for nine
@@ -342,35 +342,42 @@ def fit_whiteners(config, *, methods, queries: dict[str, np.ndarray],
       for m in ms:
         chosen[m] = h.damping
       continue
-    cands = list(base)
-    scores = [dev_mrr(t, c) for c in cands]
-    # The best candidate at an end of the grid, strictly above its neighbour: the dev
-    # optimum may lie beyond it, so the grid grows past that end by its own end ratio,
-    # one candidate at a time, until the best is inside (or tied at the end) or
-    # `hessian.damping_extend_steps` candidates were added. Only dev MRR decides.
+    scores_of: dict[float, float] = {}
+    for c in user:
+      if c not in scores_of:
+        scores_of[c] = dev_mrr(t, c)
+    # The best of the grid as given (the first in its order on ties).
+    best = user[int(np.argmax([scores_of[c] for c in user]))]
+
+    def grid():
+      cands = sorted(scores_of)
+      scores = [scores_of[c] for c in cands]
+      return cands, scores, protocol.grid_edge(cands, scores, cands.index(best))
+
+    # The best strictly above its neighbour at an end of the grid: the dev optimum may
+    # lie beyond it, so the grid grows past that end by the end's own ratio, one
+    # candidate at a time, while the best stays at the end, up to
+    # `hessian.damping_extend_steps` candidates. An added candidate becomes the choice
+    # only if its dev MRR is strictly higher (a tie keeps the earlier one). Only dev
+    # MRR decides.
+    cands, scores, edge = grid()
     added = 0
-    while True:
-      i = int(np.argmax(scores))
-      edge = protocol.grid_edge(cands, scores, i)
-      if not edge or added >= extend:
-        break
-      c = cands[-1] * cands[-1] / cands[-2] if edge == "largest" else cands[0] * cands[0] / cands[1]
-      s = dev_mrr(t, c)
-      if edge == "largest":
-        cands.append(c)
-        scores.append(s)
-      else:
-        cands.insert(0, c)
-        scores.insert(0, s)
+    while edge and added < extend:
+      end, nxt = (cands[-1], cands[-2]) if edge == "largest" else (cands[0], cands[1])
+      if end <= 0 or nxt <= 0:
+        break  # No ratio to step by (a zero damping at the end).
+      c = float(f"{end * (end / nxt):.12g}")  # 12 digits: no drift from the products.
+      scores_of[c] = dev_mrr(t, c)
+      if scores_of[c] > scores_of[best]:
+        best = c
       added += 1
-    i = int(np.argmax(scores))
-    best = cands[i]
+      cands, scores, edge = grid()
     if edge:
       logging.warning("damping of %s: the grid's %s candidate (%g x mean eigenvalue) has the "
                       "best dev MRR after %d extension(s); the dev optimum may lie beyond it",
                       t, edge, best, added)
     sweep[t] = {"methods": ms, "candidates": cands, "dev_mrr": scores, "chosen": best,
-                "dev_mrr_chosen": scores[i], "chosen_at_grid_edge": edge,
+                "dev_mrr_chosen": scores_of[best], "chosen_at_grid_edge": edge,
                 "extended_by": added}
     for m in ms:
       chosen[m] = best

@@ -20,8 +20,9 @@ variant, not the paper's) first scales both to unit mean eigenvalue.
 
 R^{-1/2} = U diag((μ + δ)^-1/2) Uᵀ by eigendecomposition, δ = damping × mean
 eigenvalue; full d × d or block-diagonal over projection blocks. The damping of
-every R-using method is chosen on dev queries from `hessian.damping_candidates`
-(`tda.featurize.fit_whiteners`); the eigendecomposition is shared by every
+every R-using method is chosen on dev queries from `hessian.damping_candidates`,
+extended past an end that holds the best (`hessian.damping_extend_steps`;
+`tda.featurize.fit_whiteners`); the eigendecomposition is shared by every
 candidate, and the sweep works in its eigenbasis (`Eigen.rotate`, `Eigen.scales`):
 the dev vectors are rotated once and rescaled per candidate, and R^{-1/2} is formed
 once, for the chosen damping.

@@ -131,54 +131,65 @@ def _evidence(name: str, claim: dict[str, Any], metrics: dict[str, Any]) -> list
                "over-represented among the highest norms.")
   rs = (metrics.get("diagnostics") or {}).get("r_sample") or {}
   if "trak" in names and rs.get("by_damping"):
-    rows = {r["damping"]: r for r in rs["by_damping"]}
-    low = rows[min(rows)]
-    chosen = rows.get(rs.get("trak_damping"))
-
-    def at(r):
-      return (f"TRAK's dev MRR is {_f(r['mrr_as_run'])} with the run's R and "
-              f"{_f(r['mrr_half'])} with R from the half, and the passages outside the "
-              f"half hold {_f(100 * r['out_of_sample_share_top'], 1)}% of its top "
-              f"{rs['top']}")
-
-    n_r, n_c = rs.get("r_train_samples"), rs["candidates"]
-    inside = (f"so every one of the {n_c} candidates lies in R's sample"
-              if n_r == n_c else f"a sample of {n_r} of the {n_c} candidates")
-
-    out.append(
-        f"R_train's sample ({rs['queries']} {rs.get('split', 'dev')} queries; a diagnostic, "
-        "nothing is chosen "
-        f"from it): the run fitted R on {n_r} passages, {inside}; inside the sample a "
-        "candidate's whitened norm is bounded by its leverage, and at the paper's scale "
-        f"nearly every candidate lies outside it. Fitted on a random half ({rs['half']} "
-        "passages) instead: at "
-        f"damping {low['damping']:g}, {at(low)} (50% if the sample did not matter; "
-        f"{_f(100 * low['top_in_highest_norms'], 1)}% of it from the "
-        f"{_f(100 * rs['top_norm_fraction'], 0)}% highest whitened norms), against "
-        f"{_f(rs['unwhitened_mrr'])} without R"
-        + (f"; at TRAK's dev-chosen damping {chosen['damping']:g}, {at(chosen)}"
-           if chosen and chosen is not low else "") + ".")
+    out.append(_r_sample_line(rs))
   fit = (metrics.get("diagnostics") or {}).get("tailpatch_fit") or {}
   if "tailpatch" in name and fit.get("mean_spearman"):
-    rho = fit["mean_spearman"]
-    cells = ", ".join(f"{t} {_f(rho[t])} [{_f(fit['mean_spearman_ci'][t][0])}, "
-                      f"{_f(fit['mean_spearman_ci'][t][1])}]"
-                      for t in sorted(rho, key=lambda t: -rho[t]))
-    above = [(t, d) for t, d in (fit.get("minus_trackstar") or {}).items()
-             if rho[t] > rho.get("trackstar", float("inf"))]
-    paired = ("; the score above TrackStar's, minus TrackStar's (paired): " + ", ".join(
-        f"{t} {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for t, d in above)
-              if above else "")
-    out.append(
-        "Which gradient score follows the measured tail-patch (Spearman within each of "
-        f"{fit['queries']} {fit.get('split', 'test')} queries over the {fit['pairs']} "
-        "tail-patched (query, passage) pairs, every method's top k; mean [95% CI]): "
-        f"{cells}{paired}.")
+    out.append(_tailpatch_fit_line(fit))
   if "tailpatch" in name:
     ms_tp = {m: ms[m].get("tailpatch_rel") for m in names}
     out.append("Relative tail-patch: " + ", ".join(
         f"{m} {_f((v or float('nan')) * 100, 1)}%" for m, v in ms_tp.items()) + ".")
   return out
+
+
+def _pct(x: Any, digits: int = 1) -> str:
+  """A share as a percentage; '—' when missing."""
+  x = json_values.finite_or_none(x)
+  return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _r_sample_line(rs: dict[str, Any]) -> str:
+  """What R_train's sample does to TRAK (`diagnostics.r_sample`)."""
+  rows = {r["damping"]: r for r in rs["by_damping"]}
+  low = rows[min(rows)]
+  chosen = rows.get(rs.get("trak_damping"))
+  n_r, n_c = rs.get("r_train_samples"), rs["candidates"]
+
+  def at(r):
+    return (f"TRAK's dev MRR ranking all {n_c} passages is {_f(r.get('mrr_as_run'))} with "
+            f"the run's R and {_f(r.get('mrr_half'))} with R from the half, and the "
+            f"passages outside the half hold {_pct(r.get('out_of_sample_share_top'))} of "
+            f"its top {rs['top']}")
+
+  inside = (f"so every one of the {n_c} candidates lies in R's sample"
+            if n_r == n_c else f"a sample of {n_r} of the {n_c} candidates")
+  return (
+      f"R_train's sample ({rs['queries']} {rs.get('split', 'dev')} queries; a diagnostic, "
+      f"nothing is chosen from it): the run fitted R on {n_r} passages, {inside}; inside "
+      "the sample a candidate's whitened norm is bounded by its leverage, and at the "
+      "paper's scale nearly every candidate lies outside it. Fitted on a random half "
+      f"({rs['half']} passages) instead: at damping {low['damping']:g}, {at(low)} (50% if "
+      f"the sample did not matter; {_pct(low.get('top_in_highest_norms'))} of it from the "
+      f"{_pct(rs.get('top_norm_fraction'), 0)} highest whitened norms), against "
+      f"{_f(rs.get('unwhitened_mrr'))} without R"
+      + (f"; at TRAK's dev-chosen damping {chosen['damping']:g}, {at(chosen)}"
+         if chosen and chosen is not low else "") + ".")
+
+
+def _tailpatch_fit_line(fit: dict[str, Any]) -> str:
+  """Which gradient score follows the measured tail-patch (`diagnostics.tailpatch_fit`)."""
+  rho = {t: v for t, v in ((t, json_values.finite_or_none(v))
+                           for t, v in fit["mean_spearman"].items()) if v is not None}
+  cis = fit.get("mean_spearman_ci") or {}
+  cells = ", ".join(f"{t} {_ci(rho[t], cis.get(t))}" for t in sorted(rho, key=lambda t: -rho[t]))
+  above = [(t, d) for t, d in (fit.get("minus_trackstar") or {}).items()
+           if t in rho and "trackstar" in rho and rho[t] > rho["trackstar"]]
+  paired = ("; the score above TrackStar's, minus TrackStar's (paired): " + ", ".join(
+      f"{t} {_diff_ci(d)}" for t, d in above) if above else "")
+  return ("Which gradient score follows the measured tail-patch (Spearman within each of "
+          f"{fit.get('queries')} {fit.get('split', 'test')} queries over the "
+          f"{fit.get('pairs')} tail-patched (query, passage) pairs, every method's top k; "
+          f"mean [95% CI]): {cells or '—'}{paired}.")
 
 
 def render(metrics: dict[str, Any]) -> str:

@@ -1,5 +1,7 @@
 """Tail-patch (vmapped == a plain loop; a real optimizer step), method names, ground truth."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -89,3 +91,11 @@ def test_default_tailpatch_lr_is_the_final_training_lr():
   assert tailpatch.default_lr(c) == pytest.approx(0.1 * c.train.learning_rate)
   c.eval.tailpatch_lr = 0.5
   assert tailpatch.default_lr(c) == 0.5
+
+
+def test_a_failing_diagnostic_is_recorded_not_raised(caplog):
+  with caplog.at_level(logging.WARNING):
+    out = evaluation._diagnostic("r_sample", lambda: {}["missing"])
+  assert out == {"skipped": "error: KeyError: 'missing'"}
+  assert "diagnostic r_sample failed: KeyError" in caplog.text
+  assert evaluation._diagnostic("r_sample", lambda: {"a": 1}) == {"a": 1}

@@ -205,8 +205,9 @@ def test_dev_sweep_extends_the_grid_past_an_end_that_holds_the_best_dev_mrr(capl
       assert cands[lo:lo + len(grid)] == list(grid)  # The base grid, in place.
       ratio = grid[1] / grid[0]
       np.testing.assert_allclose(np.diff(np.log(cands)), np.log(ratio), rtol=1e-9)
-      i = int(np.argmax(sw["dev_mrr"]))
-      assert sw["chosen"] == cands[i] == fit.whiteners.damping[t]
+      i = cands.index(sw["chosen"])
+      assert sw["dev_mrr"][i] == max(sw["dev_mrr"]) == sw["dev_mrr_chosen"]
+      assert fit.whiteners.damping[t] == sw["chosen"]
       assert sw["chosen_at_grid_edge"] == protocol.grid_edge(cands, sw["dev_mrr"], i)
       if sw["extended_by"] < steps:  # Stopped early: the best is inside or tied.
         assert sw["chosen_at_grid_edge"] is None
@@ -223,26 +224,41 @@ def test_dev_sweep_extends_the_grid_past_an_end_that_holds_the_best_dev_mrr(capl
         assert protocol.grid_edge(sub_c, sub_s, int(np.argmax(sub_s))) == side
       assert _chosen_dev_mrr(fit, t, qs, pool, rel) == pytest.approx(sw["dev_mrr_chosen"])
   # This setup: TRAK's dev MRR still rises at the grid's top after three additions
-  # (flagged), and TrackStar's optimum lies three steps below a (10, 100) grid.
+  # (flagged); below a (10, 100) grid TrackStar's dev MRR rises twice, then the third
+  # addition ties (0.958 at 0.01 and 0.1): a tie keeps the earlier candidate.
   c = helpers.tiny_config(**{"hessian.damping_candidates": (1e-3, 1e-2),
                              "hessian.lambda_top_k_fraction": 0.25})
   sw = featurize.fit_whiteners(c, methods=["trak"], queries=qs, train=pool,
                                dev=dev).sweep["trak"]
-  assert sw["candidates"] == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0])
+  assert sw["candidates"] == [1e-3, 1e-2, 1e-1, 1.0, 10.0]
   assert sw["extended_by"] == 3 and sw["chosen_at_grid_edge"] == "largest"
   c = helpers.tiny_config(**{"hessian.damping_candidates": (10.0, 100.0),
                              "hessian.lambda_top_k_fraction": 0.25})
   sw = featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool,
                                dev=dev).sweep["trackstar"]
-  assert sw["candidates"] == pytest.approx([1e-2, 1e-1, 1.0, 10.0, 100.0])
-  assert sw["chosen"] == pytest.approx(1e-2) and sw["chosen_at_grid_edge"] is None
-  assert max(sw["dev_mrr"]) > sw["dev_mrr"][-2]  # Better than the base grid's best.
+  assert sw["candidates"] == [1e-2, 1e-1, 1.0, 10.0, 100.0]  # Exact: no product drift.
+  assert sw["dev_mrr"][0] == sw["dev_mrr"][1] > sw["dev_mrr"][2] > max(sw["dev_mrr"][3:])
+  assert sw["chosen"] == 1e-1 and sw["chosen_at_grid_edge"] is None
 
 
-def test_dev_sweep_extension_refuses_a_grid_it_cannot_extend():
+def test_dev_sweep_extension_stops_where_it_has_no_step_and_refuses_negative_steps():
   qs, pool, rel, dev = _dev_setup(seed=0)
-  for grid, steps in (((1.0,), 2), ((0.0, 1.0), 2), ((1.0, 10.0), -1)):
+  # TrackStar's best is the smallest candidate here: a single candidate or a zero at
+  # that end gives no ratio to step by, so the grid stays as given (and is flagged).
+  for grid in ((1.0,), (0.0, 1.0)):
     c = helpers.tiny_config(**{"hessian.damping_candidates": grid,
-                               "hessian.damping_extend_steps": steps})
-    with pytest.raises(ValueError, match="damping_extend_steps"):
-      featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool, dev=dev)
+                               "hessian.lambda_top_k_fraction": 0.25})
+    sw = featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool,
+                                 dev=dev).sweep["trackstar"]
+    assert sw["candidates"] == sorted(grid) and sw["extended_by"] == 0
+  assert sw["chosen"] == 0.0 and sw["chosen_at_grid_edge"] == "smallest"
+  # The base grid's ties go to the first candidate in the order given.
+  c = helpers.tiny_config(**{"hessian.damping_candidates": (1e-2, 1e-3),
+                             "hessian.lambda_top_k_fraction": 0.25,
+                             "hessian.damping_extend_steps": 0})
+  sw = featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool,
+                               dev=dev).sweep["trackstar"]
+  assert sw["dev_mrr"][0] == sw["dev_mrr"][1] and sw["chosen"] == 1e-2
+  c = helpers.tiny_config(**{"hessian.damping_extend_steps": -1})
+  with pytest.raises(ValueError, match="damping_extend_steps"):
+    featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool, dev=dev)

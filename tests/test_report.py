@@ -428,12 +428,20 @@ def test_the_r_sample_diagnostic_explains_the_trak_claim(written):
   assert ("R_train's sample (12 dev queries; a diagnostic, nothing is chosen from it): the "
           "run fitted R on 40 passages, so every one of the 40 candidates lies in R's "
           "sample") in section
-  assert ("at damping 0.001, TRAK's dev MRR is 0.600 with the run's R and 0.300 with R "
-          "from the half, and the passages outside the half hold 95.0% of its top 10 (50% "
-          "if the sample did not matter; 50.0% of it from the 5% highest whitened norms), "
-          "against 0.400 without R; at TRAK's dev-chosen damping 0.1, TRAK's dev MRR is "
-          "0.620 with the run's R and 0.450 with R from the half, and the passages outside "
-          "the half hold 90.0% of its top 10.") in section
+  assert ("at damping 0.001, TRAK's dev MRR ranking all 40 passages is 0.600 with the "
+          "run's R and 0.300 with R from the half, and the passages outside the half hold "
+          "95.0% of its top 10 (50% if the sample did not matter; 50.0% of it from the 5% "
+          "highest whitened norms), against 0.400 without R; at TRAK's dev-chosen damping "
+          "0.1, TRAK's dev MRR ranking all 40 passages is 0.620 with the run's R and 0.450 "
+          "with R from the half, and the passages outside the half hold 90.0% of its top "
+          "10.") in section
+  # metrics.json writes NaN as null: a missing value reads '—', never a crash.
+  rs["by_damping"][0] = {**rs["by_damping"][0], "mrr_half": None,
+                         "out_of_sample_share_top": None}
+  section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
+                            {"trak": 0.6, "exp1": 0.4})
+  assert "0.600 with the run's R and — with R from the half" in section
+  assert "outside the half hold — of its top 10" in section
   rs["r_train_samples"] = 30
   section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
                             {"trak": 0.6, "exp1": 0.4})
@@ -461,6 +469,12 @@ def test_the_tailpatch_fit_names_the_score_tail_patch_follows(written):
           "k; mean [95% CI]): exp4 0.500 [0.400, 0.600], trackstar 0.450 [0.350, 0.550], "
           "exp1 0.200 [0.100, 0.300]; the score above TrackStar's, minus TrackStar's "
           "(paired): exp4 +0.050 [+0.010, +0.090].") in section
+  # Null values (NaN in metrics.json) are left out or read '—', never a crash.
+  fit["mean_spearman"] = {**fit["mean_spearman"], "exp1": None}
+  fit["minus_trackstar"]["exp4"] = {"diff": None, "lo": None, "hi": None, "n": 0}
+  section = _unheld_section(out, *claim)
+  assert ("mean [95% CI]): exp4 0.500 [0.400, 0.600], trackstar 0.450 [0.350, 0.550]; the "
+          "score above TrackStar's, minus TrackStar's (paired): exp4 —.") in section
   assert "Which gradient score" not in _unheld_section(out, "mrr_exp1_lt_exp2",
                                                        "MRR exp1 < exp2",
                                                        {"exp1": 0.4, "exp2": 0.3})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -134,9 +134,11 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       extra={"split": protocol.TEST, "protocol": choices,
              "tailpatch": {"lr": lr, "k": ev.tailpatch_k, "queries": int(len(rows))},
              "retrieval": ctx.summary("retrieval"), "gradients": grads,
-             "diagnostics": {"outlier_norms": outlier_norms(ctx),
-                             "r_sample": r_sample_effect(ctx),
-                             "tailpatch_fit": tailpatch_fit(ctx, tp=tp, rows=rows)}})
+             "diagnostics": {
+                 "outlier_norms": outlier_norms(ctx),
+                 "r_sample": _diagnostic("r_sample", lambda: r_sample_effect(ctx)),
+                 "tailpatch_fit": _diagnostic(
+                     "tailpatch_fit", lambda: tailpatch_fit(ctx, tp=tp, rows=rows))}})
   paper_comparison.write(results_dir=results, metrics=metrics)
   return metrics
 
@@ -163,13 +165,30 @@ def outlier_norms(ctx) -> dict[str, Any]:
   return out
 
 
+# The R-sample diagnostic holds the candidates' vectors and R in float64 and runs two
+# eigendecompositions on the leader: above these sizes it is skipped (with the reason).
+R_SAMPLE_MAX_BLOCK = 8192
+R_SAMPLE_MAX_VALUES = 1 << 27  # Candidates × d: 1 GiB a float64 copy.
+
+
+def _diagnostic(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+  """A diagnostic explains a claim; it must never cost the stage its results: an
+  error is logged and recorded as {"skipped": "error: ..."}."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("diagnostic %s failed: %s: %s", name, type(e).__name__, e)
+    return {"skipped": f"error: {type(e).__name__}: {e}"}
+
+
 def tailpatch_fit(ctx, *, tp: dict[str, tuple[np.ndarray, np.ndarray]],
                   rows: np.ndarray) -> dict[str, Any]:
   """Which gradient score follows the measured tail-patch: for each tail-patched test
   query, every distinct (query, passage) pair any method put in its top k (each
   tail-patched once) is scored by each gradient table's final vectors, and the
   Spearman correlation of those scores with the measured absolute tail-patch is
-  taken within the query; the mean over queries with a 95% bootstrap CI
+  taken within the query; the mean over the queries where every table has one
+  (3+ pairs with distinct values), with a 95% bootstrap CI
   (`metrics.bootstrap_ci`, the run's seed, so tables share resamples). Tail-patch
   measures one optimizer step, so this says which score ranks passages the way that
   step does. In-memory corpora only; else {"skipped": why}."""
@@ -201,8 +220,13 @@ def tailpatch_fit(ctx, *, tp: dict[str, tuple[np.ndarray, np.ndarray]],
         continue
       s = x[[row_of[p] for p in pids]].astype(np.float64) @ q_final[q].astype(np.float64)
       rho[t].append(float(stats.spearmanr(s, v)[0]) if np.ptp(s) > 0 else float("nan"))
+  # The queries where every table has a correlation, so tables compare on the same ones.
+  both = np.all([np.isfinite(r) for r in rho.values()], axis=0)
+  if not both.any():
+    return {"skipped": "no tail-patched query has 3 or more pairs with distinct values"}
+  rho = {t: list(np.where(both, r, np.nan)) for t, r in rho.items()}
   ev = config.eval
-  return {"split": protocol.TEST, "queries": int(np.isfinite(rho[tables[0]]).sum()),
+  return {"split": protocol.TEST, "queries": int(both.sum()),
           "pairs": int(sum(len(p) for p in pairs.values())),
           "mean_spearman": {t: float(np.nanmean(r)) for t, r in rho.items()},
           "mean_spearman_ci": {t: list(metrics_lib.bootstrap_ci(
@@ -234,23 +258,30 @@ def r_sample_effect(ctx) -> dict[str, Any]:
   sw = (grads.summary.get("damping_sweep") or {}).get("trak") or {}
   if not sw.get("candidates"):
     return {"skipped": "no dev damping sweep for trak"}
+  d, blocks = grads.summary["d"], [b[1] for b in grads.summary["blocks"]]
+  if max(blocks if grads.summary.get("block_diagonal") else [d]) > R_SAMPLE_MAX_BLOCK:
+    return {"skipped": f"R's blocks are larger than {R_SAMPLE_MAX_BLOCK}"}
+  table = ctx.table("exp1")
+  if len(table) * d > R_SAMPLE_MAX_VALUES:
+    return {"skipped": f"{len(table)} candidates x d = {d} is over {R_SAMPLE_MAX_VALUES} "
+                       "values"}
   split = grads.split()
   qids = wd.read_json(os.path.join(grads.folder, "query_ids.json"))
   q_raw = grads.queries("raw")
-  ok = np.isfinite(q_raw).all(axis=1)
-  dev = [i for i, qid in enumerate(qids) if split.get(qid) == protocol.DEV and ok[i]]
-  ids, x = ctx.table("exp1").read_all()
+  # The dev queries the sweep used: not those whose gradients were non-finite (the
+  # featuriser zeroes their rows and names them).
+  bad = set(grads.summary.get("bad_query_ids") or [])
+  dev = [i for i, qid in enumerate(qids) if split.get(qid) == protocol.DEV and qid not in bad]
+  ids, x = table.read_all()
   _, queries = ctx.arrays
   fact_of = dict(zip(queries.ids, queries.fact_ids))
   facts = {f["fact_id"]: f for f in ctx.world.facts}
   rel = np.array([np.isin(ids, facts[fact_of[qids[i]]]["passage_ids"]) for i in dev],
                  bool).reshape(len(dev), len(ids))
-  blocks = ([b[1] for b in grads.summary["blocks"]]
-            if grads.summary.get("block_diagonal") else None)
-  out = hessian.sample_effect(pool_nd=np.asarray(x, np.float64), queries_qd=q_raw[dev],
-                              relevant_qn=rel, r_as_run=grads.r_train("raw"),
-                              dampings=sw["candidates"], block_sizes=blocks,
-                              seed=config.eval.split_seed)
+  out = hessian.sample_effect(pool_nd=x, queries_qd=q_raw[dev], relevant_qn=rel,
+                              r_as_run=grads.r_train("raw"), dampings=sw["candidates"],
+                              block_sizes=blocks if grads.summary.get("block_diagonal")
+                              else None, seed=config.eval.split_seed)
   return {"split": protocol.DEV, "trak_damping": sw.get("chosen"),
           "r_train_samples": grads.summary.get("train_samples"), **out}
 
@@ -272,8 +303,11 @@ def protocol_record(config, *, grads: dict[str, Any], lr: float, n_dev, n_test: 
                          "not tuned") if h.lambda_rule == "top_k"
                         else f"fixed by hessian.lambda_ ({h.lambda_rule}), not tuned"},
       "damping": {"value": grads.get("damping"), "sweep": grads.get("damping_sweep"),
-                  "how": "per table, the candidate with the best dev MRR (full ranking of "
-                         "the R_train sample plus the dev ground truth)"},
+                  "how": "per table, the candidate of hessian.damping_candidates with the "
+                         "best dev MRR (full ranking of the R_train sample plus the dev "
+                         "ground truth); a best strictly at an end of the grid extends it "
+                         "past that end, up to hessian.damping_extend_steps candidates "
+                         "(sweep: extended_by, chosen_at_grid_edge)"},
       "d": {"value": grads.get("d"), "train_samples": grads.get("train_samples"),
             "samples_per_dim": grads.get("samples_per_dim"), "r_dim": grads.get("r_dim"),
             "block_diagonal": grads.get("block_diagonal"),
