@@ -90,11 +90,14 @@ def _evidence(name: str, claim: dict[str, Any], metrics: dict[str, Any]) -> list
   for m in names:
     for table, sw in sweep.items():
       if m in sw.get("methods", []) and sw.get("candidates"):
-        pairs = ", ".join(f"{c:g}: {_f(s)}" for c, s in zip(sw["candidates"], sw["dev_mrr"]))
-        edge = sw.get("chosen_at_grid_edge")
+        pairs = ", ".join(f"{c:g}: {_f(s, 4)}" for c, s in zip(sw["candidates"], sw["dev_mrr"]))
+        edge, added = sw.get("chosen_at_grid_edge"), sw.get("extended_by") or 0
+        grown = (f"; the grid grew by {added} candidate{'s' if added > 1 else ''} past the "
+                 "end that held the best" if added else "")
         out.append(f"{m}: damping {sw['chosen']:g} chosen on dev (dev MRR by candidate: "
-                   f"{pairs})" + (f"; the grid's {edge} candidate, so the dev optimum may "
-                                  "lie beyond the grid" if edge else "") + ".")
+                   f"{pairs}){grown}" + (f"; still the grid's {edge} candidate, so the dev "
+                                         "optimum may lie beyond the grid" if edge else "")
+                   + ".")
   if any(m in ("trackstar",) for m in names):
     lam = proto.get("lambda") or {}
     out.append(f"λ = {_f(lam.get('value'), 4)} by rule '{lam.get('rule')}'"

@@ -401,14 +401,19 @@ def test_paper_comparison_says_when_a_damping_was_chosen_at_the_grids_edge(writt
   out = {**out, "protocol": {**out.get("protocol", {}), "damping": {"sweep": sweep}}}
   claim = ("exp5_le_trackstar", "MRR exp5 <= trackstar", {"exp5": 0.4, "trackstar": 0.3})
   section = _unheld_section(out, *claim)
-  assert ("trackstar: damping 10 chosen on dev (dev MRR by candidate: 0.1: 0.500, 1: 0.550, "
-          "10: 0.600); the grid's largest candidate, so the dev optimum may lie beyond the "
-          "grid.") in section
+  assert ("trackstar: damping 10 chosen on dev (dev MRR by candidate: 0.1: 0.5000, "
+          "1: 0.5500, 10: 0.6000); still the grid's largest candidate, so the dev optimum "
+          "may lie beyond the grid.") in section
   sweep["trackstar"] = {**sweep["trackstar"], "dev_mrr": [0.5, 0.7, 0.6], "chosen": 1.0,
                         "chosen_at_grid_edge": None}
   section = _unheld_section(out, *claim)
-  assert ("trackstar: damping 1 chosen on dev (dev MRR by candidate: 0.1: 0.500, 1: 0.700, "
-          "10: 0.600).") in section and "grid's" not in section
+  assert ("trackstar: damping 1 chosen on dev (dev MRR by candidate: 0.1: 0.5000, "
+          "1: 0.7000, 10: 0.6000).") in section and "grid's" not in section
+  sweep["trackstar"] = {**sweep["trackstar"], "candidates": [0.1, 1.0, 10.0, 100.0],
+                        "dev_mrr": [0.5, 0.55, 0.6, 0.59], "chosen": 10.0, "extended_by": 1}
+  section = _unheld_section(out, *claim)
+  assert ("(dev MRR by candidate: 0.1: 0.5000, 1: 0.5500, 10: 0.6000, 100: 0.5900); the "
+          "grid grew by 1 candidate past the end that held the best.") in section
 
 
 def test_the_r_sample_diagnostic_explains_the_trak_claim(written):
