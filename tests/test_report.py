@@ -416,6 +416,11 @@ def test_paper_comparison_says_when_a_damping_was_chosen_at_the_grids_edge(writt
           "grid grew by 1 candidate past the end that held the best.") in section
 
 
+def _trak_section(out):
+  return _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
+                         {"trak": 0.6, "exp1": 0.4})
+
+
 def test_the_r_sample_diagnostic_explains_the_trak_claim(written):
   _, out = written
   rs = {"split": "dev", "queries": 12, "trak_damping": 0.1, "r_train_samples": 40, "half": 20,
@@ -428,8 +433,7 @@ def test_the_r_sample_diagnostic_explains_the_trak_claim(written):
              "out_of_sample_share_top": 0.9, "top_in_highest_norms": 0.4,
              "norm_out_over_in": 1.1}]}
   out = {**out, "diagnostics": {"r_sample": rs}}
-  section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
-                            {"trak": 0.6, "exp1": 0.4})
+  section = _trak_section(out)
   assert ("R_train's sample (12 dev queries; a diagnostic, nothing is chosen from it): the "
           "run fitted R on 40 passages, so every one of the 40 candidates lies in R's "
           "sample") in section
@@ -443,13 +447,11 @@ def test_the_r_sample_diagnostic_explains_the_trak_claim(written):
   # metrics.json writes NaN as null: a missing value reads '—', never a crash.
   rs["by_damping"][0] = {**rs["by_damping"][0], "mrr_half": None,
                          "out_of_sample_share_top": None}
-  section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
-                            {"trak": 0.6, "exp1": 0.4})
+  section = _trak_section(out)
   assert "0.600 with the run's R and — with R from the half" in section
   assert "outside the half hold — of its top 10" in section
   rs["r_train_samples"] = 30
-  section = _unheld_section(out, "trak_collapses", "TRAK's MRR < 0.05 or below Exp. 1's",
-                            {"trak": 0.6, "exp1": 0.4})
+  section = _trak_section(out)
   assert "the run fitted R on 30 passages, a sample of 30 of the 40 candidates;" in section
   # Claims that do not name TRAK do not carry it.
   section = _unheld_section(out, "mrr_exp1_lt_exp2", "MRR exp1 < exp2",
