@@ -453,7 +453,7 @@ def eigh_plan(config: ml_collections.ConfigDict, *, mesh: Mesh, d: int) -> dict[
   return hessian.eigh_plan(d=d, block_sizes=blocks, mesh_shape=dict(mesh.shape),
                            variants=len(methods_lib.variants(methods)),
                            tables=max(1, len(uses_r)),
-                           sweep_rows=-(-config.hessian.train_samples // processes))
+                           sweep_rows=-(-config.hessian.sweep_pool // processes))
 
 
 def check(*, config: ml_collections.ConfigDict, topology_name: str,

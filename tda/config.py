@@ -171,6 +171,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.hessian = h = ml_collections.ConfigDict()
   h.train_samples = 4096         # Training passages sampled for R_train (all, if fewer);
                                  # R is estimated from >= 4 × d of them (a warning otherwise).
+  h.sweep_pool = 4096            # Passages the dev damping sweep ranks (all, if fewer): drawn
+                                 # apart from R_train's sample, plus the dev ground truth.
   h.lambda_rule = "top_k"        # 'top_k' (paper's rule, unnormalised R) | 'fixed' (lambda_,
                                  # unnormalised) | 'fixed_normalised' (lambda_ on trace-scaled R).
   h.lambda_ = 0.9                # λ for the 'fixed' rules (paper: 0.9 on T-REx, 0.99 on C4).

@@ -220,10 +220,23 @@ def hessian_sample(config, n: int) -> np.ndarray:
   return np.sort(rng.choice(n, size=min(config.hessian.train_samples, n), replace=False))
 
 
+def sweep_pool_sample(config, n: int) -> np.ndarray:
+  """The sorted, seeded rows of an n-passage corpus the dev damping sweep ranks
+  (with the dev queries' ground truth): `hessian.sweep_pool` rows drawn uniformly and
+  independently of R_train's sample (`hessian_sample`), so that, as among the whole
+  corpus the test queries are ranked over, a share train_samples / n of the pool
+  lies in R's sample. (A pool that was R's sample would put every ranked passage
+  inside it, where whitened norms are bounded by leverage, while the ground truth
+  and, at scale, nearly every candidate lie outside: `tda.hessian.sample_effect`.)
+  The whole corpus when it has at most `hessian.sweep_pool` passages."""
+  rng = np.random.default_rng([config.seed, 17])
+  return np.sort(rng.choice(n, size=min(config.hessian.sweep_pool, n), replace=False))
+
+
 @dataclasses.dataclass
 class DevPool:
   """What the dev sweep scores: dev query vectors and this process's share of a
-  passage pool (the R_train sample plus the dev queries' ground-truth passages).
+  passage pool (`sweep_pool_sample` plus the dev queries' ground-truth passages).
 
   Attributes:
     queries: variant -> [Qd, d] dev query vectors.

@@ -135,6 +135,8 @@ def make_plan_report(*, config: ml_collections.ConfigDict, rows: int | None = No
                     "chip_hours": r_train * chip_s(f_mean["total"]) / 3600,
                     "accumulate_flops": 2.0 * d * d * r_train,
                     "r_bytes_float32": 4 * d * d}
+  pool = config.hessian.sweep_pool
+  rep["dev_sweep_pool"] = {"examples": pool, "chip_hours": pool * chip_s(f_mean["total"]) / 3600}
   if rows is not None:
     rep["tables"] = table_bytes(rows=rows, d=d)
     feat_h = rows * chip_s(f_mean["total"]) / 3600

@@ -6,9 +6,10 @@ The queries are split, seeded and stratified by (frequency bucket, relation), in
 fixed by `hessian.lambda_top_k_fraction`) is chosen on dev, and R_eval is
 estimated from dev queries; every reported number is on test.
 
-Dev scoring (`dev_mrr`) ranks a pool of passages exactly: the R_train sample plus
-the dev queries' ground-truth passages (at the default scale the sample is the
-whole corpus, so the pool is the corpus and the dev MRR is exact).
+Dev scoring ranks a pool of passages exactly: a uniform sample of the corpus drawn
+apart from R_train's (`featurize.sweep_pool_sample`) plus the dev queries'
+ground-truth passages (at the default scale the pool is the whole corpus, so the
+dev MRR is over the full ranking).
 
 Pure functions of arrays and fact records; the 'gradients' and 'evaluation' stages
 call them.

@@ -99,6 +99,13 @@ def test_default_run_writes_everything(default_run):
                                workdir=default_run).table("exp1").read_all()
   rel = np.array([np.isin(ids, facts[sp["query_ids"][i]]["passage_ids"]) for i in dev])
   assert rs["candidates"] == len(ids) and rs["r_train_samples"] < len(ids)
+  # The sweep's pool is the whole (small) corpus, drawn apart from R's 32-passage sample:
+  # the diagnostic's run-R scores are then the sweep's own.
+  gs = _read_json(os.path.join(g, "summary.json"))
+  assert gs["dev_pool"] == len(ids)
+  assert gs["dev_pool_in_r_sample"] == pytest.approx(gs["train_samples"] / len(ids))
+  np.testing.assert_allclose([r["mrr_as_run"] for r in rs["by_damping"]], sweep["dev_mrr"],
+                             atol=1e-6)
   for r in rs["by_damping"]:
     w = hessian.inv_sqrt(r_dd=r_train, damping=r["damping"]).astype(np.float64)
     ranks = protocol.first_relevant_rank(scores_qn=(q_raw[dev] @ w) @ (x @ w).T,

@@ -262,3 +262,17 @@ def test_dev_sweep_extension_stops_where_it_has_no_step_and_refuses_negative_ste
   c = helpers.tiny_config(**{"hessian.damping_extend_steps": -1})
   with pytest.raises(ValueError, match="damping_extend_steps"):
     featurize.fit_whiteners(c, methods=["trackstar"], queries=qs, train=pool, dev=dev)
+
+
+def test_the_sweep_pool_is_drawn_apart_from_r_trains_sample():
+  """The dev sweep's pool is a uniform sample of its own, so it holds about the
+  corpus's share (train_samples / n) of passages inside R's sample, as the test
+  ranking over the whole corpus does; the whole corpus when it is small."""
+  c = helpers.tiny_config(**{"hessian.train_samples": 1000, "hessian.sweep_pool": 2000})
+  n = 10_000
+  r, pool = featurize.hessian_sample(c, n), featurize.sweep_pool_sample(c, n)
+  assert len(r) == 1000 and len(pool) == 2000 and len(np.unique(pool)) == 2000
+  assert np.all(np.diff(pool) > 0)
+  assert np.isin(pool, r).mean() == pytest.approx(1000 / n, abs=0.03)  # Not R's sample.
+  np.testing.assert_array_equal(pool, featurize.sweep_pool_sample(c, n))  # Seeded.
+  np.testing.assert_array_equal(featurize.sweep_pool_sample(c, 1500), np.arange(1500))

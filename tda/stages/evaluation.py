@@ -304,8 +304,9 @@ def protocol_record(config, *, grads: dict[str, Any], lr: float, n_dev, n_test: 
                         else f"fixed by hessian.lambda_ ({h.lambda_rule}), not tuned"},
       "damping": {"value": grads.get("damping"), "sweep": grads.get("damping_sweep"),
                   "how": "per table, the candidate of hessian.damping_candidates with the "
-                         "best dev MRR (full ranking of the R_train sample plus the dev "
-                         "ground truth); a best strictly at an end of the grid extends it "
+                         "best dev MRR (full ranking of a pool drawn apart from R_train's "
+                         "sample, hessian.sweep_pool passages, plus the dev ground truth); "
+                         "a best strictly at an end of the grid extends it "
                          "past that end, up to hessian.damping_extend_steps candidates "
                          "(sweep: extended_by, chosen_at_grid_edge)"},
       "d": {"value": grads.get("d"), "train_samples": grads.get("train_samples"),

@@ -79,22 +79,26 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   if not len(dev_rows):
     raise ValueError("no dev queries: R_eval and every tuned choice need them; raise "
                      f"eval.dev_fraction (now {config.eval.dev_fraction})")
-  # The pool the dev sweep ranks: the R_train sample plus the dev queries' ground
-  # truth where the corpus can place it without reading (at the default scale the
-  # sample is the whole corpus).
+  # R_train's sample, and the pool the dev sweep ranks: a uniform sample drawn apart
+  # from R's plus the dev queries' ground truth where the corpus can place it without
+  # reading (`featurize.sweep_pool_sample`; at the default scale both are the whole
+  # corpus). Their union is featurised once.
   corpus = ctx.corpus
   sample = featurize.hessian_sample(config, len(corpus))
   gt = {r for d in dev_rows for r in map(corpus.row_of, facts_q[d]["passage_ids"])
         if r is not None}
-  pool = np.union1d(sample, np.fromiter(gt, np.int64, len(gt)))
-  mine = pool[jax.process_index()::jax.process_count()]  # Each process a share.
+  pool = np.union1d(featurize.sweep_pool_sample(config, len(corpus)),
+                    np.fromiter(gt, np.int64, len(gt)))
+  need = np.union1d(sample, pool)
+  mine = need[jax.process_index()::jax.process_count()]  # Each process a share.
   t0 = time.time()
   ids, tok = ctx.corpus_rows(mine)  # Read from the corpus (streamed: only these rows).
   p = eng.featurizer(tokens_nt=tok, mask_nt=(tok != 0).astype(np.float32), ids=ids,
-                     desc="gradients: R_train sample")
+                     desc="gradients: R_train sample and dev pool")
   t_p = time.time() - t0
   ok_p = np.setdiff1d(np.arange(len(mine)), p["bad_rows"])
   in_sample = ok_p[np.isin(mine[ok_p], sample)]
+  in_pool = ok_p[np.isin(mine[ok_p], pool)]
   variants = methods_lib.variants(methods)
   n_sample = int(distributed.sum_across_processes(np.array([len(in_sample)], np.float64))[0])
   # The dimension each estimated R has: d, or the largest block's with a block-diagonal R.
@@ -104,10 +108,10 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
     logging.warning("R_train is estimated from %d passages for R of dimension %d (fewer than "
                     "4 × that): lower gradients.k_in/k_out or use hessian.block_diagonal",
                     n_sample, r_dim)
-  mine_ids = [ids[i] for i in ok_p]
+  mine_ids = [ids[i] for i in in_pool]
   dev = featurize.DevPool(
       queries={v: q[v][dev_rows] for v in variants},
-      pool={v: p[v][ok_p] for v in variants},
+      pool={v: p[v][in_pool] for v in variants},
       relevant_qp=np.array([np.isin(mine_ids, facts_q[r]["passage_ids"]) for r in dev_rows],
                            bool).reshape(len(dev_rows), len(mine_ids)))
   t0 = time.time()
@@ -145,7 +149,9 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
       "test_queries": int((split == protocol.TEST).sum()),
       "train_samples": n_sample, "r_dim": r_dim, "samples_per_dim": n_sample / r_dim,
       "block_diagonal": bool(config.hessian.block_diagonal),
-      "dev_pool": int(len(pool)), "bad_query_ids": q["bad_ids"],
+      "dev_pool": int(len(pool)),
+      "dev_pool_in_r_sample": float(np.isin(pool, sample).mean()) if len(pool) else 0.0,
+      "bad_query_ids": q["bad_ids"],
       "bad_sample_ids_process0": p["bad_ids"], "processes": jax.process_count(),
       "correction_members": eng.correction_counts,
       "checkpoint_step": eng.step, "kernel": config.gradients.kernel,
