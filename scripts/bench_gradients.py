@@ -387,11 +387,11 @@ def main(argv):
     else:
       _print_profile(p)
     return
-  with cli.stdout_to_stderr(_JSON.value):
-    res = measure()
-  if _JSON.value:
-    cli.print_json(res)
-    return
+  cli.emit(as_json=_JSON.value, measure=measure, report=_print_result)
+
+
+def _print_result(res) -> None:
+  """The side-by-side figures as a table."""
   print(f"model {res['params']:,} params, batch {res['batch']} x {res['seq_len']} tokens, "
         f"d = {res['d']}, {res['devices']} device(s), median of {_ROUNDS.value} "
         "interleaved rounds")

@@ -106,11 +106,11 @@ def measure() -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  with cli.stdout_to_stderr(_JSON.value):
-    res = measure()
-  if _JSON.value:
-    cli.print_json(res)
-    return
+  cli.emit(as_json=_JSON.value, measure=measure, report=_report)
+
+
+def _report(res) -> None:
+  """The medians as a table."""
   print(f"median of {_ROUNDS.value} alternating rounds (scripts/bench_gradients.py, one process "
         "per setting and round)")
   print(f"{'setting':<10}{'program':<12}{'ms/call':>10}{'faults/call':>13}")

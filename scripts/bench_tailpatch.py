@@ -47,12 +47,7 @@ _JSON = cli.define_json_flag()
 
 
 def main(_):
-  with cli.stdout_to_stderr(_JSON.value):
-    out = measure()
-  if _JSON.value:
-    cli.print_json(out)
-    return
-  report(out)
+  cli.emit(as_json=_JSON.value, measure=measure, report=report)
 
 
 def measure() -> dict:

@@ -365,6 +365,12 @@ def rehearse(*, rows: int, local: str, train_steps: int, timeout: float,
   }
 
 
+def _report(rep) -> None:
+  """The report, a line a field."""
+  for k, v in rep.items():
+    print(f"{k:40s} {v}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -374,17 +380,14 @@ def main(argv):
   local = _KEEP.value or tempfile.mkdtemp(prefix="rehearse_pod_")
   os.makedirs(local, exist_ok=True)
   try:
-    with cli.stdout_to_stderr(_JSON.value):
-      rep = rehearse(rows=_ROWS.value, local=local, train_steps=_TRAIN_STEPS.value,
-                     timeout=_TIMEOUT.value, pretrained=_PRETRAINED.value)
+    cli.emit(as_json=_JSON.value,
+             measure=lambda: rehearse(rows=_ROWS.value, local=local,
+                                      train_steps=_TRAIN_STEPS.value,
+                                      timeout=_TIMEOUT.value, pretrained=_PRETRAINED.value),
+             report=_report)
   finally:
     if not _KEEP.value:
       shutil.rmtree(local, ignore_errors=True)
-  if _JSON.value:
-    cli.print_json(rep)
-  else:
-    for k, v in rep.items():
-      print(f"{k:40s} {v}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from absl import flags
 
 from tda import json_values
+
+T = TypeVar("T")
 
 
 def define_json_flag() -> flags.FlagHolder[bool]:
@@ -51,3 +53,16 @@ def stdout_to_stderr(enabled: bool = True) -> Iterator[None]:
     sys.stdout.flush()
     os.dup2(saved, 1)
     os.close(saved)
+
+
+def emit(*, as_json: bool, measure: Callable[[], T], report: Callable[[T], None]) -> T:
+  """The `--json` convention in one call: runs `measure` (its stdout sent to stderr
+  when `as_json`), then prints its result, as one JSON line (`print_json`) when
+  `as_json`, else with `report`. Returns the result."""
+  with stdout_to_stderr(as_json):
+    out = measure()
+  if as_json:
+    print_json(out)
+  else:
+    report(out)
+  return out

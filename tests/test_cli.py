@@ -31,3 +31,17 @@ def test_stdout_to_stderr_disabled_leaves_stdout_alone(capfd):
   with cli.stdout_to_stderr(enabled=False):
     print("table row")
   assert capfd.readouterr().out == "table row\n"
+
+
+def test_emit_prints_one_json_line_or_the_report(capfd):
+  def measure():
+    print("progress")
+    return {"x": 1.5}
+
+  assert cli.emit(as_json=True, measure=measure, report=lambda r: print("table")) == {"x": 1.5}
+  out, err = capfd.readouterr()
+  assert out == '{"x": 1.5}\n' and "progress" in err and "table" not in out + err
+  assert cli.emit(as_json=False, measure=measure, report=lambda r: print("table", r["x"])) == {
+      "x": 1.5}
+  out, err = capfd.readouterr()
+  assert out == "progress\ntable 1.5\n" and err == ""
