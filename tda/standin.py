@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tda import fs
 from tda import workdir as wd
 
 C4_PREFIX = "c4-train.jsonl"
@@ -74,7 +75,7 @@ def trex_rows(world) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def build(folder: str, *, world, rows: int, c4_shards: int = 4) -> dict[str, str]:
   """Writes the stand-in files into `folder`; returns the globs to stream them."""
-  os.makedirs(folder, exist_ok=True)
+  fs.makedirs(folder)
   _write_sharded(folder, C4_PREFIX, c4_rows(rows), c4_shards)
   facts, sentences = trex_rows(world)
   wd.write_jsonl(os.path.join(folder, TREX_FACTS), facts)

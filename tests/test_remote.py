@@ -165,6 +165,27 @@ def test_scann_index_saved_and_loaded(root):
     index_lib.ScannIndex.load(os.path.join(root, "nothing"))
 
 
+def test_standin_written_where_asked_and_nowhere_else(root, tmp_path, monkeypatch):
+  # A gs:// folder given to a local-only mkdir becomes a local folder named 'gs:'.
+  from tda import standin  # pylint: disable=g-import-not-at-top
+  from tda import world as world_lib  # pylint: disable=g-import-not-at-top
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  world = world_lib.World(
+      passages=[{"id": "p0", "text": "Ada Lovelace was born in London.", "kind": "fact",
+                 "fact_ids": ["f0"]}],
+      facts=[{"fact_id": "f0", "subject": "Ada Lovelace", "relation": "P19",
+              "object": "London", "inputs_plaintext": "Ada Lovelace was born in",
+              "frequency": 1}])
+  globs = standin.build(os.path.join(root, "standin"), world=world, rows=6, c4_shards=2)
+  assert list(cwd.iterdir()) == []
+  assert [r["fact_id"] for r in wd.read_jsonl(globs["trex_facts"])] == ["f0"]
+  shards = sorted(fs.listdir(os.path.join(root, "standin")))
+  assert [s for s in shards if s.startswith(standin.C4_PREFIX)] == [
+      "c4-train.jsonl-00000-of-00002", "c4-train.jsonl-00001-of-00002"]
+
+
 def _fake_stage(calls, *, fail_after=None, resumable=False):
   def run(ctx, out_dir):
     calls.append(fs.listdir(out_dir))

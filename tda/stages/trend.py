@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 from tda import figures
+from tda import fs
 from tda import train as train_lib
 from tda import trend
 from tda import workdir as wd
@@ -52,7 +53,7 @@ def run(ctx, out_dir: str) -> dict[str, Any]:
   t0 = time.time()
   points = trend.size_points(ctx, folder=os.path.join(out_dir, "models"))
   results = os.path.join(out_dir, "results")
-  os.makedirs(results, exist_ok=True)
+  fs.makedirs(results)
   figures.plot_trend(points=points, path=os.path.join(results, "fig_trend.png"))
   judged = trend.size_claims(points, seed=ctx.config.seed)
   wd.write_text(os.path.join(results, "trend.md"), trend.table_markdown(points, judged))
