@@ -169,8 +169,7 @@ def gradient_inputs(*, config: ml_collections.ConfigDict, mesh: Mesh, batch: int
                                                strict=strict)
   kernel = featurize.sharded_kernel(
       grad_lib.make_factored_kernel(model=model, plan=plan,
-                                    has_corrections=corrs is not None,
-                                    project_in_backward=bool(int(__import__("os").environ.get("TDA_PIB", "0")))),
+                                    has_corrections=corrs is not None),
       param_shardings=p_shardings, corr_shardings=c_shardings)
   rep = sharding.replicated(mesh)
   rows = sharding.batch_sharding(mesh, 2)

@@ -182,7 +182,7 @@ def loss_rows_for(tokens_bt, mask_bt, *, minimum: int = 8) -> int | None:
 def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Array,
                            mask_bt: Array, p_kv: Array | None = None, *,
                            chunk_logits: int = HEAD_CHUNK_LOGITS,
-                           loss_rows: int | None = None, out_projection=None):
+                           loss_rows: int | None = None):
   """The loss gradients w.r.t. every layer output, through the fused head: the body
   to the final hidden states h, `fused_head`, then the body's backward from its dh.
 
@@ -194,10 +194,6 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
   head factors, and so non-finite vectors (the Featurizer flags its row), never a
   silently wrong one.
 
-  With `out_projection` (a nested dict: a Dense's module path -> {'out': [k, n]}),
-  that Dense's δ is projected inside the backward (`tda.model.project_output_grad`)
-  and its entry in `deltas` is `out_projected` = δ Pᵀ [B, T', k] instead of `out`.
-
   Returns:
     (deltas: the perturbations' gradients, inter: the sown layer inputs, nll_b [B],
      h [B, T', D], g P_kvᵀ [B, T', K] or None), T' = T − 1, or R with `loss_rows`
@@ -207,13 +203,9 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
   inputs_bt, targets_bt, tmask_bt = model_lib.shift(tokens_bt, mask_bt)
   pert_shapes = _perturbation_shapes(model, *inputs_bt.shape, hidden_only=True)
   perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
-  variables = {"params": params}
-  if out_projection:
-    perts = _projected_perturbations(flax.core.unfreeze(perts), out_projection)
-    variables[model_lib.OUT_PROJECTION] = out_projection
 
   def body(perts):
-    h, state = model.apply({**variables, "perturbations": perts}, inputs_bt,
+    h, state = model.apply({"params": params, "perturbations": perts}, inputs_bt,
                            hidden_only=True, mutable=["intermediates"])
     return h, state["intermediates"]
 
@@ -244,21 +236,6 @@ def fused_activation_grads(model: model_lib.Transformer, params, tokens_bt: Arra
   return deltas, inter, nll_b, h, g_vocab
 
 
-def _projected_perturbations(perts: dict, out_projection: dict) -> dict:
-  """`perts` with each projected Dense's `out` [.., n] replaced by `out_projected`
-  [.., k] (k: the rows of its `out_projection` matrix)."""
-  out = dict(perts)
-  for key, sub in out_projection.items():
-    if "out" in sub and not isinstance(sub["out"], dict):
-      mod = dict(out[key])
-      shape = mod.pop("out").shape
-      mod["out_projected"] = jnp.zeros(shape[:-1] + sub["out"].shape[:1], jnp.float32)
-      out[key] = mod
-    else:
-      out[key] = _projected_perturbations(out[key], sub)
-  return out
-
-
 def _folded(p_in: Array, p_out: Array, corr) -> tuple[Array, Array]:
   """(P_in, P_out) with a `FactoredCorrection`'s scales folded in:
   (s_in ⊙ x) P_inᵀ = x (P_in ⊙ s_in)ᵀ, so the [B, T, n] activations are never
@@ -276,7 +253,7 @@ def _vocab_matrix(m: proj.Member, *, p_in, p_out, corr) -> Array:
 
 def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
                   corr: corr_lib.Correction | None, projections: _Projections,
-                  head=None, projected_delta=None):
+                  head=None):
   """One member's projected per-example gradient, as a direct [B, k_in, k_out] term
   and/or factor pairs (left [B, T, k_in], right [B, T, k_out]) whose Σ_t L_t R_tᵀ
   it is (pairs are handles into `projections`, resolved once all are asked for).
@@ -295,8 +272,6 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
     projections: where the factor projections are asked for.
     head: with the fused head, (h [B, T, D], this member's g P_vocabᵀ handle):
       the logit term's factors; None when the model's logit taps are there.
-    projected_delta: a Dense's δ P_outᵀ [B, T, k_out] formed in the backward
-      (`fused_activation_grads`' `out_projection`), or None.
 
   Returns:
     (direct [B, k_in, k_out] or None, [(left, right), ...]); a left or right is a
@@ -331,7 +306,7 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
     return None, [(projections.add(h, p_in), g_vocab)]
   mod_path = m.path[:-1]
   x = model_lib.param_at(inter, mod_path)["in"][0]
-  d = None if projected_delta is not None else model_lib.param_at(deltas, mod_path)["out"]
+  d = model_lib.param_at(deltas, mod_path)["out"]
   if m.kind == proj.VECTOR:
     g = jnp.sum(x.astype(f32) * d.astype(f32), axis=1)  # [B, n]
     if corr is not None:
@@ -340,8 +315,6 @@ def _member_terms(m: proj.Member, *, inter, deltas, inputs_bt, p_in, p_out,
   if isinstance(corr, corr_lib.FullCorrection):
     grad = jnp.einsum("btn,btm->bnm", x.astype(f32), d.astype(f32)) * corr.inv_sqrt_v
     return proj.project_full(grads_bmn=grad, member=m, p_in=p_in, p_out=p_out), []
-  if projected_delta is not None:
-    return None, [(projections.add(x, p_in), projected_delta)]
   return None, [(projections.add(x, p_in), projections.add(d, p_out))]
 
 
@@ -374,37 +347,10 @@ def _check_corrections(corrs, variants: tuple[str, ...]) -> None:
                      "without correction records")
 
 
-def _slice_k(x: Array, lo: int, hi: int) -> Array:
-  return x[..., lo:hi]
-
-
-def _out_projection(plan: proj.Plan, mats, variants, corr_of, tied: bool):
-  """The `out_projection` tree of every Dense member projected in the backward (its
-  output-side matrices, correction folded, one per variant, stacked), and where each
-  (variant, member)'s columns lie: {(variant, name): (module path, lo, hi)}."""
-  tree, where = {}, {}
-  for m in plan.members:
-    if m.kind != proj.DENSE or _is_head(m, tied) or any(
-        isinstance(corr_of(m, v), corr_lib.FullCorrection) for v in variants):
-      continue
-    rows, lo = [], 0
-    for v in variants:
-      p_out = _folded(*mats[m.name], corr_of(m, v))[1]
-      where[v, m.name] = (m.path[:-1], lo, lo + p_out.shape[0])
-      lo += p_out.shape[0]
-      rows.append(p_out)
-    node = tree
-    for key in m.path[:-1]:
-      node = node.setdefault(key, {})
-    node["out"] = jnp.concatenate(rows, axis=0)
-  return tree, where
-
-
 def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
                          has_corrections: bool,
                          variants: tuple[str, ...] | None = None,
-                         head_chunk_logits: int = HEAD_CHUNK_LOGITS,
-                         project_in_backward: bool = False) -> Callable:
+                         head_chunk_logits: int = HEAD_CHUNK_LOGITS) -> Callable:
   """Returns `kernel(params, mats, corrs, tokens_bt, mask_bt) -> dict`.
 
   Args:
@@ -416,10 +362,6 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
     variants: the outputs to compute, a subset of ('raw', 'corrected'); default
       'raw', plus 'corrected' when there are corrections.
     head_chunk_logits: logits per step of the fused LM head (`fused_head`).
-    project_in_backward: form each factored Dense member's output-side projection
-      δ P_outᵀ inside the backward (`tda.model.project_output_grad`), as soon as δ
-      exists, instead of from δ after the backward (the same vectors up to float32
-      rounding).
 
   Returns:
     The kernel; its output dict: 'raw' [B, d], 'corrected' [B, d] (as asked),
@@ -448,21 +390,14 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
       vocab_mats = [_vocab_matrix(m, p_in=mats[m.name][0], p_out=mats[m.name][1],
                                   corr=corr_of(m, v)) for v in variants for m in heads]
       p_kv = jnp.concatenate(vocab_mats, axis=0) if vocab_mats else None
-      out_projection, projected = None, {}
-      if project_in_backward:
-        out_projection, projected = _out_projection(plan, mats, variants, corr_of,
-                                                    cfg.tie_embeddings)
       deltas, inter, nll_b, h, g_vocab = fused_activation_grads(
           model, params, tokens_bt, mask_bt, p_kv, chunk_logits=head_chunk_logits,
-          loss_rows=loss_rows, out_projection=out_projection)
-      projected = {key: _slice_k(model_lib.param_at(deltas, path)["out_projected"], lo, hi)
-                   for key, (path, lo, hi) in projected.items()}
+          loss_rows=loss_rows)
       if vocab_mats:
         sizes = list(itertools.accumulate(p.shape[0] for p in vocab_mats))[:-1]
         parts = iter(jnp.split(g_vocab, sizes, axis=-1))
         head_terms = {(v, m.name): (h, next(parts)) for v in variants for m in heads}
     else:
-      projected = {}
       pert_shapes = _perturbation_shapes(model, *inputs_bt.shape)
       perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
 
@@ -486,8 +421,7 @@ def make_factored_kernel(*, model: model_lib.Transformer, plan: proj.Plan,
         terms[name, m.name] = _member_terms(
             m, inter=inter, deltas=deltas, inputs_bt=inputs_bt, p_in=p_in, p_out=p_out,
             corr=corr_of(m, name), projections=projections,
-            head=head_terms.get((name, m.name)),
-            projected_delta=projected.get((name, m.name)))
+            head=head_terms.get((name, m.name)))
     projections.run()
     get = lambda a: projections.result(a) if isinstance(a, tuple) else a
 

@@ -98,33 +98,6 @@ def _dt(name: str):
   return jnp.dtype(name)
 
 
-# A collection of [k, n_out] matrices, one per Dense (`out`): where it is given, the
-# Dense's tap is `perturbations/<path>/out_projected` [.., k], whose gradient is the
-# output gradient δ already multiplied by the matrix's transpose (`δ Pᵀ`), formed in
-# the backward as soon as δ exists; δ itself is never an output.
-OUT_PROJECTION = "out_projection"
-
-
-@jax.custom_vjp
-def project_output_grad(y: Array, z: Array, p_kn: Array) -> Array:
-  """Identity in `y`; the cotangent it passes to `z` is `dy @ p_knᵀ` (float32)."""
-  del z, p_kn
-  return y
-
-
-def _project_fwd(y, z, p_kn):
-  del z
-  return y, p_kn
-
-
-def _project_bwd(p_kn, dy):
-  dz = jnp.einsum("...n,kn->...k", dy.astype(jnp.float32), p_kn.astype(jnp.float32))
-  return dy, dz, jnp.zeros_like(p_kn)
-
-
-project_output_grad.defvjp(_project_fwd, _project_bwd)
-
-
 class Dense(nn.Module):
   """Bias-free dense layer `y = x @ kernel`, kernel (in, out), with gradient taps."""
   features: int
@@ -138,11 +111,6 @@ class Dense(nn.Module):
                         (n_in, self.features), _dt(self.param_dtype))
     self.sow("intermediates", "in", x)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.has_variable(OUT_PROJECTION, "out"):
-      # The output gradient projected inside the backward (`project_output_grad`).
-      p_kn = self.get_variable(OUT_PROJECTION, "out")
-      z = self.perturb("out_projected", jnp.zeros(y.shape[:-1] + p_kn.shape[:1], jnp.float32))
-      return project_output_grad(y, z, p_kn)
     return self.perturb("out", y)
 
 
