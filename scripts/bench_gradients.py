@@ -30,9 +30,12 @@ backward, projection/contraction, correction, whitening, host I/O: differences o
 nested programs, each timed in interleaved rounds, with XLA's FLOPs and bytes per
 program) for the bench shape and for scripts/bench_vs_bergson.py's shape (its
 4-layer d_model-256 model, dense members only, 16 x 16 per module, batch 16 x 128).
-Differences of noisy timings can come out negative on a loaded machine: read the
-per-program times then. XLA's FLOPs count a loop's body once: the fused LM head's
-(`tda.gradients.fused_head`) is counted for one chunk of rows.
+Every program and the Featurizer run in each round, and a phase is the median of
+its per-round differences, printed with their range over the rounds; a phase whose
+range reaches 0 or below is marked as within the machine's noise (its median may
+even be negative; the shares count a negative median as 0). XLA's FLOPs count a
+loop's body once: the fused LM head's (`tda.gradients.fused_head`) is counted for
+one chunk of rows.
 """
 
 from __future__ import annotations
@@ -78,11 +81,11 @@ def _cost(jitted, *args) -> dict:
 
 
 def _time(runs: dict, rounds: int, reps: dict | None = None,
-          faults: dict | None = None) -> dict:
-  """Median seconds per call of each (fn, args), interleaved rounds after a warm-up.
-  With `faults` (a dict), also the median minor page faults per call of each, into it
-  (the process's count around the calls: what the host allocator costs,
-  `tda.host_memory`)."""
+          faults: dict | None = None, per_round: bool = False) -> dict:
+  """Median seconds per call of each (fn, args), interleaved rounds after a warm-up
+  (with `per_round`, each round's instead: a list per name). With `faults` (a dict),
+  also the median minor page faults per call of each, into it (the process's count
+  around the calls: what the host allocator costs, `tda.host_memory`)."""
   import resource
   import jax
   import numpy as np
@@ -102,6 +105,8 @@ def _time(runs: dict, rounds: int, reps: dict | None = None,
       flts[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n)
   if faults is not None:
     faults.update({name: float(np.median(v)) for name, v in flts.items()})
+  if per_round:
+    return times
   return {name: float(np.median(v)) for name, v in times.items()}
 
 
@@ -310,37 +315,48 @@ def profile_shape(name: str, config, *, seq_len: int, dense_only: bool, eps=None
   g = jnp.ones((s.b, s.plan.dim), jnp.float32)
   runs["whitening"] = (jax.jit(lambda g, w: g @ w), (g, w))
   cost = {k: _cost(fn, *args) for k, (fn, args) in runs.items()}
-  sec = _time(runs, _ROUNDS.value)
   feat = featurize.Featurizer(model=s.model, params=s.params, plan=s.plan, mats=s.mats,
                               corrs=s.corrs, mesh=sharding.make_mesh(), batch_size=s.b,
                               bucket=seq_len, variants=("corrected",))
   toks = np.tile(s.tokens, (n_examples // s.b, 1))
   mask = np.ones(toks.shape, np.float32)
-  feat(tokens_nt=toks[:s.b], mask_nt=mask[:s.b], ids=list(range(s.b)))  # Compile.
-  walls = []
-  for _ in range(_ROUNDS.value):
-    t0 = time.perf_counter()
-    feat(tokens_nt=toks, mask_nt=mask, ids=list(range(len(toks))))
-    walls.append(time.perf_counter() - t0)
-  feat_per_batch = float(np.median(walls)) / (len(toks) / s.b)
+  batches = len(toks) / s.b
+  runs["featurizer"] = (lambda: feat(tokens_nt=toks, mask_nt=mask, ids=list(range(len(toks)))),
+                        ())
+  load0 = os.getloadavg()[0]
+  # Every program and the Featurizer in each round, so a phase (a difference of two
+  # programs) is taken within a round, where the machine's load is the least apart.
+  rounds = _time(runs, _ROUNDS.value, reps={"featurizer": 1}, per_round=True)
+  load1 = os.getloadavg()[0]
+  rounds["featurizer"] = [v / batches for v in rounds["featurizer"]]
+  sec = {k: float(np.median(v)) for k, v in rounds.items()}
+  feat_per_batch = sec.pop("featurizer")
   if trace_dir:
     fn, args = runs["corrected_only"]
     with jax.profiler.trace(os.path.join(trace_dir, name)):
       jax.block_until_ready(fn(*args))
-  phases = {
-      "forward": sec["forward"],
-      "activation_backward": sec["activation_grads"] - sec["forward"],
-      "projection": sec["raw_only"] - sec["activation_grads"],
-      "correction": sec["corrected_only"] - sec["raw_only"],
-      "whitening": sec["whitening"],
-      "host_io": feat_per_batch - sec["corrected_only"],
+  r = {k: np.asarray(v) for k, v in rounds.items()}
+  per_round = {
+      "forward": r["forward"],
+      "activation_backward": r["activation_grads"] - r["forward"],
+      "projection": r["raw_only"] - r["activation_grads"],
+      "correction": r["corrected_only"] - r["raw_only"],
+      "whitening": r["whitening"],
+      "host_io": r["featurizer"] - r["corrected_only"],
   }
-  total = sum(phases.values())
+  phases = {k: float(np.median(v)) for k, v in per_round.items()}
+  total = sum(max(v, 0.0) for v in phases.values())
   return {
       "shape": name, "batch": s.b, "seq_len": seq_len, "d": s.plan.dim,
       "params": s.n_params, "members": len(s.plan.members),
+      "rounds": _ROUNDS.value, "load_average": [round(load0, 2), round(load1, 2)],
+      # Median of the per-round differences, and their range over the rounds; a
+      # phase whose range spans 0 is below what this machine's noise lets one see.
       "phase_ms_per_batch": {k: round(v * 1e3, 3) for k, v in phases.items()},
-      "phase_share": {k: round(v / total, 3) for k, v in phases.items()},
+      "phase_ms_range": {k: [round(float(v.min()) * 1e3, 3), round(float(v.max()) * 1e3, 3)]
+                         for k, v in per_round.items()},
+      "phases_within_noise": [k for k, v in per_round.items() if v.min() <= 0.0],
+      "phase_share": {k: round(max(v, 0.0) / total, 3) for k, v in phases.items()},
       "program_ms_per_batch": {k: round(v * 1e3, 3) for k, v in sec.items()},
       "featurizer_ms_per_batch": round(feat_per_batch * 1e3, 3),
       "program_gflop": {k: round(v["flops"] / 1e9, 4) for k, v in cost.items()},
@@ -365,9 +381,14 @@ def _print_profile(p: dict) -> None:
   for sh in p["shapes"]:
     print(f"{sh['shape']}: batch {sh['batch']} x {sh['seq_len']} tokens, d = {sh['d']}, "
           f"{sh['members']} members, {sh['params']:,} params")
-    print(f"  {'phase':<22}{'ms/batch':>10}{'share':>8}")
+    print(f"  median of {sh['rounds']} rounds, load average {sh['load_average'][0]:.2f} "
+          f"-> {sh['load_average'][1]:.2f}")
+    print(f"  {'phase':<22}{'ms/batch':>10}{'min':>9}{'max':>9}{'share':>8}")
     for k, v in sh["phase_ms_per_batch"].items():
-      print(f"  {k:<22}{v:>10.2f}{sh['phase_share'][k]:>8.2f}")
+      lo, hi = sh["phase_ms_range"][k]
+      note = "  (range spans 0: within noise)" if k in sh["phases_within_noise"] else ""
+      print(f"  {k:<22}{v:>10.2f}{lo:>9.2f}{hi:>9.2f}{sh['phase_share'][k]:>8.2f}{note}")
+    print(f"  featurizer (all of it)  {sh['featurizer_ms_per_batch']:>8.2f}")
     print(f"  {'program':<22}{'ms/batch':>10}{'GFLOP':>10}{'GFLOP/s':>10}")
     for k, v in sh["program_ms_per_batch"].items():
       print(f"  {k:<22}{v:>10.2f}{sh['program_gflop'][k]:>10.3f}{sh['program_gflops'][k]:>10.1f}")

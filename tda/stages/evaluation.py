@@ -266,7 +266,7 @@ def r_sample_effect(ctx) -> dict[str, Any]:
     return {"skipped": f"{len(table)} candidates x d = {d} is over {R_SAMPLE_MAX_VALUES} "
                        "values"}
   split = grads.split()
-  qids = wd.read_json(os.path.join(grads.folder, "query_ids.json"))
+  qids = grads.query_ids()
   q_raw = grads.queries("raw")
   # The dev queries the sweep used: not those whose gradients were non-finite (the
   # featuriser zeroes their rows and names them).

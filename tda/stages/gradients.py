@@ -179,6 +179,10 @@ class Outputs:
     s = wd.read_json(os.path.join(self.folder, "split.json"))
     return dict(zip(s["query_ids"], s["split"]))
 
+  def query_ids(self) -> list[str]:
+    """The queries' ids, in the order of the rows of `queries` and `final_queries`."""
+    return wd.read_json(os.path.join(self.folder, "query_ids.json"))
+
   def queries(self, variant: str) -> np.ndarray:
     """[Q, d] the queries' projected vectors of a variant ('raw' | 'corrected'),
     before any R or normalisation."""
