@@ -50,46 +50,52 @@ def _top10(q_qe, p_ne):
   return np.argsort(-(q_qe @ p_ne.T), axis=1, kind="stable")[:, :10]
 
 
+def measure() -> dict:
+  """Load and encode times of our JAX encoder and, when installed, the torch
+  reference, with their agreement."""
+  passages, queries = _texts(_WORKDIR.value)
+  texts = passages + queries
+  out = {"passages": len(passages), "queries": len(queries), "batch_size": _BATCH.value}
+  t0 = time.time()
+  enc = sentence_encoder.SentenceEncoder.load()
+  out["jax_load_s"] = time.time() - t0
+  t0 = time.time()
+  jax_ne = enc.encode(texts, batch_size=_BATCH.value)
+  out["jax_first_s"] = time.time() - t0  # includes one compilation per length bucket
+  t0 = time.time()
+  enc.encode(texts, batch_size=_BATCH.value)
+  out["jax_second_s"] = time.time() - t0
+  if (importlib.util.find_spec("sentence_transformers") is None
+      or importlib.util.find_spec("torch") is None):
+    out["torch"] = "not installed (pip install -e '.[dense]')"
+  else:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(sentence_encoder.model_dir(), device="cpu",
+                                local_files_only=True)
+    out["torch_load_s"] = time.time() - t0
+    for key in ("torch_first_s", "torch_second_s"):
+      t0 = time.time()
+      ref_ne = model.encode(texts, batch_size=_BATCH.value, convert_to_numpy=True,
+                            normalize_embeddings=True, show_progress_bar=False)
+      out[key] = time.time() - t0
+    out["max_cosine_distance"] = float(np.max(1.0 - np.sum(jax_ne * ref_ne, axis=1)))
+    n = len(passages)
+    out["top10_identical_queries"] = float(np.mean(np.all(
+        _top10(jax_ne[n:], jax_ne[:n]) == _top10(ref_ne[n:], ref_ne[:n]), axis=1)))
+    out["jax_over_torch_second_pass"] = out["torch_second_s"] / out["jax_second_s"]
+  return out
+
+
+def _report(out) -> None:
+  for k, v in out.items():
+    print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+
+
 def main(argv):
   del argv
-  with cli.stdout_to_stderr(_JSON.value):
-    passages, queries = _texts(_WORKDIR.value)
-    texts = passages + queries
-    out = {"passages": len(passages), "queries": len(queries), "batch_size": _BATCH.value}
-    t0 = time.time()
-    enc = sentence_encoder.SentenceEncoder.load()
-    out["jax_load_s"] = time.time() - t0
-    t0 = time.time()
-    jax_ne = enc.encode(texts, batch_size=_BATCH.value)
-    out["jax_first_s"] = time.time() - t0  # includes one compilation per length bucket
-    t0 = time.time()
-    enc.encode(texts, batch_size=_BATCH.value)
-    out["jax_second_s"] = time.time() - t0
-    if (importlib.util.find_spec("sentence_transformers") is None
-        or importlib.util.find_spec("torch") is None):
-      out["torch"] = "not installed (pip install -e '.[dense]')"
-    else:
-      os.environ.setdefault("HF_HUB_OFFLINE", "1")
-      t0 = time.time()
-      from sentence_transformers import SentenceTransformer
-      model = SentenceTransformer(sentence_encoder.model_dir(), device="cpu",
-                                  local_files_only=True)
-      out["torch_load_s"] = time.time() - t0
-      for key in ("torch_first_s", "torch_second_s"):
-        t0 = time.time()
-        ref_ne = model.encode(texts, batch_size=_BATCH.value, convert_to_numpy=True,
-                              normalize_embeddings=True, show_progress_bar=False)
-        out[key] = time.time() - t0
-      out["max_cosine_distance"] = float(np.max(1.0 - np.sum(jax_ne * ref_ne, axis=1)))
-      n = len(passages)
-      out["top10_identical_queries"] = float(np.mean(np.all(
-          _top10(jax_ne[n:], jax_ne[:n]) == _top10(ref_ne[n:], ref_ne[:n]), axis=1)))
-      out["jax_over_torch_second_pass"] = out["torch_second_s"] / out["jax_second_s"]
-  if _JSON.value:
-    cli.print_json(out)
-  else:
-    for k, v in out.items():
-      print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+  cli.emit(as_json=_JSON.value, measure=measure, report=_report)
 
 
 if __name__ == "__main__":

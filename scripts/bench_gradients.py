@@ -347,17 +347,18 @@ def profile_shape(name: str, config, *, seq_len: int, dense_only: bool, eps=None
       "host_io": r["featurizer"] - r["corrected_only"],
   }
   phases = {k: float(np.median(v)) for k, v in per_round.items()}
+  ranges = {k: [round(float(v.min()) * 1e3, 3), round(float(v.max()) * 1e3, 3)]
+            for k, v in per_round.items()}
   total = sum(max(v, 0.0) for v in phases.values())
   return {
       "shape": name, "batch": s.b, "seq_len": seq_len, "d": s.plan.dim,
       "params": s.n_params, "members": len(s.plan.members),
       "rounds": _ROUNDS.value, "load_average": [round(load0, 2), round(load1, 2)],
       # Median of the per-round differences, and their range over the rounds; a
-      # phase whose range spans 0 is below what this machine's noise lets one see.
+      # phase whose range reaches 0 or below is within this machine's noise.
       "phase_ms_per_batch": {k: round(v * 1e3, 3) for k, v in phases.items()},
-      "phase_ms_range": {k: [round(float(v.min()) * 1e3, 3), round(float(v.max()) * 1e3, 3)]
-                         for k, v in per_round.items()},
-      "phases_within_noise": [k for k, v in per_round.items() if v.min() <= 0.0],
+      "phase_ms_range": ranges,
+      "phases_within_noise": [k for k, (lo, _) in ranges.items() if lo <= 0.0],
       "phase_share": {k: round(max(v, 0.0) / total, 3) for k, v in phases.items()},
       "program_ms_per_batch": {k: round(v * 1e3, 3) for k, v in sec.items()},
       "featurizer_ms_per_batch": round(feat_per_batch * 1e3, 3),
@@ -388,7 +389,7 @@ def _print_profile(p: dict) -> None:
     print(f"  {'phase':<22}{'ms/batch':>10}{'min':>9}{'max':>9}{'share':>8}")
     for k, v in sh["phase_ms_per_batch"].items():
       lo, hi = sh["phase_ms_range"][k]
-      note = "  (range spans 0: within noise)" if k in sh["phases_within_noise"] else ""
+      note = "  (range reaches 0: within noise)" if k in sh["phases_within_noise"] else ""
       print(f"  {k:<22}{v:>10.2f}{lo:>9.2f}{hi:>9.2f}{sh['phase_share'][k]:>8.2f}{note}")
     print(f"  featurizer (all of it)  {sh['featurizer_ms_per_batch']:>8.2f}")
     print(f"  {'program':<22}{'ms/batch':>10}{'GFLOP':>10}{'GFLOP/s':>10}")

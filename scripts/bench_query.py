@@ -77,12 +77,12 @@ def measure(*, workdir: str, n: int, method: str, k: int, greedy: bool) -> dict:
 
 def main(argv):
   del argv
-  with cli.stdout_to_stderr(_JSON.value):
-    out = measure(workdir=_WORKDIR.value, n=_N.value, method=_METHOD.value, k=_K.value,
-                  greedy=_GREEDY.value)
-  if _JSON.value:
-    cli.print_json(out)
-    return
+  cli.emit(as_json=_JSON.value, report=_report,
+           measure=lambda: measure(workdir=_WORKDIR.value, n=_N.value, method=_METHOD.value,
+                                   k=_K.value, greedy=_GREEDY.value))
+
+
+def _report(out) -> None:
   print(f"{out['n']} requests, {out['method']} over {out['rows']} rows x d={out['d']} "
         f"({out['index']} search), k={out['k']}{' greedy targets' if out['greedy'] else ''}")
   print(f"end to end: p50 {out['p50_s']:.3f} s  p95 {out['p95_s']:.3f} s  "

@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tda import cli  # noqa: E402
+from tda import fs  # noqa: E402
 from tda import index as index_lib  # noqa: E402
 from tda import tables  # noqa: E402
 
@@ -173,7 +174,7 @@ def workdir_stats(workdir: str, method: str = "trackstar") -> dict:
   """data_stats of a real gradient table and its queries (a finished tda.run workdir)."""
   t = tables.Table.open(os.path.join(workdir, "tables", method))
   x_nd = np.concatenate([np.asarray(s, np.float32) for _, s in t.shards])
-  q_qd = np.load(os.path.join(workdir, "gradients", f"queries_final_{method}.npy"))
+  q_qd = fs.load_npy(os.path.join(workdir, "gradients", f"queries_final_{method}.npy"))
   return {"path": t.path, "rows": int(x_nd.shape[0]), **data_stats(x_nd, q_qd)}
 
 
@@ -277,12 +278,10 @@ def run(args) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  args = flags.FLAGS
-  with cli.stdout_to_stderr(_JSON.value):
-    out = run(args)
-  if _JSON.value:
-    cli.print_json(out)
-    return
+  cli.emit(as_json=_JSON.value, measure=lambda: run(flags.FLAGS), report=_report)
+
+
+def _report(out) -> None:
   width = max(map(len, out))
   for key, v in out.items():
     print(f"{key:<{width}}  {v:.4g}" if isinstance(v, float) else f"{key:<{width}}  {v}")

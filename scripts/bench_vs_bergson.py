@@ -28,10 +28,11 @@ One run, on this machine's CPU (or both sides on CUDA, `--device`):
      us), driven in `--repeats` (>= 5) rounds of one pass per side, the order
      alternating, the 1-minute load average read around every pass. Examples/s
      of the steady state: ours after compiling every length bucket, bergson
-     after a warm-up batch (its projection matrices cached), then one untimed
-     full pass on each side (the first pass also grows each process's heap);
-     imports, model load, data setup, compilation and that pass are excluded on
-     both sides and reported separately (`warmup_s`). Ours runs the production `Featurizer` (length buckets, fixed
+     after a warm-up collection of 2 x batch documents (its projection matrices
+     cached), then one untimed full pass on each side (the first pass also
+     grows each process's heap). Excluded on both sides: imports (not timed),
+     model load and data setup (`setup_s`), compilation or warm-up and the
+     untimed pass (`warmup_s`). Ours runs the production `Featurizer` (length buckets, fixed
      batch shapes, the corrected variant only, as bergson computes), bergson its
      `collect_gradients` (token-budget batches of `batch * seq_len` tokens).
      The ratio is the median of the per-round ratios, with their min and max;
@@ -640,7 +641,8 @@ def timed(a) -> dict:
         "examples_per_s_median": round(statistics.median(eps), 2),
         "tokens_per_s": [round(r["tokens"] / r["wall_s"], 1) for r in rs],
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
-        "rss_before_compute_mb": round(rs[0]["rss_before_mb"], 1),
+        # As the first timed round starts: after the untimed pass grew the heap.
+        "rss_before_timed_mb": round(rs[0]["rss_before_mb"], 1),
         "setup_s": round(ready[side]["setup_s"], 1),
         "warmup_s": round(ready[side]["warmup_s"], 1),
         "threads": ready[side]["threads"], "device": ready[side]["device"],

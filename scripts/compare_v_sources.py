@@ -16,7 +16,6 @@ matters to unit-normalised vectors), with means by parameter kind.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ from tda import cli  # pylint: disable=g-import-not-at-top
 from tda import context as context_lib
 from tda import projection as proj
 from tda import v_estimate
+from tda import workdir as wd
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The runs' config file.",
                                           lock_config=False)
@@ -41,8 +41,7 @@ flags.mark_flags_as_required(["config", "checkpoint_workdir", "estimate_workdir"
 
 
 def _metrics(workdir: str) -> dict[str, dict[str, float]]:
-  with open(os.path.join(workdir, "results", "metrics.json")) as f:
-    m = json.load(f)
+  m = wd.read_json(os.path.join(workdir, "results", "metrics.json"))
   return {name: {"mrr": r.get("mrr"), "recall_at_10": r.get("recall_at_10")}
           for name, r in m["methods"].items() if r.get("family") == "gradient"}
 
@@ -77,11 +76,11 @@ def compare(config, checkpoint_workdir: str, estimate_workdir: str) -> dict:
 
 def main(argv):
   del argv
-  with cli.stdout_to_stderr(_JSON.value):
-    out = compare(_CONFIG.value, _CK.value, _EST.value)
-  if _JSON.value:
-    cli.print_json(out)
-    return
+  cli.emit(as_json=_JSON.value, report=_report,
+           measure=lambda: compare(_CONFIG.value, _CK.value, _EST.value))
+
+
+def _report(out) -> None:
   for m, r in out["methods"].items():
     print(f"{m}: checkpoint V  MRR {r['checkpoint']['mrr']:.4f}  "
           f"recall@10 {r['checkpoint']['recall_at_10']:.4f}")

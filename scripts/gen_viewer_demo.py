@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from tda import cli
+from tda import fs
 from tda import viewer
 from tda import workdir as workdir_lib
 
@@ -56,7 +57,7 @@ def write_synthetic_results(*, workdir: str, n_queries: int = 20,
   """
   rng = random.Random(seed)
   folder = os.path.join(workdir, "results", "proponents")
-  os.makedirs(folder, exist_ok=True)
+  fs.makedirs(folder)
   shared = [(f"c4:filler{i:06d}", " ".join(rng.sample(_FILLER, 3)))
             for i in range(max(50, n_queries // 10))]
   rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -131,7 +132,7 @@ def main(argv: Sequence[str]) -> None:
   gen_s = time.perf_counter() - t
   t = time.perf_counter()
   path = viewer.write_viewer(workdir=fv.workdir)
-  res = {"path": path, "bytes": os.path.getsize(path), "queries": fv.n_queries,
+  res = {"path": path, "bytes": fs.getsize(path), "queries": fv.n_queries,
          "methods": list(fv.methods), "generate_s": gen_s,
          "page_s": time.perf_counter() - t}
   logging.info("synthetic results %.1f s, page %.1f s", res["generate_s"], res["page_s"])

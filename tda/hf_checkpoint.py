@@ -52,6 +52,7 @@ import numpy as np
 import seqio
 
 from tda import convert_hf
+from tda import fs
 from tda import model as model_lib
 
 _SAFETENSORS_DTYPES = {
@@ -320,6 +321,10 @@ FOLDER_LAYOUT = ("hf_llama: a Hugging Face save_pretrained folder of a LlamaForC
 
 
 def _checkpoint_folder(config) -> str:
+  if fs.is_remote(config.model.checkpoint):
+    raise ValueError(f"model.checkpoint={config.model.checkpoint!r}: a Hugging Face folder "
+                     "(model.checkpoint_format='hf_llama') is read from a local disk; copy it "
+                     "first (e.g. gcloud storage cp -r) and pass the local folder")
   folder = os.path.abspath(config.model.checkpoint)
   if not os.path.isfile(os.path.join(folder, "config.json")):
     raise FileNotFoundError(f"model.checkpoint={config.model.checkpoint!r} has no "

@@ -186,6 +186,30 @@ def test_standin_written_where_asked_and_nowhere_else(root, tmp_path, monkeypatc
       "c4-train.jsonl-00000-of-00002", "c4-train.jsonl-00001-of-00002"]
 
 
+def test_vocab_file_read_where_it_is(root, tmp_path):
+  # data.vocab_path on gs:// is checked and fingerprinted through tda.fs (a local
+  # isfile said "does not exist").
+  from tda import data  # pylint: disable=g-import-not-at-top
+  from tda.stages import vocab  # pylint: disable=g-import-not-at-top
+  texts = [f"Ada Lovelace was born in the city of London, entry {i}." for i in range(200)]
+  local = data.train_vocab(texts=texts, vocab_size=320, model_prefix=str(tmp_path / "sp"))
+  fs.makedirs(os.path.join(root, "vocab"))
+  path = os.path.join(root, "vocab", "spm.model")
+  fs.copy_file(local, path)
+  ctx = types.SimpleNamespace(config=helpers.tiny_config(**{"data.vocab_path": path}))
+  fp = vocab.fingerprint(ctx)
+  assert fp == {"vocab_path": path, "sha256": wd.file_sha256(local)}
+  assert vocab._check(ctx, path) == data.check_vocab_file(local)  # pylint: disable=protected-access
+
+
+def test_hf_folder_on_gs_is_refused_by_name():
+  from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  c = helpers.tiny_config(**{"model.checkpoint": "gs://b/llama",
+                             "model.checkpoint_format": "hf_llama"})
+  with pytest.raises(ValueError, match=r"model.checkpoint='gs://b/llama'.*local disk"):
+    hf_checkpoint.pipeline_model_config(c)
+
+
 def _fake_stage(calls, *, fail_after=None, resumable=False):
   def run(ctx, out_dir):
     calls.append(fs.listdir(out_dir))

@@ -33,23 +33,23 @@ def _external(ctx) -> str | None:
 
 
 def _check(ctx, path: str) -> int:
-  if os.path.isdir(path):
+  if fs.isdir(path):
     from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
     from tda import model as model_lib  # pylint: disable=g-import-not-at-top
     return hf_checkpoint.check_pipeline_vocabulary(
         path, model_vocab_size=model_lib.model_config(ctx.config).vocab_size)
-  return data.check_vocab_file(path)
+  return data.check_vocab_file(fs.local_file(path))  # SentencePiece reads local files.
 
 
 def fingerprint(ctx) -> dict[str, Any]:
   d = ctx.config.data
   path = _external(ctx)
-  if path and os.path.isdir(path):
+  if path and fs.isdir(path):
     from tda import hf_checkpoint  # pylint: disable=g-import-not-at-top
     _check(ctx, path)
     return {"vocab_path": path, "tokenizer_sha256": hf_checkpoint.tokenizer_fingerprint(path)}
   if path:
-    data.check_vocab_file(path)
+    _check(ctx, path)
     return {"vocab_path": path, "sha256": wd.file_sha256(path)}
   if corpus_lib.streamed(ctx.config):
     return {"vocab_size": d.vocab_size, "corpus": ctx.corpus.fingerprint(),
