@@ -42,6 +42,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from tda import fs
+
 STREAMED = ("tfds", "seqio", "jsonl")
 SOURCES = ("world",) + STREAMED
 EOS_ID = 1
@@ -230,7 +232,7 @@ class TfdsCorpus(Corpus):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from tda import data  # noqa: F401  (keeps TF off accelerators)
     self.name, self.split, self.text_key, self.id_key = name, split, text_key, id_key
-    if os.path.isdir(name):
+    if fs.is_remote(name) or os.path.isdir(name):  # A prepared builder's folder.
       self.builder = tfds.builder_from_directory(name)
       self._prefix = f"{self.builder.info.full_name}/{split}"
     else:

@@ -93,6 +93,15 @@ def test_tfds_and_seqio_sources_read_the_same_rows(tfds_dir, jsonl_dir, c4_rows)
   assert [i for i, _ in _all(url)] == [by_text[x] for _, x in rows[:10]]
   with pytest.raises(ValueError, match="no split 'validation'"):
     corpus_lib.TfdsCorpus(name=name, data_dir=str(tfds_dir), split="validation")
+  # A gs:// name is a prepared folder too (a local isdir is False there, and the
+  # name would go to tfds.builder as a dataset name).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  local_builder = tfds.builder_from_directory(str(tfds_dir / "tiny_c4" / "3.1.0"))
+  with mock.patch.object(tfds, "builder_from_directory", return_value=local_builder) as m:
+    remote = corpus_lib.TfdsCorpus(name="gs://bucket/tfds/tiny_c4/3.1.0")
+  m.assert_called_once_with("gs://bucket/tfds/tiny_c4/3.1.0")
+  assert len(remote) == N_ROWS
 
   task = "tda_test_tiny_c4_stream"
   if task not in seqio.TaskRegistry.names():
